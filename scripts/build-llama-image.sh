@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Build a local Docker image with llama.cpp's llama-server (Debian sid package llama.cpp-tools).
+# No registry is reachable, so the image is a debootstrapped root filesystem fed to docker import.
+# Usage: build-llama-image.sh [IMAGE]   (default: $SWAPCTL_LLAMA_IMAGE or swapctl-test/llama-server:sid)
+set -euo pipefail
+
+IMAGE=${1:-${SWAPCTL_LLAMA_IMAGE:-swapctl-test/llama-server:sid}}
+SUITE=sid # the only suite on the mirror that packages llama.cpp-tools
+
+"$(dirname "$0")/docker-engine.sh" >/dev/null
+if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+    echo "image $IMAGE: already built"
+    exit 0
+fi
+t0=$EPOCHREALTIME
+
+# Debian mirror URIs from the machine's apt sources, one-line and deb822 formats.
+source_uris() {
+    shopt -s nullglob
+    local f
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] && sed -nE 's/^[[:space:]]*deb[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]+).*/\2/p' "$f"
+    done
+    for f in /etc/apt/sources.list.d/*.sources; do
+        sed -nE 's/^URIs:[[:space:]]*//p' "$f" | tr -s ' \t' '\n\n'
+    done
+}
+MIRROR=
+for uri in $(source_uris | grep -E '^https?://'); do
+    if curl -fsI --max-time 10 "${uri%/}/dists/$SUITE/Release" >/dev/null; then
+        MIRROR=${uri%/}
+        break
+    fi
+done
+[ -n "$MIRROR" ] || { echo "build-llama-image: no apt source serves dists/$SUITE" >&2; exit 1; }
+
+if ! command -v debootstrap >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends debootstrap debian-archive-keyring >/dev/null
+fi
+
+WORK=$(mktemp -d /var/tmp/llama-image.XXXXXX)
+ROOT=$WORK/rootfs
+cleanup() {
+    # debootstrap and our chroot steps may leave proc/sys/dev mounts: unmount, deepest first.
+    awk -v r="$ROOT" 'index($2, r) == 1 { print $2 }' /proc/mounts | sort -r |
+        while read -r m; do umount -l "$m" || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+echo "debootstrap $SUITE (minbase) ..."
+debootstrap --variant=minbase "$SUITE" "$ROOT" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 ||
+    { tail -n 30 "$WORK/debootstrap.log" >&2; exit 1; }
+
+# The mirror's sid Release file is past its Valid-Until date.
+printf 'Acquire::Check-Valid-Until "false";\nAcquire::Check-Date "false";\n' \
+    >"$ROOT/etc/apt/apt.conf.d/99no-valid-until"
+mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
+echo "installing llama.cpp-tools ..."
+chroot "$ROOT" /bin/sh -ec '
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends llama.cpp-tools
+    apt-get clean
+    rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /usr/share/doc/* /usr/share/man/* /usr/share/info/* \
+        /usr/share/locale/*
+' >"$WORK/apt.log" 2>&1 || { tail -n 30 "$WORK/apt.log" >&2; exit 1; }
+umount "$ROOT/proc"
+: >"$ROOT/etc/resolv.conf" # docker provides its own; do not bake in the host's
+
+echo "importing $IMAGE ..."
+tar --numeric-owner -C "$ROOT" -c . | docker import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'WORKDIR /' \
+    --change 'EXPOSE 8080' \
+    --change 'CMD ["llama-server", "--version"]' \
+    - "$IMAGE" >/dev/null
+
+size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
+awk -v a="$t0" -v b="$EPOCHREALTIME" -v s="$size" -v i="$IMAGE" \
+    'BEGIN { printf "image %s: built in %.1fs, %.0f MB\n", i, b - a, s / 1e6 }'

@@ -1,0 +1,3 @@
+from swapctl.cli import main
+
+main()

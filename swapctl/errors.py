@@ -1,0 +1,58 @@
+"""The error tree. Each border translates these once: the CLI into exit codes, the proxy
+into OpenAI error JSON.
+
+    SwapctlError
+     +-- ConfigError        the configuration is wrong: names the key path
+     +-- UnknownModelError  a request or command names no configured model
+     +-- BackendError       the container engine failed: names the model when there is one
+     |    +-- DaemonUnavailable
+     |    +-- ImageMissing
+     |    +-- GpuUnavailable
+     +-- StartError         a model's container did not become ready: names model and cause
+"""
+
+from __future__ import annotations
+
+
+class SwapctlError(Exception):
+    """Base of every error swapctl reports to a person."""
+
+
+class ConfigError(SwapctlError):
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+class UnknownModelError(SwapctlError):
+    def __init__(self, name: str, known: tuple[str, ...] = ()) -> None:
+        hint = f" (configured: {', '.join(known)})" if known else ""
+        super().__init__(f"unknown model '{name}'{hint}")
+        self.name = name
+
+
+class BackendError(SwapctlError):
+    def __init__(self, message: str, model: str | None = None) -> None:
+        super().__init__(f"model '{model}': {message}" if model else message)
+        self.model = model
+        self.message = message
+
+
+class DaemonUnavailable(BackendError):
+    pass
+
+
+class ImageMissing(BackendError):
+    pass
+
+
+class GpuUnavailable(BackendError):
+    pass
+
+
+class StartError(SwapctlError):
+    def __init__(self, model: str, cause: str) -> None:
+        super().__init__(f"model '{model}' failed to start: {cause}")
+        self.model = model
+        self.cause = cause

@@ -1,0 +1,18 @@
+"""The pure core: the set DSL, its compiled program, the solver, and the legacy groups."""
+
+from swapctl.matrix.decision import Candidate, Decision, Policy
+from swapctl.matrix.groups import DEFAULT_GROUP, Group, GroupPolicy
+from swapctl.matrix.program import Program, compile_matrix
+from swapctl.matrix.solver import MatrixPolicy
+
+__all__ = [
+    "DEFAULT_GROUP",
+    "Candidate",
+    "Decision",
+    "Group",
+    "GroupPolicy",
+    "MatrixPolicy",
+    "Policy",
+    "Program",
+    "compile_matrix",
+]

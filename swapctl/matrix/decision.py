@@ -1,0 +1,54 @@
+"""What a solver answers: the decision for one request, as a value."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One set (or group) that can hold the requested model, and what choosing it costs."""
+
+    set: str
+    combination: tuple[str, ...]
+    evict: tuple[str, ...]
+    cost: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    model: str
+    already_running: bool
+    set: str | None
+    target_set: tuple[str, ...]
+    evict: tuple[str, ...]
+    cost: int
+    candidates: tuple[Candidate, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "already_running": self.already_running,
+            "set": self.set,
+            "target_set": list(self.target_set),
+            "evict": list(self.evict),
+            "cost": self.cost,
+            "candidates": [
+                {"set": c.set, "combination": list(c.combination), "evict": list(c.evict), "cost": c.cost}
+                for c in self.candidates
+            ],
+        }
+
+
+class Policy(Protocol):
+    """Decides which running models must stop so that `model` may start."""
+
+    def decide(self, model: str, running: Collection[str], explain: bool = False) -> Decision:
+        """`model` is a model ID; `explain` asks for every candidate, not only the winner."""
+        ...
+
+    def summary(self) -> str:
+        """One line describing the policy, for `swapctl validate`."""
+        ...

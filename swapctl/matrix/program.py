@@ -1,0 +1,199 @@
+"""Compile the `matrix:` block into a Program: set expressions as trees over model indices.
+
+Names resolve to model IDs (a var wins over a model ID of the same spelling; aliases are
+never accepted), `+ref` inlines another set's tree, and every error names its key path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+from swapctl.errors import ConfigError
+from swapctl.matrix import dsl
+
+VAR_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    """A compiled expression. `mask` has bit i set when model i appears below this node."""
+
+    op: str  # "model", "and" or "or"
+    mask: int
+    model: int = -1
+    children: tuple[Node, ...] = ()
+
+
+@dataclass(frozen=True)
+class MatrixSet:
+    name: str
+    root: Node
+
+
+@dataclass(frozen=True)
+class Program:
+    models: tuple[str, ...]
+    costs: tuple[int, ...]
+    sets: tuple[MatrixSet, ...]
+    sets_by_model: tuple[tuple[int, ...], ...]
+    index: Mapping[str, int] = field(repr=False)
+
+
+def bits(mask: int) -> list[int]:
+    """The indices of the set bits of `mask`, lowest first."""
+    found = []
+    while mask:
+        low = mask & -mask
+        found.append(low.bit_length() - 1)
+        mask ^= low
+    return found
+
+
+def combinations_count(node: Node) -> int:
+    """How many combinations the expression describes, counted without expanding them."""
+    if node.op == "model":
+        return 1
+    counts = [combinations_count(child) for child in node.children]
+    if node.op == "or":
+        return sum(counts)
+    product = 1
+    for count in counts:
+        product *= count
+    return product
+
+
+def _join(op: str, children: list[Node]) -> Node:
+    flat: list[Node] = []
+    for child in children:
+        flat.extend(child.children if child.op == op else (child,))
+    if len(flat) == 1:
+        return flat[0]
+    mask = 0
+    for child in flat:
+        mask |= child.mask
+    return Node(op, mask, children=tuple(flat))
+
+
+class _Compiler:
+    def __init__(
+        self,
+        path: str,
+        sources: Mapping[str, str],
+        names: Mapping[str, int],
+        aliases: Mapping[str, str],
+        leaves: tuple[Node, ...],
+    ) -> None:
+        self.path = path
+        self.sources = sources
+        self.names = names
+        self.aliases = aliases
+        self.leaves = leaves
+        self.done: dict[str, Node] = {}
+        self.visiting: list[str] = []
+
+    def compile_set(self, name: str) -> Node:
+        if name in self.done:
+            return self.done[name]
+        if name in self.visiting:
+            cycle = " -> ".join([*self.visiting[self.visiting.index(name) :], name])
+            raise ConfigError(f"{self.path}.sets.{self.visiting[-1]}", f"reference cycle: {cycle}")
+        source = self.sources[name]
+        where = f"{self.path}.sets.{name}"
+        if not isinstance(source, str):
+            raise ConfigError(where, f'must be a DSL string such as "a & (b | c)", got {source!r}')
+        try:
+            tree = dsl.parse(source)
+        except dsl.DslError as error:
+            raise ConfigError(where, f"{error} in {source!r}") from None
+        self.visiting.append(name)
+        node = self.lower(tree, where, source)
+        self.visiting.pop()
+        self.done[name] = node
+        return node
+
+    def lower(self, expr: dsl.Expr, where: str, source: str) -> Node:
+        if isinstance(expr, dsl.Name):
+            return self.leaves[self.resolve(expr, where, source)]
+        if isinstance(expr, dsl.Ref):
+            if expr.set_name not in self.sources:
+                raise ConfigError(
+                    where, f"unknown set '+{expr.set_name}' at position {expr.position} in {source!r}"
+                )
+            return self.compile_set(expr.set_name)
+        op = "and" if isinstance(expr, dsl.All) else "or"
+        return _join(op, [self.lower(item, where, source) for item in expr.items])
+
+    def resolve(self, name: dsl.Name, where: str, source: str) -> int:
+        if name.text in self.names:
+            return self.names[name.text]
+        at = f"at position {name.position} in {source!r}"
+        if name.text in self.aliases:
+            raise ConfigError(
+                where,
+                f"'{name.text}' {at} is an alias of model '{self.aliases[name.text]}'; "
+                "sets name vars or model IDs",
+            )
+        raise ConfigError(where, f"unknown name '{name.text}' {at} (not a var nor a model ID)")
+
+
+def _resolve_vars(
+    path: str, variables: Mapping[str, str], models: Collection[str], aliases: Mapping[str, str]
+) -> dict[str, str]:
+    resolved: dict[str, str] = {}
+    for var, target in variables.items():
+        where = f"{path}.vars.{var}"
+        if not isinstance(var, str) or not VAR_NAME.fullmatch(var):
+            raise ConfigError(where, "a var name is 1-32 letters, digits, '-', '.' or '_'")
+        if target in aliases:
+            raise ConfigError(
+                where, f"'{target}' is an alias of model '{aliases[target]}'; vars name model IDs"
+            )
+        if not isinstance(target, str) or target not in models:
+            raise ConfigError(where, f"unknown model '{target}' (not in models:)")
+        resolved[var] = target
+    return resolved
+
+
+def compile_matrix(
+    variables: Mapping[str, str],
+    evict_costs: Mapping[str, int],
+    sets: Mapping[str, str],
+    models: Collection[str],
+    aliases: Mapping[str, str] | None = None,
+    path: str = "matrix",
+) -> Program:
+    """Build a Program; `models` are the configured model IDs, `aliases` maps alias -> ID."""
+    aliases = aliases or {}
+    model_ids = tuple(models)
+    index = {model: i for i, model in enumerate(model_ids)}
+    names = dict(index)
+    names.update({var: index[t] for var, t in _resolve_vars(path, variables, index, aliases).items()})
+
+    costs = [1] * len(model_ids)
+    for name, cost in evict_costs.items():
+        where = f"{path}.evict_costs.{name}"
+        if name not in names:
+            raise ConfigError(where, f"unknown name '{name}' (not a var nor a model ID)")
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
+            raise ConfigError(where, f"a cost is a positive integer, got {cost!r}")
+        costs[names[name]] = cost
+
+    if not sets:
+        raise ConfigError(f"{path}.sets", "no sets: the matrix needs at least one set")
+    leaves = tuple(Node("model", 1 << i, model=i) for i in range(len(model_ids)))
+    compiler = _Compiler(path, sets, names, aliases, leaves)
+    compiled = tuple(MatrixSet(name, compiler.compile_set(name)) for name in sets)
+
+    by_model: list[list[int]] = [[] for _ in model_ids]
+    for set_index, matrix_set in enumerate(compiled):
+        for model in bits(matrix_set.root.mask):
+            by_model[model].append(set_index)
+    return Program(
+        models=model_ids,
+        costs=tuple(costs),
+        sets=compiled,
+        sets_by_model=tuple(tuple(s) for s in by_model),
+        index=index,
+    )
