@@ -19,10 +19,12 @@ source_uris() {
     shopt -s nullglob
     local f
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] && sed -nE 's/^[[:space:]]*deb[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]+).*/\2/p' "$f"
+        if [ -f "$f" ]; then
+            sed -nE 's/^[[:space:]]*deb[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]+).*/\2/p' "$f"
+        fi
     done
     for f in /etc/apt/sources.list.d/*.sources; do
-        sed -nE 's/^URIs:[[:space:]]*//p' "$f" | tr -s ' \t' '\n\n'
+        sed -nE 's/^URIs:[[:space:]]*//p' "$f" | tr -s '[:blank:]' '\n'
     done
 }
 MIRROR=

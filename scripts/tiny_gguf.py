@@ -9,6 +9,7 @@ Usage: python scripts/tiny_gguf.py OUT.gguf [--seed N]
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 
 import numpy as np
@@ -24,13 +25,13 @@ N_CTX_TRAIN = 2048
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-WORDS = (
-    "the of and to in is it you that he was for on are with as I his they be at one have "
-    "this from or had by hot word but what some we can out other were all there when up use "
-    "your how said an each she which do their time if will way about many then them write "
-    "would like so these her long make thing see him two has look more day could go come "
-    "did number sound no most people my over know water than call first who may down side"
-).split()
+# Whole-word tokens, so generated text looks like (random) words.
+WORDS_TEXT = """
+the of and to in is it you that he was for on are with as I his they be at one have
+this from or had by hot word but what some we can out other were all there when up use
+your how said an each she which do their time if will way about many then them write
+would like so these her long make thing see him two has look more day could go come
+"""
 
 # ChatML; <|im_start|> and <|im_end|> are control tokens of the vocabulary.
 CHAT_TEMPLATE = (
@@ -47,20 +48,20 @@ def _vocab() -> tuple[list[str], list[float], list[TokenType]]:
     types = [TokenType.UNKNOWN] + [TokenType.CONTROL] * (len(SPECIAL_TOKENS) - 1)
     tokens += [f"<0x{b:02X}>" for b in range(256)]
     types += [TokenType.BYTE] * 256
-    normal = ["\u2581"] + [chr(c) for c in range(0x21, 0x7F)] + ["\u2581" + w for w in WORDS]
+    normal = ["\u2581"] + [chr(c) for c in range(0x21, 0x7F)] + ["\u2581" + w for w in WORDS_TEXT.split()]
     tokens += normal
     types += [TokenType.NORMAL] * len(normal)
     scores = [0.0] * (len(tokens) - len(normal)) + [-float(i) for i in range(len(normal))]
     return tokens, scores, types
 
 
-def _tensors(
-    rng: np.random.Generator, types: list[TokenType]
-) -> dict[str, npt.NDArray[np.float32]]:
+def _tensors(rng: np.random.Generator, types: list[TokenType]) -> dict[str, npt.NDArray[np.float32]]:
     """llama tensors, numpy shape (out, in); weights scaled so activations stay O(1)."""
 
     def mat(n_out: int, n_in: int, scale: float = 1.0) -> npt.NDArray[np.float32]:
-        return (rng.standard_normal((n_out, n_in)) * scale / np.sqrt(n_in)).astype(np.float32)
+        m = rng.standard_normal((n_out, n_in), dtype=np.float32)
+        m *= scale / math.sqrt(n_in)
+        return m
 
     def ones(n: int) -> npt.NDArray[np.float32]:
         return np.ones(n, dtype=np.float32)
@@ -68,7 +69,7 @@ def _tensors(
     n_vocab = len(types)
     n_embd_kv = N_EMBD // N_HEAD * N_HEAD_KV
     out: dict[str, npt.NDArray[np.float32]] = {
-        "token_embd.weight": rng.standard_normal((n_vocab, N_EMBD)).astype(np.float32),
+        "token_embd.weight": rng.standard_normal((n_vocab, N_EMBD), dtype=np.float32),
     }
     for i in range(N_LAYER):
         p = f"blk.{i}."

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from swapctl.errors import ConfigError, UnknownModelError
 from swapctl.matrix import Group, GroupPolicy, MatrixPolicy, Policy, compile_matrix
@@ -35,6 +43,23 @@ def parse_duration(value: object) -> float:
     return hours * 3600 + minutes * 60 + seconds + millis / 1000
 
 
+# The file accepts more forms than the parsed values hold; the schema describes the file.
+_STRINGS = {"type": "array", "items": {"type": ["string", "number"]}}
+_COMMAND = WithJsonSchema({"anyOf": [{"type": "string"}, _STRINGS, {"type": "null"}]})
+_MAPPING = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
+            _STRINGS,
+        ]
+    }
+)
+_DURATION_SCHEMA = WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "string"}]})
+_GPUS = WithJsonSchema(
+    {"anyOf": [{"const": "all"}, {"type": "integer", "minimum": 1}, _STRINGS, {"type": "null"}]}
+)
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -46,9 +71,11 @@ class ModelConfig(_Strict):
         description="Container image (Compose `image`); required unless a template supplies it."
     )
     template: str | None = Field(None, description=f"Name of a file in {TEMPLATE_DIR}/ to start from.")
-    command: tuple[str, ...] | None = Field(None, description="Compose `command`: a string or a list.")
-    entrypoint: tuple[str, ...] | None = Field(None, description="Compose `entrypoint`.")
-    environment: dict[str, str] = Field(default_factory=dict, description="Mapping or list of KEY=VALUE.")
+    command: Annotated[tuple[str, ...] | None, _COMMAND] = Field(None, description="A string or a list.")
+    entrypoint: Annotated[tuple[str, ...] | None, _COMMAND] = Field(None, description="A string or a list.")
+    environment: Annotated[dict[str, str], _MAPPING] = Field(
+        default_factory=dict, description="A mapping or a list of KEY=VALUE."
+    )
     volumes: tuple[str, ...] = Field(
         (),
         description="Compose short syntax HOST:CONTAINER[:ro]; relative to the config file.",
@@ -58,14 +85,14 @@ class ModelConfig(_Strict):
     user: str | None = None
     ipc: str | None = None
     devices: tuple[str, ...] = ()
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Annotated[dict[str, str], _MAPPING] = Field(default_factory=dict)
     stop_signal: str | None = None
-    stop_grace_period: float = Field(
+    stop_grace_period: Annotated[float, _DURATION_SCHEMA] = Field(
         10.0, description="Seconds (or '10s', '1m') between the stop signal and a kill."
     )
     port: int = Field(8080, ge=1, le=65535, description="Port the server listens on inside the container.")
     health: str = Field("/health", description="Path polled until HTTP 200, or `none`.")
-    gpus: Literal["all"] | Annotated[int, Field(ge=1)] | tuple[str, ...] | None = Field(
+    gpus: Annotated[Literal["all"] | int | tuple[str, ...] | None, _GPUS] = Field(
         None, description="`all`, a count, or a list of device IDs; absent means no GPU."
     )
     aliases: tuple[str, ...] = ()
@@ -101,9 +128,13 @@ class ModelConfig(_Strict):
     def _gpu_ids(cls, value: object) -> object:
         if isinstance(value, list):
             return tuple(str(device) for device in value)
-        if isinstance(value, bool) or (isinstance(value, str) and value != "all"):
-            raise ValueError(f"expected 'all', a count or a list of device IDs, got {value!r}")
-        return value
+        if (
+            value is None
+            or value == "all"
+            or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        ):
+            return value
+        raise ValueError(f"expected 'all', a count of at least 1 or a list of device IDs, got {value!r}")
 
     @field_validator("stop_grace_period", mode="before")
     @classmethod
@@ -340,6 +371,8 @@ def load_config(path: Path) -> Config:
 
 def json_schema() -> dict[str, Any]:
     schema = ConfigFile.model_json_schema(by_alias=True)
+    # a template may supply the image, so the file itself need not name one
+    schema["$defs"]["ModelConfig"]["required"].remove("image")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "swapctl configuration"
     return schema
