@@ -71,6 +71,7 @@ chroot "$ROOT" /bin/sh -ec '
 ' >"$WORK/apt.log" 2>&1 || { tail -n 30 "$WORK/apt.log" >&2; exit 1; }
 umount "$ROOT/proc"
 : >"$ROOT/etc/resolv.conf" # docker provides its own; do not bake in the host's
+rm -f "$ROOT/etc/apt/sources.list" # keep the machine's mirror out of the image
 
 echo "importing $IMAGE ..."
 tar --numeric-owner -C "$ROOT" -c . | docker import \
