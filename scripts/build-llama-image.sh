@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build a local Docker image with llama.cpp's llama-server (Debian sid package llama.cpp-tools).
 # No registry is reachable, so the image is a debootstrapped root filesystem fed to docker import.
-# Usage: build-llama-image.sh [IMAGE]   (default: $SWAPCTL_LLAMA_IMAGE or swapctl-test/llama-server:sid)
+# Usage: build-llama-image.sh [IMAGE]   (default: $SWAPCTL_LLAMA_IMAGE or swapctl/llama-server:sid)
 set -euo pipefail
 
-IMAGE=${1:-${SWAPCTL_LLAMA_IMAGE:-swapctl-test/llama-server:sid}}
+IMAGE=${1:-${SWAPCTL_LLAMA_IMAGE:-swapctl/llama-server:sid}}
 SUITE=sid # the only suite on the mirror that packages llama.cpp-tools
 
 "$(dirname "$0")/docker-engine.sh" >/dev/null
@@ -71,7 +71,8 @@ chroot "$ROOT" /bin/sh -ec '
 ' >"$WORK/apt.log" 2>&1 || { tail -n 30 "$WORK/apt.log" >&2; exit 1; }
 umount "$ROOT/proc"
 : >"$ROOT/etc/resolv.conf" # docker provides its own; do not bake in the host's
-rm -f "$ROOT/etc/apt/sources.list" # keep the machine's mirror out of the image
+# Keep the machine's mirror (sources, build logs) out of the image.
+rm -rf "$ROOT/etc/apt/sources.list" "$ROOT"/var/log/*.log "$ROOT"/var/log/apt/*
 
 echo "importing $IMAGE ..."
 tar --numeric-owner -C "$ROOT" -c . | docker import \

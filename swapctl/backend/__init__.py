@@ -1,0 +1,5 @@
+"""The seam to the container engine. `docker.py` is the only module that imports the SDK."""
+
+from swapctl.backend.base import Backend, Container
+
+__all__ = ["Backend", "Container"]

@@ -1,0 +1,202 @@
+"""The Docker engine through the Docker SDK: the only module that imports `docker`.
+
+Every SDK error is translated once, in `_translate`, into swapctl's error tree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from swapctl.backend.base import Container
+from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing
+from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests
+
+T = TypeVar("T")
+
+
+def _translate(error: Exception, model: str | None = None, image: str | None = None) -> BackendError:
+    if isinstance(error, docker.errors.ImageNotFound):
+        return ImageMissing(
+            f"image '{image}' is not on this machine: build it (for the bundled images: make images) "
+            "or pull it (docker pull)",
+            model,
+        )
+    if isinstance(error, docker.errors.APIError):
+        text = str(error.explanation or error)
+        if "could not select device driver" in text:
+            return GpuUnavailable(
+                "it asks for GPUs (gpus:) but Docker has no GPU runtime: install the NVIDIA Container "
+                f"Toolkit, or remove gpus: from this model ({text})",
+                model,
+            )
+        return BackendError(f"Docker refused: {text}", model)
+    if isinstance(error, (requests.exceptions.ConnectionError, docker.errors.DockerException)):
+        return DaemonUnavailable(
+            f"cannot reach the Docker daemon ({error}); is it running? (`make docker` starts one here)", model
+        )
+    return BackendError(f"{type(error).__name__}: {error}", model)
+
+
+def _epoch(text: str | None) -> float | None:
+    if not text or text.startswith("0001-"):
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")[:26] + "+00:00").timestamp()
+
+
+def _from_inspect(attrs: dict[str, Any]) -> Container:
+    labels = attrs["Config"]["Labels"] or {}
+    bindings = (attrs["NetworkSettings"].get("Ports") or {}).values()
+    ports = [int(b["HostPort"]) for binding in bindings if binding for b in binding if b.get("HostPort")]
+    return Container(
+        id=attrs["Id"],
+        name=attrs["Name"].lstrip("/"),
+        model=labels.get(MODEL, ""),
+        state=attrs["State"]["Status"],
+        host_port=ports[0] if ports else None,
+        spec_hash=labels.get(SPEC_HASH, ""),
+        started_at=_epoch(attrs["State"].get("StartedAt")),
+    )
+
+
+def _from_summary(attrs: dict[str, Any]) -> Container:
+    labels = attrs.get("Labels") or {}
+    ports = [p["PublicPort"] for p in attrs.get("Ports") or [] if p.get("PublicPort")]
+    return Container(
+        id=attrs["Id"],
+        name=(attrs.get("Names") or ["/"])[0].lstrip("/"),
+        model=labels.get(MODEL, ""),
+        state=attrs["State"],
+        host_port=ports[0] if ports else None,
+        spec_hash=labels.get(SPEC_HASH, ""),
+        started_at=float(attrs["Created"]) if attrs.get("Created") else None,
+    )
+
+
+class DockerBackend:
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = self._call(lambda: docker.from_env(version="auto", timeout=60))
+        return self._client
+
+    def _call(self, action: Callable[[], T], model: str | None = None, image: str | None = None) -> T:
+        try:
+            return action()
+        except docker.errors.NotFound as error:
+            if isinstance(error, docker.errors.ImageNotFound):
+                raise _translate(error, model, image) from None
+            raise
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
+            raise _translate(error, model, image) from None
+
+    def list(self, instance: str) -> list[Container]:
+        filters = {"label": [f"{MANAGED}=true", f"{INSTANCE}={instance}"]}
+        api = self.client.api
+        return [_from_summary(c) for c in self._call(lambda: api.containers(all=True, filters=filters))]
+
+    def get(self, container_id: str) -> Container | None:
+        try:
+            return _from_inspect(self._call(lambda: self.client.api.inspect_container(container_id)))
+        except docker.errors.NotFound:
+            return None
+
+    def start(self, spec: ContainerSpec) -> Container:
+        created = self._call(lambda: self._create(spec), spec.model, spec.image)
+        try:
+            self._call(created.start, spec.model, spec.image)
+            for _ in range(50):  # the published port can lag the start by a moment
+                found = self.get(created.id)
+                if found is None or found.host_port is not None or not found.running:
+                    break
+                time.sleep(0.01)
+        except BaseException:
+            self._remove(created.id)  # a failed start leaves the container `created`
+            raise
+        if found is None:
+            raise BackendError("the container vanished as it started", spec.model)
+        return found
+
+    def _create(self, spec: ContainerSpec) -> Any:
+        arguments: dict[str, Any] = {
+            "image": spec.image,
+            "name": spec.name,
+            "command": list(spec.command) if spec.command is not None else None,
+            "entrypoint": list(spec.entrypoint) if spec.entrypoint is not None else None,
+            "environment": dict(spec.environment),
+            "volumes": list(spec.volumes),
+            "labels": dict(spec.labels),
+            "ports": {f"{spec.port}/tcp": ("127.0.0.1", None)},
+            "init": True,
+            "detach": True,
+            "stop_signal": spec.stop_signal,
+            "stop_timeout": math.ceil(spec.stop_grace_period),
+            "shm_size": spec.shm_size,
+            "working_dir": spec.working_dir,
+            "user": spec.user,
+            "ipc_mode": spec.ipc,
+            "devices": list(spec.devices) or None,
+            "device_requests": [docker.types.DeviceRequest(**r) for r in device_requests(spec.gpus)] or None,
+        }
+        arguments = {key: value for key, value in arguments.items() if value is not None}
+        try:
+            return self.client.containers.create(**arguments)
+        except docker.errors.APIError as error:
+            if error.status_code != 409:
+                raise
+            # the name is taken: by a leftover of ours (remove it), or by someone else (say so)
+            holder = self.client.api.inspect_container(spec.name)
+            labels = holder["Config"]["Labels"] or {}
+            if labels.get(INSTANCE) != spec.instance or labels.get(MANAGED) != "true":
+                raise BackendError(
+                    f"container name '{spec.name}' is taken by a container swapctl does not manage",
+                    spec.model,
+                ) from None
+            self._remove(holder["Id"])
+            return self.client.containers.create(**arguments)
+
+    def _remove(self, container_id: str) -> None:
+        try:
+            self.client.api.remove_container(container_id, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as error:
+            if "is already in progress" not in str(error):
+                raise _translate(error) from None
+
+    def stop(self, container_id: str, grace: float) -> None:
+        try:
+            self._call(lambda: self.client.api.stop(container_id, timeout=math.ceil(grace)))
+        except docker.errors.NotFound:
+            return
+        self._remove(container_id)
+
+    def logs(self, container_id: str, tail: int = 50) -> str:
+        try:
+            raw = self._call(lambda: self.client.api.logs(container_id, tail=tail))
+        except docker.errors.NotFound:
+            return ""
+        return bytes(raw).decode(errors="replace")
+
+    def follow(self, container_id: str) -> Iterator[str]:
+        try:
+            stream = self._call(lambda: self.client.api.logs(container_id, stream=True, follow=True))
+        except docker.errors.NotFound:
+            return
+        pending = b""
+        for chunk in stream:
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            yield from (line.decode(errors="replace") for line in lines)
+        if pending:
+            yield pending.decode(errors="replace")

@@ -1,0 +1,132 @@
+"""An in-memory container engine for fast tests, shipped in the package like httpx's
+MockTransport. Its containers answer HTTP through `transport`, an httpx transport that
+routes by port, so the swapper and the proxy run unchanged against it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import httpx
+
+from swapctl.backend.base import Container
+from swapctl.errors import GpuUnavailable, ImageMissing
+from swapctl.spec import ContainerSpec
+
+Handler = Callable[[httpx.Request, "FakeContainer"], Awaitable[httpx.Response]]
+
+
+@dataclass
+class FakeContainer:
+    container: Container
+    spec: ContainerSpec
+    created: float
+    ready_after: float = 0.0
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return time.monotonic() >= self.created + self.ready_after
+
+
+async def _sse(model: str) -> AsyncIterator[bytes]:
+    for word in ("hello", " from", f" {model}"):
+        chunk = {"object": "chat.completion.chunk", "model": model, "choices": [{"delta": {"content": word}}]}
+        yield f"data: {json.dumps(chunk)}\n\n".encode()
+    yield b"data: [DONE]\n\n"
+
+
+async def echo(request: httpx.Request, box: FakeContainer) -> httpx.Response:
+    """A tiny OpenAI-like server: health, and completions that name the model they got."""
+    if request.url.path == "/health":
+        return httpx.Response(200 if box.ready else 503, json={"status": "ok" if box.ready else "loading"})
+    body = json.loads(await request.aread() or b"{}")
+    model = body.get("model", "")
+    if body.get("stream"):
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(model))
+    message = {"role": "assistant", "content": f"hello from {model} in {box.spec.model}"}
+    return httpx.Response(
+        200, json={"object": "chat.completion", "model": model, "choices": [{"message": message}]}
+    )
+
+
+@dataclass
+class FakeModel:
+    """How the fake container of one model behaves."""
+
+    ready_after: float = 0.0
+    exit_at_start: str | None = None  # a log line; the container exits at once
+    handler: Handler = echo
+
+
+class FakeBackend:
+    def __init__(self, images: set[str] | None = None, gpus: bool = False) -> None:
+        self.images = images  # None: every image exists
+        self.gpus = gpus
+        self.behaviour: dict[str, FakeModel] = {}
+        self.boxes: dict[str, FakeContainer] = {}
+        self.starts: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self.transport = _Transport(self)
+
+    def list(self, instance: str) -> list[Container]:
+        return [b.container for b in self.boxes.values() if b.spec.instance == instance]
+
+    def start(self, spec: ContainerSpec) -> Container:
+        if self.images is not None and spec.image not in self.images:
+            raise ImageMissing(f"image '{spec.image}' is not on this machine", spec.model)
+        if spec.gpus is not None and not self.gpus:
+            raise GpuUnavailable("it asks for GPUs but there is no GPU runtime", spec.model)
+        for box in [b for b in self.boxes.values() if b.container.name == spec.name]:
+            del self.boxes[box.container.id]  # a leftover of ours with the same name
+        behaviour = self.behaviour.get(spec.model, FakeModel())
+        number = next(self._ids)
+        state = "exited" if behaviour.exit_at_start is not None else "running"
+        container = Container(
+            f"fake{number}", spec.name, spec.model, state, 40000 + number, spec.spec_hash, time.time()
+        )
+        box = FakeContainer(container, spec, time.monotonic(), behaviour.ready_after)
+        if behaviour.exit_at_start is not None:
+            box.log.append(behaviour.exit_at_start)
+        self.boxes[container.id] = box
+        self.starts[spec.model] = self.starts.get(spec.model, 0) + 1
+        return container
+
+    def get(self, container_id: str) -> Container | None:
+        box = self.boxes.get(container_id)
+        return box.container if box else None
+
+    def stop(self, container_id: str, grace: float) -> None:
+        self.boxes.pop(container_id, None)
+
+    def logs(self, container_id: str, tail: int = 50) -> str:
+        box = self.boxes.get(container_id)
+        return "\n".join(box.log[-tail:]) if box else ""
+
+    def follow(self, container_id: str) -> Iterator[str]:
+        yield from self.logs(container_id).splitlines()
+
+    def crash(self, model: str) -> None:
+        """The model's container dies, as a crash or an out-of-memory kill would do."""
+        for box in self.boxes.values():
+            if box.container.model == model:
+                box.container = replace(box.container, state="exited")
+
+    def running_models(self) -> set[str]:
+        return {b.container.model for b in self.boxes.values() if b.container.running}
+
+
+class _Transport(httpx.AsyncBaseTransport):
+    def __init__(self, backend: FakeBackend) -> None:
+        self.backend = backend
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        port = request.url.port
+        box = next((b for b in self.backend.boxes.values() if b.container.host_port == port), None)
+        if box is None or not box.container.running:
+            raise httpx.ConnectError("connection refused", request=request)
+        behaviour = self.backend.behaviour.get(box.spec.model, FakeModel())
+        return await behaviour.handler(request, box)

@@ -1,0 +1,307 @@
+"""The lifecycle of model containers: decide with the policy, apply through the backend.
+
+    stopped -> starting -> ready -> stopping -> stopped
+
+Requests for a starting model join that start. A model chosen for eviction is `leaving`:
+it admits no new request, finishes the ones in flight, then stops; only then does the
+model that evicted it start. Swaps run as tasks, so swaps of disjoint models overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from swapctl.backend import Backend, Container
+from swapctl.config import Config
+from swapctl.errors import BackendError, StartError, SwapctlError
+from swapctl.matrix import Decision
+from swapctl.spec import build_spec
+
+log = logging.getLogger("swapctl")
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+
+
+@dataclass
+class Slot:
+    model: str
+    state: State = State.STOPPED
+    container: Container | None = None
+    in_flight: int = 0
+    leaving: bool = False
+    last_used: float = 0.0
+    ready_since: float | None = None
+    start: asyncio.Future[None] | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    model: str
+    state: str
+    container: str | None
+    host_port: int | None
+    in_flight: int
+    ready_seconds: float | None
+    idle_seconds: float | None
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+class Swapper:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        client: httpx.AsyncClient,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.client = client
+        self.clock = clock
+        self.slots = {model: Slot(model) for model in config.models}
+        self.changed = asyncio.Condition()
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def acquire(self, model: str) -> Slot:
+        """Wait until `model` is ready and count one request in flight on it."""
+        slot = self.slots[model]
+        async with self.changed:
+            while True:
+                if slot.leaving or slot.state is State.STOPPING:
+                    await self.changed.wait()
+                    continue
+                slot.in_flight += 1
+                if slot.state is State.READY:
+                    return slot
+                if slot.state is State.STOPPED:
+                    self._claim(slot)
+                break
+        assert slot.start is not None
+        try:
+            await asyncio.shield(slot.start)
+        except BaseException:
+            await self.release(slot)
+            raise
+        return slot
+
+    async def release(self, slot: Slot) -> None:
+        async with self.changed:
+            slot.in_flight -= 1
+            slot.last_used = self.clock()
+            self.changed.notify_all()
+
+    def running(self) -> list[str]:
+        return sorted(m for m, s in self.slots.items() if s.state is not State.STOPPED and not s.leaving)
+
+    def _claim(self, slot: Slot) -> None:
+        """Decide and mark, with no await in between: the next decision sees this one."""
+        decision = self.config.policy.decide(slot.model, self.running())
+        keep = set(decision.target_set)
+        leaving_already = [s for s in self.slots.values() if s.leaving and s.model not in keep]
+        for model in decision.evict:
+            self.slots[model].leaving = True
+        slot.state = State.STARTING
+        slot.start = asyncio.get_running_loop().create_future()
+        slot.start.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
+        asyncio.get_running_loop().create_task(self._swap(slot, decision, leaving_already))
+
+    async def _swap(self, slot: Slot, decision: Decision, leaving_already: list[Slot]) -> None:
+        began = time.monotonic()
+        assert slot.start is not None
+        try:
+            await asyncio.gather(*(self._evict(self.slots[m]) for m in decision.evict))
+            async with self.changed:
+                await self.changed.wait_for(lambda: all(s.state is State.STOPPED for s in leaving_already))
+            container = await self._start(slot)
+        except SwapctlError as error:
+            async with self.changed:
+                slot.state, slot.container = State.STOPPED, None
+                self.changed.notify_all()
+            log.error("start %s failed: %s", slot.model, error)
+            slot.start.set_exception(error)
+            return
+        async with self.changed:
+            slot.state, slot.container = State.READY, container
+            slot.ready_since = slot.last_used = self.clock()
+            self.changed.notify_all()
+        evicted = ", ".join(decision.evict) or "nothing"
+        log.info(
+            "swap: %s ready in %.2fs (set %s, evicted %s, cost %d)",
+            slot.model,
+            time.monotonic() - began,
+            decision.set or "-",
+            evicted,
+            decision.cost,
+        )
+        slot.start.set_result(None)
+
+    # --- containers -----------------------------------------------------------------------
+
+    async def _start(self, slot: Slot) -> Container:
+        model = self.config.models[slot.model]
+        spec = build_spec(self.config, slot.model)
+        log.info("starting %s (%s)", slot.model, spec.image)
+        container = await asyncio.to_thread(self.backend.start, spec)
+        slot.container = container
+        timeout = model.health_check_timeout or self.config.health_check_timeout
+        try:
+            await self._wait_healthy(slot.model, container, model.health, timeout)
+        except BaseException:
+            await asyncio.to_thread(self.backend.stop, container.id, 0)
+            raise
+        return container
+
+    async def _wait_healthy(self, model: str, container: Container, path: str, timeout: float) -> None:
+        """Poll from the first moment, every few tens of milliseconds, backing off a little."""
+        began = time.monotonic()
+        interval, checked, noted = 0.01, began, began
+        while True:
+            if path == "none" or await self._healthy(container.url + path):
+                return
+            now = time.monotonic()
+            if now - checked >= 0.1:
+                checked = now
+                current = await asyncio.to_thread(self.backend.get, container.id)
+                if current is None or not current.running:
+                    logs = await asyncio.to_thread(self.backend.logs, container.id, 20)
+                    state = current.state if current else "removed"
+                    tail = f"; last log lines:\n{logs.rstrip()}" if logs.strip() else ""
+                    raise StartError(model, f"the container {state} while starting{tail}")
+            if now - began > timeout:
+                raise StartError(model, f"no HTTP 200 from {path} within healthCheckTimeout ({timeout:g}s)")
+            if now - noted >= 5:
+                noted = now
+                log.info("still loading %s (%.0fs)", model, now - began)
+            await asyncio.sleep(interval)
+            interval = min(interval * 1.5, 0.2)
+
+    async def _healthy(self, url: str) -> bool:
+        try:
+            response = await self.client.get(url, timeout=2.0)
+        except httpx.TransportError:
+            return False  # refused, reset, or the port proxy not yet forwarding
+        return response.status_code == 200
+
+    async def _evict(self, slot: Slot) -> None:
+        async with self.changed:
+            slot.leaving = True
+            await self.changed.wait_for(
+                lambda: slot.state in (State.READY, State.STOPPED) and slot.in_flight == 0
+            )
+            if slot.state is State.STOPPED or slot.container is None:
+                slot.leaving = False
+                self.changed.notify_all()
+                return
+            slot.state = State.STOPPING
+            container = slot.container
+        try:
+            grace = (
+                self.config.models[slot.model].stop_grace_period if slot.model in self.config.models else 10
+            )
+            await asyncio.to_thread(self.backend.stop, container.id, grace)
+        finally:
+            async with self.changed:
+                slot.state, slot.container, slot.leaving = State.STOPPED, None, False
+                self.changed.notify_all()
+        log.info("stopped %s", slot.model)
+
+    # --- the engine as the database ---------------------------------------------------------
+
+    async def adopt(self) -> list[str]:
+        """Take over this instance's running containers whose spec still matches; remove the rest."""
+        adopted: list[str] = []
+        for container in await asyncio.to_thread(self.backend.list, self.config.instance):
+            slot = self.slots.get(container.model)
+            fits = (
+                slot is not None
+                and slot.state is State.STOPPED
+                and container.running
+                and container.host_port is not None
+                and container.spec_hash == build_spec(self.config, container.model).spec_hash
+            )
+            if slot is not None and fits:
+                slot.state, slot.container = State.READY, container
+                slot.ready_since = slot.last_used = self.clock()
+                adopted.append(container.model)
+                log.info("adopted %s (%s)", container.model, container.name)
+            else:
+                why = "its spec changed" if slot is not None and container.running else "left over"
+                log.info("removing %s: %s", container.name, why)
+                await asyncio.to_thread(self.backend.stop, container.id, 10)
+        return adopted
+
+    async def check(self) -> None:
+        """Notice crashed containers and idle models past their ttl."""
+        present = {c.id: c for c in await asyncio.to_thread(self.backend.list, self.config.instance)}
+        now = self.clock()
+        for slot in self.slots.values():
+            if slot.state is not State.READY or slot.leaving or slot.container is None:
+                continue
+            current = present.get(slot.container.id)
+            if current is None or not current.running:
+                await self.mark_crashed(slot)
+                continue
+            ttl = self.config.models[slot.model].ttl or self.config.global_ttl
+            if ttl and slot.in_flight == 0 and now - slot.last_used >= ttl:
+                log.info("ttl: %s idle for %.0fs", slot.model, now - slot.last_used)
+                await self._evict(slot)
+
+    async def mark_crashed(self, slot: Slot) -> None:
+        async with self.changed:
+            if slot.state is not State.READY or slot.container is None:
+                return
+            container, slot.state, slot.container = slot.container, State.STOPPED, None
+            self.changed.notify_all()
+        log.warning("%s: its container %s stopped unexpectedly", slot.model, container.name)
+        try:
+            await asyncio.to_thread(self.backend.stop, container.id, 0)
+        except BackendError as error:
+            log.warning("could not remove %s: %s", container.name, error)
+
+    async def confirm_alive(self, slot: Slot) -> None:
+        """After a failed forward: if the container is gone, the model is stopped."""
+        if slot.container is None:
+            return
+        current = await asyncio.to_thread(self.backend.get, slot.container.id)
+        if current is None or not current.running:
+            await self.mark_crashed(slot)
+
+    async def unload(self, model: str | None = None) -> list[str]:
+        targets = [self.slots[model]] if model else list(self.slots.values())
+        busy = [s for s in targets if s.state is not State.STOPPED and not s.leaving]
+        await asyncio.gather(*(self._evict(s) for s in busy))
+        return [s.model for s in busy]
+
+    def status(self) -> list[ModelStatus]:
+        now = self.clock()
+        return [
+            ModelStatus(
+                model=slot.model,
+                state="leaving" if slot.leaving and slot.state is State.READY else slot.state.value,
+                container=slot.container.name if slot.container else None,
+                host_port=slot.container.host_port if slot.container else None,
+                in_flight=slot.in_flight,
+                ready_seconds=now - slot.ready_since
+                if slot.ready_since and slot.state is State.READY
+                else None,
+                idle_seconds=now - slot.last_used
+                if slot.state is State.READY and not slot.in_flight
+                else None,
+            )
+            for slot in self.slots.values()
+        ]
