@@ -3,18 +3,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import httpx
 import typer
+import uvicorn
 from rich.console import Console
 from rich.table import Table
 
+from swapctl.backend.docker import DockerBackend
 from swapctl.config import Config, json_schema, load_config
 from swapctl.errors import ConfigError, SwapctlError, UnknownModelError
 from swapctl.matrix import Decision
+from swapctl.proxy import build_app
+from swapctl.swapper import Swapper
 
 app = typer.Typer(
     help="Run many models, one container each, behind one OpenAI-compatible endpoint.",
@@ -36,6 +45,10 @@ ConfigOption = Annotated[
     ),
 ]
 DEFAULT_CONFIG = Path("swapctl.yaml")
+UrlOption = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--url", envvar="SWAPCTL_URL", help="The proxy's URL [default: from the config's listen]."),
+]
 
 
 def _stdout() -> Console:
@@ -97,17 +110,217 @@ def plan(
         typer.Option(help="Comma-separated models taken as running ('' for none) instead of asking Docker."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    url: UrlOption = None,
 ) -> None:
     """Preview what a request for MODEL would start and stop, changing nothing."""
     loaded = _load(config)
     target = loaded.resolve_any(model)
     if running is None:
-        raise SwapctlError("reading what runs from Docker is not available yet: pass --running")
-    decision = loaded.policy.decide(target, _running_names(loaded, running), explain=True)
+        _, statuses = _live_statuses(loaded, url)
+        names = sorted(s["model"] for s in statuses if s["state"] not in ("stopped", "stopping", "leaving"))
+    else:
+        names = _running_names(loaded, running)
+    decision = loaded.policy.decide(target, names, explain=True)
     if as_json:
         print(json.dumps(decision.to_json()))
     else:
         _print_decision(decision, model)
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("--listen", f"expected HOST:PORT, got {listen!r}")
+    return host, int(port)
+
+
+@app.command()
+def up(
+    config: ConfigOption = DEFAULT_CONFIG,
+    listen: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="HOST:PORT to serve on [default: the config's listen, 127.0.0.1:8080]."),
+    ] = None,
+    stop_on_exit: Annotated[
+        bool,
+        typer.Option(
+            "--stop-on-exit/--keep-running",
+            help="On Ctrl-C, stop the model containers, or leave them for the next `up` to adopt.",
+        ),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every HTTP request.")] = False,
+) -> None:
+    """Run the proxy in the foreground: requests start and stop model containers."""
+    loaded = _load(config)
+    host, port = _split_listen(listen or loaded.listen)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    backend = DockerBackend()
+
+    async def serve() -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits)
+        swapper = Swapper(loaded, backend, client)
+        adopted = await swapper.adopt()
+        logging.getLogger("swapctl").info(
+            "swapctl %s: %d models, %s; adopted %s; listening on http://%s:%d",
+            loaded.instance,
+            len(loaded.models),
+            loaded.policy.summary(),
+            ", ".join(adopted) or "nothing",
+            host,
+            port,
+        )
+        app_ = build_app(swapper, stop_on_exit=stop_on_exit)
+        server_config = uvicorn.Config(
+            app_, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose
+        )
+        await uvicorn.Server(server_config).serve()
+
+    asyncio.run(serve())
+
+
+def _proxy_url(loaded: Config, url: str | None) -> str:
+    if url:
+        return url.rstrip("/")
+    host, port = _split_listen(loaded.listen)
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+
+def _ask_proxy(loaded: Config, url: str | None, method: str, path: str) -> Any | None:
+    """The proxy's JSON answer, or None when no proxy answers there."""
+    try:
+        response = httpx.request(method, _proxy_url(loaded, url) + path, timeout=30.0)
+    except httpx.TransportError:
+        return None
+    if response.status_code >= 400:
+        raise SwapctlError(response.json().get("error", {}).get("message", response.text))
+    return response.json()
+
+
+def _live_statuses(loaded: Config, url: str | None) -> tuple[str, list[dict[str, Any]]]:
+    """What runs: from the proxy when one is up, else from the containers' labels."""
+    answer = _ask_proxy(loaded, url, "GET", "/running")
+    if answer is not None:
+        return "proxy", list(answer["models"])
+    containers = {c.model: c for c in DockerBackend().list(loaded.instance)}
+    now = time.time()
+    statuses = []
+    for model in loaded.models:
+        found = containers.get(model)
+        statuses.append(
+            {
+                "model": model,
+                "state": "stopped" if found is None else found.state,
+                "container": found.name if found else None,
+                "host_port": found.host_port if found else None,
+                "in_flight": None,
+                "ready_seconds": now - found.started_at if found and found.started_at else None,
+                "idle_seconds": None,
+            }
+        )
+    return "docker", statuses
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    value = int(value)
+    return (
+        f"{value // 3600}h{value % 3600 // 60:02d}m" if value >= 3600 else f"{value // 60}m{value % 60:02d}s"
+    )
+
+
+@app.command()
+def status(
+    config: ConfigOption = DEFAULT_CONFIG,
+    url: UrlOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show every configured model: state, container, port, uptime, idle time, requests."""
+    loaded = _load(config)
+    source, statuses = _live_statuses(loaded, url)
+    if as_json:
+        print(json.dumps({"source": source, "models": statuses}))
+        return
+    title = "from the proxy" if source == "proxy" else "from Docker (no proxy answers)"
+    table = Table(title=f"swapctl {loaded.instance}: models {title}", title_justify="left")
+    for column in ("model", "state", "container", "port", "up", "idle", "in flight"):
+        table.add_column(column, overflow="fold")
+    colours = {"ready": "green", "running": "green", "starting": "yellow", "stopping": "yellow"}
+    for s in statuses:
+        state = s["state"]
+        table.add_row(
+            s["model"],
+            f"[{colours[state]}]{state}[/]" if state in colours else state,
+            s["container"] or "-",
+            str(s["host_port"] or "-"),
+            _seconds(s["ready_seconds"]),
+            _seconds(s["idle_seconds"]),
+            "-" if s["in_flight"] is None else str(s["in_flight"]),
+        )
+    _stdout().print(table)
+
+
+@app.command()
+def unload(
+    model: Annotated[Optional[str], typer.Argument(help="Model ID or alias; all when absent.")] = None,  # noqa: UP045
+    config: ConfigOption = DEFAULT_CONFIG,
+    url: UrlOption = None,
+) -> None:
+    """Stop one model (or all), after the requests in flight finish."""
+    loaded = _load(config)
+    target = loaded.resolve_any(model) if model else None
+    answer = _ask_proxy(loaded, url, "POST", f"/unload/{target}" if target else "/unload")
+    if answer is not None:
+        unloaded = list(answer["unloaded"])
+    else:
+        backend = DockerBackend()
+        found = [c for c in backend.list(loaded.instance) if target in (None, c.model)]
+        for container in found:
+            grace = (
+                loaded.models[container.model].stop_grace_period if container.model in loaded.models else 10
+            )
+            backend.stop(container.id, grace)
+        unloaded = sorted({c.model for c in found})
+    _stdout().print(f"unloaded: {', '.join(unloaded) or 'nothing was running'}")
+
+
+@app.command()
+def down(config: ConfigOption = DEFAULT_CONFIG, url: UrlOption = None) -> None:
+    """Stop and remove every container of this instance."""
+    loaded = _load(config)
+    _ask_proxy(loaded, url, "POST", "/unload")
+    backend = DockerBackend()
+    found = backend.list(loaded.instance)
+    for container in found:
+        backend.stop(container.id, 10)
+    _stdout().print(f"removed {len(found)} container{'s' * (len(found) != 1)} of instance {loaded.instance}")
+
+
+@app.command()
+def logs(
+    model: Annotated[str, typer.Argument(help="Model ID, alias or matrix var.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    tail: Annotated[int, typer.Option(help="Lines from the end.")] = 100,
+) -> None:
+    """Print the logs of a model's container."""
+    loaded = _load(config)
+    target = loaded.resolve_any(model)
+    backend = DockerBackend()
+    found = [c for c in backend.list(loaded.instance) if c.model == target]
+    if not found:
+        raise SwapctlError(f"model '{target}' has no container (it is not running)")
+    if not follow:
+        sys.stdout.write(backend.logs(found[0].id, tail))
+        return
+    try:
+        for line in backend.follow(found[0].id):
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        pass
 
 
 @config_app.command("schema")
@@ -126,3 +339,5 @@ def main(argv: list[str] | None = None) -> None:
     except SwapctlError as error:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {error}", markup=False)
         sys.exit(exit_code(error))
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -177,6 +177,9 @@ class ConfigFile(_Strict):
     )
     health_check_timeout: int = Field(120, alias="healthCheckTimeout", ge=1)
     global_ttl: int = Field(0, alias="globalTTL", ge=0)
+    listen: str = Field(
+        "127.0.0.1:8080", pattern=r"^[^\s:]*:\d{1,5}$", description="HOST:PORT the proxy listens on."
+    )
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class Config:
     instance: str = "default"
     health_check_timeout: int = 120
     global_ttl: int = 0
+    listen: str = "127.0.0.1:8080"
     base_dir: Path = Path(".")
 
     def resolve(self, name: str) -> str | None:
@@ -299,6 +303,7 @@ def parse_config(
         instance=shape.instance,
         health_check_timeout=shape.health_check_timeout,
         global_ttl=shape.global_ttl,
+        listen=shape.listen,
         base_dir=base_dir,
     )
 

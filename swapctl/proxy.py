@@ -182,7 +182,6 @@ def build_app(swapper: Swapper, check_interval: float = 1.0, stop_on_exit: bool 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await swapper.adopt()
         watcher = asyncio.create_task(_watch(swapper, check_interval))
         try:
             yield

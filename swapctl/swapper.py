@@ -128,12 +128,15 @@ class Swapper:
             async with self.changed:
                 await self.changed.wait_for(lambda: all(s.state is State.STOPPED for s in leaving_already))
             container = await self._start(slot)
-        except SwapctlError as error:
+        except BaseException as error:
+            failure = error if isinstance(error, SwapctlError) else StartError(slot.model, repr(error))
             async with self.changed:
                 slot.state, slot.container = State.STOPPED, None
                 self.changed.notify_all()
-            log.error("start %s failed: %s", slot.model, error)
-            slot.start.set_exception(error)
+            log.error("%s", failure)
+            slot.start.set_exception(failure)
+            if not isinstance(error, Exception):
+                raise
             return
         async with self.changed:
             slot.state, slot.container = State.READY, container

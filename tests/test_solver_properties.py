@@ -110,7 +110,7 @@ def count(matrix_trees: dict[str, Tree], tree: Tree) -> int:
 @st.composite
 def matrices(draw: st.DrawFn) -> Matrix:
     size = draw(st.integers(2, 7))
-    models = tuple(f"org/m{i}:q4" if i % 2 else f"m{i}" for i in range(size)) + (LONER,)
+    models = (*(f"org/m{i}:q4" if i % 2 else f"m{i}" for i in range(size)), LONER)
     variables: dict[str, str] = {}
     for i, model in enumerate(models[:-1]):
         if draw(st.booleans()):

@@ -140,7 +140,6 @@ class DockerBackend:
             "init": True,
             "detach": True,
             "stop_signal": spec.stop_signal,
-            "stop_timeout": math.ceil(spec.stop_grace_period),
             "shm_size": spec.shm_size,
             "working_dir": spec.working_dir,
             "user": spec.user,

@@ -21,6 +21,8 @@ States = dict[int, Origin]
 
 
 def _maximal(states: States) -> States:
+    if len(states) < 2:
+        return states
     ordered = sorted(states, key=lambda mask: -mask.bit_count())
     kept: list[int] = []
     for mask in ordered:
@@ -51,12 +53,18 @@ class _Projection:
         elif node.op == "or":
             found = {}
             for i, child in enumerate(node.children):
+                if not child.mask & self.relevant:  # the common case, without a call
+                    found.setdefault(0, (i, 0))
+                    continue
                 for mask in self.states(child):
                     found.setdefault(mask, (i, mask))
             found = _maximal(found)
         else:
             found = {0: ()}
             for child in node.children:
+                if not child.mask & self.relevant:  # the common case, without a call
+                    found = {mask: (*parts, 0) for mask, parts in found.items()}
+                    continue
                 grown: States = {}
                 for mask, parts in found.items():
                     for child_mask in self.states(child):
@@ -89,6 +97,7 @@ class MatrixPolicy:
 
     def decide(self, model: str, running: Collection[str], explain: bool = False) -> Decision:
         program = self.program
+        running = tuple(dict.fromkeys(running))  # a name given twice is one model
         if model in running:
             return Decision(model, True, None, tuple(sorted(running)), (), 0)
         target = program.index[model]
