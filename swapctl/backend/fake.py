@@ -129,4 +129,17 @@ class _Transport(httpx.AsyncBaseTransport):
         if box is None or not box.container.running:
             raise httpx.ConnectError("connection refused", request=request)
         behaviour = self.backend.behaviour.get(box.spec.model, FakeModel())
-        return await behaviour.handler(request, box)
+        response = await behaviour.handler(request, box)
+        if response.is_stream_consumed:  # built from bytes: serve them as a stream, as a socket would
+            return httpx.Response(
+                response.status_code, headers=response.headers, stream=_Body(response.content)
+            )
+        return response
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, content: bytes) -> None:
+        self.content = content
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.content

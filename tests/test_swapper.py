@@ -1,0 +1,224 @@
+"""Component tests: the swapper against the fake backend. Outcomes, not call shapes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from swapctl.backend.fake import FakeBackend, FakeModel
+from swapctl.config import Config, parse_config
+from swapctl.errors import GpuUnavailable, ImageMissing, StartError
+from swapctl.spec import build_spec
+from swapctl.swapper import State, Swapper
+
+MATRIX = {
+    "vars": {"c": "chat", "k": "code", "B": "big"},
+    "evict_costs": {"B": 10},
+    "sets": {"pair": "c & k", "alone": "B"},
+}
+
+
+def make_config(**extra: Any) -> Config:
+    models = {name: {"image": "img", "stop_grace_period": 0} for name in ("chat", "code", "big")}
+    models.update(extra.pop("models", {}))
+    return parse_config({"models": models, "matrix": MATRIX, "instance": "test", **extra})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Run = Callable[[Config], Awaitable[tuple[Swapper, FakeBackend]]]
+
+
+@pytest.fixture
+async def swapper_for() -> AsyncIterator[Callable[..., Swapper]]:
+    clients: list[httpx.AsyncClient] = []
+
+    def build(config: Config, backend: FakeBackend, clock: Callable[[], float] | None = None) -> Swapper:
+        client = httpx.AsyncClient(transport=backend.transport)
+        clients.append(client)
+        return Swapper(config, backend, client, **({"clock": clock} if clock else {}))
+
+    yield build
+    for client in clients:
+        await client.aclose()
+
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def use(swapper: Swapper, model: str) -> None:
+    slot = await swapper.acquire(model)
+    await swapper.release(slot)
+
+
+async def test_the_matrix_decides_what_runs(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    swapper = swapper_for(make_config(), backend)
+    await use(swapper, "chat")
+    await use(swapper, "code")
+    assert backend.running_models() == {"chat", "code"}
+    await use(swapper, "big")
+    assert backend.running_models() == {"big"}
+    await use(swapper, "chat")
+    assert backend.running_models() == {"chat"}
+    assert swapper.running() == ["chat"]
+
+
+async def test_concurrent_requests_join_one_start(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    backend.behaviour["chat"] = FakeModel(ready_after=0.1)
+    swapper = swapper_for(make_config(), backend)
+    await asyncio.gather(*(use(swapper, "chat") for _ in range(20)))
+    assert backend.starts == {"chat": 1}
+    assert swapper.slots["chat"].in_flight == 0
+
+
+async def test_a_busy_model_is_not_evicted_until_its_requests_finish(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    swapper = swapper_for(make_config(), backend)
+    busy = await swapper.acquire("chat")
+    wanted = asyncio.create_task(use(swapper, "big"))
+    await asyncio.sleep(0.1)
+    assert not wanted.done()
+    assert backend.running_models() == {"chat"}
+    assert swapper.status()[0].state == "leaving"
+    # a new request for the leaving model waits behind the swap instead of starving it
+    late = asyncio.create_task(use(swapper, "chat"))
+    await asyncio.sleep(0.05)
+    assert not late.done()
+    await swapper.release(busy)
+    await wanted
+    assert "big" in backend.running_models() or late.done()
+    await late
+    assert backend.running_models() == {"chat"}
+    assert backend.starts == {"chat": 2, "big": 1}
+
+
+async def test_disjoint_swaps_overlap(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    backend.behaviour["chat"] = FakeModel(ready_after=0.3)
+    backend.behaviour["code"] = FakeModel(ready_after=0.3)
+    swapper = swapper_for(make_config(), backend)
+    began = asyncio.get_running_loop().time()
+    await asyncio.gather(use(swapper, "chat"), use(swapper, "code"))
+    assert asyncio.get_running_loop().time() - began < 0.55
+    assert backend.running_models() == {"chat", "code"}
+
+
+async def test_a_start_that_exits_fails_at_once_quoting_the_log(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    backend.behaviour["chat"] = FakeModel(exit_at_start="error: model file not found")
+    swapper = swapper_for(make_config(), backend)
+    waiters = [asyncio.create_task(use(swapper, "chat")) for _ in range(3)]
+    for waiter in waiters:
+        with pytest.raises(StartError) as caught:
+            await waiter
+        assert "model file not found" in str(caught.value)
+        assert "'chat'" in str(caught.value)
+    assert backend.boxes == {}
+    assert swapper.slots["chat"].state is State.STOPPED
+    assert swapper.slots["chat"].in_flight == 0
+
+
+async def test_health_timeout_leaves_nothing_running(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    backend.behaviour["chat"] = FakeModel(ready_after=60)
+    config = make_config(models={"chat": {"image": "img", "healthCheckTimeout": 1}})
+    swapper = swapper_for(config, backend)
+    with pytest.raises(StartError, match="within healthCheckTimeout"):
+        await use(swapper, "chat")
+    assert backend.boxes == {}
+
+
+async def test_engine_errors_name_the_model(swapper_for: Callable[..., Swapper]) -> None:
+    config = make_config(models={"big": {"image": "missing", "gpus": "all"}})
+    swapper = swapper_for(config, FakeBackend(images={"img"}))
+    with pytest.raises(ImageMissing, match="'big'"):
+        await use(swapper, "big")
+    swapper = swapper_for(config, FakeBackend())
+    with pytest.raises(GpuUnavailable, match="'big'"):
+        await use(swapper, "big")
+    # nothing already running is lost because of one bad request
+    backend = FakeBackend(images={"img"})
+    swapper = swapper_for(make_config(models={"big": {"image": "missing"}}), backend)
+    await use(swapper, "chat")
+    with pytest.raises(ImageMissing):
+        await use(swapper, "big")
+    assert swapper.slots["big"].state is State.STOPPED
+
+
+async def test_a_crash_while_ready_returns_the_model_to_stopped(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    swapper = swapper_for(make_config(), backend)
+    await use(swapper, "chat")
+    backend.crash("chat")
+    await swapper.check()
+    assert swapper.slots["chat"].state is State.STOPPED
+    await use(swapper, "chat")
+    assert backend.starts == {"chat": 2}
+    assert backend.running_models() == {"chat"}
+
+
+async def test_ttl_counts_from_the_end_of_the_last_request(swapper_for: Callable[..., Swapper]) -> None:
+    backend, clock = FakeBackend(), Clock()
+    config = make_config(models={"chat": {"image": "img", "ttl": 60}}, globalTTL=300)
+    swapper = swapper_for(config, backend, clock)
+    slot = await swapper.acquire("chat")
+    await use(swapper, "code")
+    clock.now += 120
+    await swapper.check()
+    assert backend.running_models() == {"chat", "code"}  # busy: never idle
+    await swapper.release(slot)
+    clock.now += 59
+    await swapper.check()
+    assert backend.running_models() == {"chat", "code"}
+    clock.now += 1
+    await swapper.check()
+    assert backend.running_models() == {"code"}
+    clock.now += 300
+    await swapper.check()
+    assert backend.running_models() == set()
+
+
+async def test_adoption_keeps_matching_containers_and_replaces_changed_ones(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    old = make_config(models={"code": {"image": "img", "environment": {"A": "1"}}})
+    kept = backend.start(build_spec(old, "chat"))
+    backend.start(build_spec(old, "code"))
+    other = parse_config({"models": {"chat": {"image": "img"}}, "instance": "other"})
+    foreign = backend.start(build_spec(other, "chat"))
+    swapper = swapper_for(make_config(), backend)
+    assert await swapper.adopt() == ["chat"]
+    assert set(backend.boxes) == {kept.id, foreign.id}
+    await use(swapper, "chat")
+    assert backend.starts == {"chat": 2, "code": 1}  # the adopted one served, no new start
+
+
+async def test_unload(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    swapper = swapper_for(make_config(), backend)
+    await use(swapper, "chat")
+    await use(swapper, "code")
+    assert await swapper.unload("chat") == ["chat"]
+    assert backend.running_models() == {"code"}
+    assert await swapper.unload() == ["code"]
+    assert backend.running_models() == set()
