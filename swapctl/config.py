@@ -164,6 +164,14 @@ class GroupConfig(_Strict):
     members: tuple[str, ...]
 
 
+class StartupHooks(_Strict):
+    preload: tuple[str, ...] = Field((), description="Models started when `swapctl up` starts, in order.")
+
+
+class Hooks(_Strict):
+    on_startup: StartupHooks = Field(default_factory=StartupHooks)
+
+
 class ConfigFile(_Strict):
     """The whole file."""
 
@@ -177,6 +185,10 @@ class ConfigFile(_Strict):
     )
     health_check_timeout: int = Field(120, alias="healthCheckTimeout", ge=1)
     global_ttl: int = Field(0, alias="globalTTL", ge=0)
+    max_request_bytes: int = Field(
+        100 * 2**20, alias="maxRequestBytes", ge=1, description="Largest request body accepted (413 beyond)."
+    )
+    hooks: Hooks = Field(default_factory=Hooks)
     listen: str = Field(
         "127.0.0.1:8080", pattern=r"^[^\s:]*:\d{1,5}$", description="HOST:PORT the proxy listens on."
     )
@@ -192,6 +204,8 @@ class Config:
     health_check_timeout: int = 120
     global_ttl: int = 0
     listen: str = "127.0.0.1:8080"
+    max_request_bytes: int = 100 * 2**20
+    preload: tuple[str, ...] = ()
     base_dir: Path = Path(".")
 
     def resolve(self, name: str) -> str | None:
@@ -295,6 +309,12 @@ def parse_config(
         policy = MatrixPolicy(program)
     else:
         policy = _group_policy(shape.groups or {}, shape.models)
+    preload = []
+    for i, name in enumerate(shape.hooks.on_startup.preload):
+        model_id = name if name in shape.models else aliases.get(name)
+        if model_id is None:
+            raise ConfigError(f"hooks.on_startup.preload.{i}", f"unknown model '{name}'")
+        preload.append(model_id)
     return Config(
         models=shape.models,
         aliases=aliases,
@@ -304,6 +324,8 @@ def parse_config(
         health_check_timeout=shape.health_check_timeout,
         global_ttl=shape.global_ttl,
         listen=shape.listen,
+        max_request_bytes=shape.max_request_bytes,
+        preload=tuple(preload),
         base_dir=base_dir,
     )
 

@@ -9,6 +9,7 @@ into OpenAI error JSON.
      |    +-- ImageMissing
      |    +-- GpuUnavailable
      +-- StartError         a model's container did not become ready: names model and cause
+     +-- Busy               a model has as many requests as its concurrencyLimit admits
 """
 
 from __future__ import annotations
@@ -56,3 +57,10 @@ class StartError(SwapctlError):
         super().__init__(f"model '{model}' failed to start: {cause}")
         self.model = model
         self.cause = cause
+
+
+class Busy(SwapctlError):
+    def __init__(self, model: str, limit: int) -> None:
+        super().__init__(f"model '{model}' is busy: {limit} requests in flight (its concurrencyLimit)")
+        self.model = model
+        self.limit = limit

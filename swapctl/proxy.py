@@ -1,6 +1,11 @@
 """The OpenAI-compatible proxy: a Starlette app that finds the model a request names, has
 the swapper make it ready, and streams the request through. Errors become OpenAI error
-JSON in one place, `error_response`."""
+JSON in one place, `error_response`.
+
+The model comes from the JSON body's `model`, a multipart form's `model` field (read as
+the upload streams; the file is forwarded untouched), `?model=` on any other route, or
+the path of `/upstream/<model>/<path>`.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from swapctl.errors import BackendError, StartError, SwapctlError, UnknownModelError
+from swapctl.errors import BackendError, Busy, StartError, SwapctlError, UnknownModelError
+from swapctl.forms import ModelField, boundary_of, replace_model
 from swapctl.swapper import Slot, Swapper
 
 log = logging.getLogger("swapctl")
@@ -36,6 +42,23 @@ HOP_BY_HOP = {
     "host",
     "content-length",
 }
+
+# POST routes whose body names the model (JSON, or a multipart form for uploads).
+MODEL_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/rerank",
+)
 
 
 class RequestError(SwapctlError):
@@ -56,12 +79,15 @@ def error_response(error: Exception) -> JSONResponse:
         return JSONResponse(error_body(str(error), "invalid_request_error", error.code), error.status)
     if isinstance(error, UnknownModelError):
         return JSONResponse(error_body(str(error), "invalid_request_error", "model_not_found"), 404)
+    if isinstance(error, Busy):
+        body = error_body(str(error), "rate_limit_error", "model_busy")
+        return JSONResponse(body, 429, headers={"retry-after": "1"})
     if isinstance(error, StartError):
         return JSONResponse(error_body(str(error), "server_error", "model_start_failed"), 502)
     if isinstance(error, BackendError):
         return JSONResponse(error_body(str(error), "server_error", "backend_error"), 503)
-    log.exception("unexpected error", exc_info=error)
-    return JSONResponse(error_body(f"internal error: {error}", "server_error", "internal_error"), 500)
+    log.error("unexpected error: %r", error, exc_info=error)
+    return JSONResponse(error_body(f"internal error: {error!r}", "server_error", "internal_error"), 500)
 
 
 def _headers(headers: Mapping[str, str]) -> dict[str, str]:
@@ -84,7 +110,7 @@ class Forwarded(StreamingResponse):
             async for chunk in self.upstream.aiter_raw():
                 yield chunk
         except httpx.TransportError as error:
-            log.warning("%s: upstream broke off mid-response: %s", self.slot.model, error)
+            log.warning("%s: upstream broke off mid-response: %r", self.slot.model, error)
             await self.swapper.confirm_alive(self.slot)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -95,7 +121,7 @@ class Forwarded(StreamingResponse):
             await self.swapper.release(self.slot)
 
 
-def _request_model(body: bytes) -> tuple[str, dict[str, Any]]:
+def _json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -108,41 +134,134 @@ def _request_model(body: bytes) -> tuple[str, dict[str, Any]]:
     return model, payload
 
 
-def build_app(swapper: Swapper, check_interval: float = 1.0, stop_on_exit: bool = False) -> Starlette:
+class Body:
+    """A request body read as it arrives, refused past `limit` bytes."""
+
+    def __init__(self, request: Request, limit: int) -> None:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise self.too_large(limit)
+        self.stream = request.stream()
+        self.limit = limit
+        self.seen = 0
+
+    @staticmethod
+    def too_large(limit: int) -> RequestError:
+        return RequestError(
+            413, f"the request body is larger than maxRequestBytes ({limit} bytes)", "too_large"
+        )
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self.stream:
+            self.seen += len(chunk)
+            if self.seen > self.limit:
+                raise self.too_large(self.limit)
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+def build_app(
+    swapper: Swapper, check_interval: float = 1.0, stop_on_exit: bool = False, preload: bool = True
+) -> Starlette:
     config = swapper.config
     client = swapper.client
     created = int(time.time())
 
-    async def forward(request: Request) -> Response:
-        body = await request.body()
-        name, payload = _request_model(body)
+    def resolve(name: str) -> str:
         model = config.resolve(name)
         if model is None:
             raise UnknownModelError(name)
-        upstream_name = config.models[model].use_model_name
-        if upstream_name:
-            body = json.dumps({**payload, "model": upstream_name}).encode()
+        return model
+
+    async def send(
+        model: str, request: Request, path: str, content: bytes | AsyncIterator[bytes], length: int | None
+    ) -> Response:
+        headers = _headers(request.headers)
+        if length is not None:
+            headers["content-length"] = str(length)
+        query = f"?{request.url.query}" if request.url.query else ""
         slot = await swapper.acquire(model)
         try:
             assert slot.container is not None
-            url = slot.container.url + request.url.path
-            upstream = await client.send(
-                client.build_request(
-                    request.method,
-                    url,
-                    params=request.query_params,
-                    headers=_headers(request.headers),
-                    content=body,
-                ),
-                stream=True,
-            )
+            url = slot.container.url + path + query
+            upstream_request = client.build_request(request.method, url, headers=headers, content=content)
+            upstream = await client.send(upstream_request, stream=True)
         except BaseException as error:
             await swapper.release(slot)
-            if isinstance(error, httpx.TransportError):
+            if isinstance(error, httpx.TransportError) and not isinstance(error.__cause__, RequestError):
                 await swapper.confirm_alive(slot)
                 raise BackendError(f"the model's server did not answer: {error!r}", model) from None
+            if isinstance(error.__cause__, RequestError):
+                raise error.__cause__ from None
             raise
         return Forwarded(upstream, swapper, slot)
+
+    async def forward(request: Request) -> Response:
+        body = Body(request, config.max_request_bytes)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            return await forward_form(request, body, content_type)
+        raw = await body.read()
+        name, payload = _json_model(raw)
+        model = resolve(name)
+        upstream_name = config.models[model].use_model_name
+        if upstream_name:
+            raw = json.dumps({**payload, "model": upstream_name}).encode()
+        return await send(model, request, request.url.path, raw, len(raw))
+
+    async def forward_form(request: Request, body: Body, content_type: str) -> Response:
+        boundary = boundary_of(content_type)
+        if boundary is None:
+            raise RequestError(400, "a multipart body needs a boundary in its content-type", "invalid_form")
+        field, prefix = ModelField(boundary), []
+        chunks = body.chunks()
+        async for chunk in chunks:
+            prefix.append(chunk)
+            field.feed(chunk)
+            if field.done:
+                break
+        if not field.done:
+            raise RequestError(400, "the form has no 'model' field", "missing_model")
+        model = resolve(field.value.decode(errors="replace"))
+        head = b"".join(prefix)
+        upstream_name = config.models[model].use_model_name
+        if upstream_name:
+            head = replace_model(head, field.value, upstream_name.encode())
+        declared = request.headers.get("content-length", "")
+        length = int(declared) + len(head) - sum(map(len, prefix)) if declared.isdigit() else None
+
+        async def rest() -> AsyncIterator[bytes]:
+            yield head
+            async for chunk in chunks:
+                yield chunk
+
+        return await send(model, request, request.url.path, rest(), length)
+
+    async def upstream(request: Request) -> Response:
+        """`/upstream/<model>/<path>`: any method, untouched, for a model's own UI or API."""
+        rest = request.path_params["rest"]
+        names = sorted({*config.models, *config.aliases}, key=len, reverse=True)
+        name = next((n for n in names if rest == n or rest.startswith(n + "/")), None)
+        if name is None:
+            raise UnknownModelError(rest.split("/")[0])
+        body = Body(request, config.max_request_bytes)
+        declared = request.headers.get("content-length", "")
+        length = int(declared) if declared.isdigit() else None
+        return await send(resolve(name), request, rest[len(name) :] or "/", body.chunks(), length)
+
+    async def by_query(request: Request) -> Response:
+        """Any other route, with `?model=`; without it, no such route."""
+        name = request.query_params.get("model")
+        if not name:
+            known = request.url.path in MODEL_ROUTES or request.url.path in fixed
+            status, code = (405, "method_not_allowed") if known else (404, "not_found")
+            raise RequestError(status, f"no route {request.method} {request.url.path}", code)
+        body = Body(request, config.max_request_bytes)
+        declared = request.headers.get("content-length", "")
+        length = int(declared) if declared.isdigit() else None
+        return await send(resolve(name), request, request.url.path, body.chunks(), length)
 
     async def models(request: Request) -> Response:
         data = [
@@ -166,10 +285,7 @@ def build_app(swapper: Swapper, check_interval: float = 1.0, stop_on_exit: bool 
 
     async def unload(request: Request) -> Response:
         name = request.path_params.get("model")
-        model = config.resolve(name) if name else None
-        if name and model is None:
-            raise UnknownModelError(name)
-        return JSONResponse({"unloaded": await swapper.unload(model)})
+        return JSONResponse({"unloaded": await swapper.unload(resolve(name) if name else None)})
 
     async def not_found(request: Request, error: Exception) -> Response:
         status = getattr(error, "status_code", 404)
@@ -183,27 +299,33 @@ def build_app(swapper: Swapper, check_interval: float = 1.0, stop_on_exit: bool 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         watcher = asyncio.create_task(_watch(swapper, check_interval))
+        loading = asyncio.create_task(_preload(swapper)) if preload else None
         try:
             yield
         finally:
-            watcher.cancel()
+            for task in (watcher, loading):
+                if task is not None:
+                    task.cancel()
             if stop_on_exit:
                 await swapper.unload()
             await client.aclose()
 
-    openai_routes = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
-    routes = [Route(path, forward, methods=["POST"]) for path in openai_routes]
+    any_method = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+    fixed = ("/v1/models", "/health", "/running", "/unload")
+    routes = [Route(path, forward, methods=["POST"]) for path in MODEL_ROUTES]
     routes += [
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/running", running, methods=["GET"]),
         Route("/unload", unload, methods=["GET", "POST"]),
         Route("/unload/{model:path}", unload, methods=["GET", "POST"]),
+        Route("/upstream/{rest:path}", upstream, methods=any_method),
+        Route("/{path:path}", by_query, methods=any_method),
     ]
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={404: not_found, 405: not_found, SwapctlError: failed},
+        exception_handlers={404: not_found, 405: not_found, SwapctlError: failed, Exception: failed},
     )
 
 
@@ -214,3 +336,12 @@ async def _watch(swapper: Swapper, interval: float) -> None:
             await swapper.check()
         except SwapctlError as error:
             log.warning("checking containers: %s", error)
+
+
+async def _preload(swapper: Swapper) -> None:
+    """Start the configured models one by one, as requests would: the matrix still decides."""
+    for model in swapper.config.preload:
+        try:
+            await swapper.release(await swapper.acquire(model))
+        except SwapctlError as error:
+            log.error("preload: %s", error)

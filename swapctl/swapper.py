@@ -20,7 +20,7 @@ import httpx
 
 from swapctl.backend import Backend, Container
 from swapctl.config import Config
-from swapctl.errors import BackendError, StartError, SwapctlError
+from swapctl.errors import BackendError, Busy, StartError, SwapctlError
 from swapctl.matrix import Decision
 from swapctl.spec import build_spec
 
@@ -85,6 +85,9 @@ class Swapper:
                 if slot.leaving or slot.state is State.STOPPING:
                     await self.changed.wait()
                     continue
+                limit = self.config.models[model].concurrency_limit
+                if slot.in_flight >= limit:
+                    raise Busy(model, limit)
                 slot.in_flight += 1
                 if slot.state is State.READY:
                     return slot
@@ -163,24 +166,26 @@ class Swapper:
         slot.container = container
         timeout = model.health_check_timeout or self.config.health_check_timeout
         try:
-            await self._wait_healthy(slot.model, container, model.health, timeout)
+            return await self._wait_healthy(slot.model, container, model.health, timeout)
         except BaseException:
             await asyncio.to_thread(self.backend.stop, container.id, 0)
             raise
-        return container
 
-    async def _wait_healthy(self, model: str, container: Container, path: str, timeout: float) -> None:
+    async def _wait_healthy(self, model: str, container: Container, path: str, timeout: float) -> Container:
         """Poll from the first moment, every few tens of milliseconds, backing off a little."""
         began = time.monotonic()
         interval, checked, noted = 0.01, began, began
         while True:
-            if path == "none" or await self._healthy(container.url + path):
-                return
+            published = container.host_port is not None
+            if published and (path == "none" or await self._healthy(container.url + path)):
+                return container
             now = time.monotonic()
-            if now - checked >= 0.1:
+            if now - checked >= 0.1 or not published:
                 checked = now
                 current = await asyncio.to_thread(self.backend.get, container.id)
-                if current is None or not current.running:
+                if current is not None and current.running:
+                    container = current  # the port may be published a moment after the start
+                else:
                     logs = await asyncio.to_thread(self.backend.logs, container.id, 20)
                     state = current.state if current else "removed"
                     tail = f"; last log lines:\n{logs.rstrip()}" if logs.strip() else ""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from swapctl.backend.fake import FakeBackend, FakeModel
+from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
 from swapctl.proxy import build_app
 from swapctl.swapper import Swapper
@@ -17,9 +20,10 @@ pytestmark = pytest.mark.anyio
 
 CONFIG = {
     "instance": "test",
+    "maxRequestBytes": 2**20,
     "models": {
         "chat": {"image": "img", "aliases": ["gpt-4o-mini"], "useModelName": "upstream-chat"},
-        "code": {"image": "img"},
+        "code": {"image": "img", "concurrencyLimit": 2},
         "broken": {"image": "img"},
     },
 }
@@ -131,3 +135,84 @@ async def test_a_crashed_model_answers_an_error_then_restarts(
     response = await client.post("/v1/chat/completions", json=chat("code"))
     assert response.status_code == 200
     assert backend.starts["code"] == 2
+
+
+async def test_multipart_uploads_stream_through_untouched(
+    proxy: tuple[httpx.AsyncClient, FakeBackend],
+) -> None:
+    client, _ = proxy
+    audio = bytes(range(256)) * 4000  # 1 MB
+    request = client.build_request(
+        "POST",
+        "/v1/audio/transcriptions",
+        data={"model": "code", "language": "en"},
+        files={"file": ("a.wav", audio)},
+    )
+    sent = request.read()
+    response = await client.send(request)
+    seen = response.json()
+    assert (seen["served_by"], seen["path"], seen["bytes"]) == ("code", "/v1/audio/transcriptions", len(sent))
+    assert seen["sha256"] == hashlib.sha256(sent).hexdigest()
+
+
+async def test_multipart_model_is_rewritten_for_upstream(
+    proxy: tuple[httpx.AsyncClient, FakeBackend],
+) -> None:
+    client, _ = proxy
+    response = await client.post(
+        "/v1/audio/transcriptions", data={"model": "gpt-4o-mini"}, files={"file": b"x"}
+    )
+    seen = response.json()
+    assert seen["served_by"] == "chat"
+    assert seen["bytes"] > 0
+    form = await client.post("/v1/audio/transcriptions", files={"file": b"no model field"})
+    assert_openai_error(form, 400, "no 'model' field")
+
+
+async def test_upstream_passthrough_and_model_query(proxy: tuple[httpx.AsyncClient, FakeBackend]) -> None:
+    client, _ = proxy
+    seen = (await client.put("/upstream/code/props/x?y=1", content=b"abc")).json()
+    assert (seen["served_by"], seen["method"], seen["path"], seen["query"], seen["bytes"]) == (
+        "code",
+        "PUT",
+        "/props/x",
+        "y=1",
+        3,
+    )
+    seen = (await client.get("/slots", params={"model": "gpt-4o-mini"})).json()
+    assert (seen["served_by"], seen["path"]) == ("chat", "/slots")
+    assert_openai_error(await client.get("/upstream/nope/x"), 404, "nope")
+
+
+async def test_oversized_bodies_are_refused(proxy: tuple[httpx.AsyncClient, FakeBackend]) -> None:
+    client, backend = proxy
+    await client.post("/v1/chat/completions", json=chat("code"))
+    huge = json.dumps(chat("code", padding="x" * (2 * 2**20))).encode()
+    assert_openai_error(await client.post("/v1/chat/completions", content=huge), 413, "maxRequestBytes")
+
+    async def chunked() -> AsyncIterator[bytes]:
+        for _ in range(3):
+            yield b"x" * 2**20
+
+    assert_openai_error(await client.post("/upstream/code/upload", content=chunked()), 413, "maxRequestBytes")
+    assert backend.running_models() == {"code"}
+    assert (await client.get("/running")).json()["running"][0]["in_flight"] == 0
+
+
+async def test_concurrency_limit_answers_429(proxy: tuple[httpx.AsyncClient, FakeBackend]) -> None:
+    client, backend = proxy
+    gate = asyncio.Event()
+
+    async def slow(request: httpx.Request, box: FakeContainer) -> httpx.Response:
+        if request.url.path != "/health":
+            await gate.wait()
+        return httpx.Response(200, json={"ok": True})
+
+    backend.behaviour["code"] = FakeModel(handler=slow)
+    first = [asyncio.create_task(client.post("/v1/chat/completions", json=chat("code"))) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    refused = await client.post("/v1/chat/completions", json=chat("code"))
+    assert_openai_error(refused, 429, "'code' is busy")
+    assert refused.headers["retry-after"] == "1"
+    gate.set()
+    assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]

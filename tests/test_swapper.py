@@ -83,7 +83,7 @@ async def test_concurrent_requests_join_one_start(swapper_for: Callable[..., Swa
     backend = FakeBackend()
     backend.behaviour["chat"] = FakeModel(ready_after=0.1)
     swapper = swapper_for(make_config(), backend)
-    await asyncio.gather(*(use(swapper, "chat") for _ in range(20)))
+    await asyncio.gather(*(use(swapper, "chat") for _ in range(10)))
     assert backend.starts == {"chat": 1}
     assert swapper.slots["chat"].in_flight == 0
 

@@ -4,6 +4,7 @@ routes by port, so the swapper and the proxy run unchanged against it."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -43,7 +44,18 @@ async def echo(request: httpx.Request, box: FakeContainer) -> httpx.Response:
     """A tiny OpenAI-like server: health, and completions that name the model they got."""
     if request.url.path == "/health":
         return httpx.Response(200 if box.ready else 503, json={"status": "ok" if box.ready else "loading"})
-    body = json.loads(await request.aread() or b"{}")
+    raw = await request.aread()
+    if not request.headers.get("content-type", "").startswith("application/json"):
+        seen = {
+            "method": request.method,
+            "path": request.url.path,
+            "query": request.url.query.decode(),
+            "bytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "served_by": box.spec.model,
+        }
+        return httpx.Response(200, json=seen)
+    body = json.loads(raw or b"{}")
     model = body.get("model", "")
     if body.get("stream"):
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(model))
@@ -84,9 +96,16 @@ class FakeBackend:
             del self.boxes[box.container.id]  # a leftover of ours with the same name
         behaviour = self.behaviour.get(spec.model, FakeModel())
         number = next(self._ids)
-        state = "exited" if behaviour.exit_at_start is not None else "running"
+        exited = behaviour.exit_at_start is not None
+        # as with Docker, a container that is not running publishes no port
         container = Container(
-            f"fake{number}", spec.name, spec.model, state, 40000 + number, spec.spec_hash, time.time()
+            f"fake{number}",
+            spec.name,
+            spec.model,
+            "exited" if exited else "running",
+            None if exited else 40000 + number,
+            spec.spec_hash,
+            time.time(),
         )
         box = FakeContainer(container, spec, time.monotonic(), behaviour.ready_after)
         if behaviour.exit_at_start is not None:
@@ -113,7 +132,7 @@ class FakeBackend:
         """The model's container dies, as a crash or an out-of-memory kill would do."""
         for box in self.boxes.values():
             if box.container.model == model:
-                box.container = replace(box.container, state="exited")
+                box.container = replace(box.container, state="exited", host_port=None)
 
     def running_models(self) -> set[str]:
         return {b.container.model for b in self.boxes.values() if b.container.running}

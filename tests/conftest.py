@@ -1,0 +1,122 @@
+"""Shared fixtures: the real Docker engine and image, tiny GGUF models, and per-test instances.
+
+Tests marked `docker` need the engine and the image `swapctl/llama-server:sid`: the
+`docker_engine` fixture makes sure of both (the scripts are idempotent) and FAILS the test
+when it cannot; a real-Docker test is never silently skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+
+import docker
+import docker.errors
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+LLAMA_IMAGE = "swapctl/llama-server:sid"
+INSTANCE_LABEL = "swapctl.instance"
+# models_dir holds seed-N.gguf for each of these seeds: different seeds, different outputs.
+MODEL_SEEDS = (1, 2, 3)
+
+
+def _run_script(name: str, timeout: float) -> None:
+    try:
+        done = subprocess.run(
+            ["bash", str(SCRIPTS / name)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"scripts/{name} did not finish within {timeout:g}s: {error.output!r}", pytrace=False)
+    if done.returncode != 0:
+        pytest.fail(
+            f"scripts/{name} failed (exit {done.returncode}):\n{done.stdout}{done.stderr}", pytrace=False
+        )
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Iterator[docker.DockerClient]:
+    """A client of a running Docker engine that has the test image; fails the test otherwise."""
+    _run_script("docker-engine.sh", timeout=180)
+    _run_script("build-llama-image.sh", timeout=600)
+    try:
+        client = docker.from_env(version="auto", timeout=60)
+        client.images.get(LLAMA_IMAGE)
+    except docker.errors.DockerException as error:
+        pytest.fail(f"the Docker engine or the image {LLAMA_IMAGE} is not usable: {error}", pytrace=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _docker_marked_tests_need_the_engine(request: pytest.FixtureRequest) -> None:
+    """Every test marked `docker` gets the engine and the image, or fails."""
+    if request.node.get_closest_marker("docker") is not None:
+        request.getfixturevalue("docker_engine")
+
+
+def _load_tiny_gguf() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("swapctl_tiny_gguf", SCRIPTS / "tiny_gguf.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An absolute directory with seed-1.gguf, seed-2.gguf, seed-3.gguf (tiny random llamas)."""
+    folder = tmp_path_factory.mktemp("models").resolve()
+    write_tiny_model: Callable[[Path, int], None] = _load_tiny_gguf().write_tiny_model
+    for seed in MODEL_SEEDS:
+        write_tiny_model(folder / f"seed-{seed}.gguf", seed)
+    folder.chmod(0o755)  # the containers read it as whatever user they run as
+    return folder
+
+
+def remove_instance_containers(client: docker.DockerClient, name: str) -> list[str]:
+    """Remove (force) every container labelled with instance `name` or `name-*`, in any state."""
+    removed: list[str] = []
+    for _ in range(3):  # a proxy still stopping may be removing some at the same time
+        found = [
+            c
+            for c in client.containers.list(all=True, filters={"label": INSTANCE_LABEL})
+            if (value := (c.labels or {}).get(INSTANCE_LABEL)) == name or str(value).startswith(f"{name}-")
+        ]
+        if not found:
+            break
+        for container in found:
+            try:
+                container.remove(force=True)
+                removed.append(container.name)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as error:
+                if "already in progress" not in str(error):
+                    raise
+    return removed
+
+
+@pytest.fixture
+def instance(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A unique instance name, `t-<8 hex>`; `<name>-<suffix>` names belong to it too.
+
+    For tests marked `docker`, every container labelled with these instances is removed
+    afterwards, whatever its state (running, exited, `created`).
+    """
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    client: docker.DockerClient | None = None
+    if request.node.get_closest_marker("docker") is not None:
+        client = request.getfixturevalue("docker_engine")
+    yield name
+    if client is not None:
+        remove_instance_containers(client, name)

@@ -1,0 +1,184 @@
+"""One contract, two backends: what the swapper relies on holds for the real Docker backend
+and for the in-memory fake alike. A case that passes on Docker and fails on the fake means
+the fake lies (fix the fake); the reverse means the Docker backend is wrong."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from swapctl.backend import Backend, Container
+from swapctl.backend.docker import DockerBackend
+from swapctl.backend.fake import FakeBackend, FakeModel
+from swapctl.config import Config, parse_config
+from swapctl.errors import GpuUnavailable, ImageMissing
+from swapctl.spec import ContainerSpec, build_spec
+
+IMAGE = "swapctl/llama-server:sid"
+MISSING_IMAGE = "swapctl-test/no-such-image:never-built"
+LLAMA = ["--host", "0.0.0.0", "--port", "8080", "-m", "/models/seed-1.gguf", "-c", "512"]
+
+
+def _config(instance: str, models_dir: Path, base_dir: Path) -> Config:
+    server = {
+        "image": IMAGE,
+        "entrypoint": ["llama-server"],
+        "command": LLAMA,
+        "volumes": [f"{models_dir}:/models:ro"],
+        "environment": {"LLAMA_ARG_THREADS": "1"},
+        "stop_grace_period": "2s",
+    }
+    return parse_config(
+        {
+            "instance": instance,
+            "models": {
+                "tiny": server,
+                "ghost": {**server, "image": MISSING_IMAGE},
+                "gpu": {**server, "gpus": "all"},
+                "boom": {"image": IMAGE, "entrypoint": ["sh", "-c"], "command": ["echo boom >&2; exit 3"]},
+            },
+        },
+        base_dir=base_dir,
+    )
+
+
+@pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "fake":
+        return FakeBackend(images={IMAGE}, gpus=False)  # this machine: one image, no GPU runtime
+    return DockerBackend()
+
+
+@pytest.fixture
+def specs(instance: str, models_dir: Path, tmp_path: Path) -> Callable[[str], ContainerSpec]:
+    config = _config(instance, models_dir, tmp_path)
+    return lambda model: build_spec(config, model)
+
+
+def _same(a: Container, b: Container) -> None:
+    """Equal but for started_at, which Docker's list gives to the second only."""
+    assert (a.id, a.name, a.model, a.state, a.host_port, a.spec_hash) == (
+        b.id,
+        b.name,
+        b.model,
+        b.state,
+        b.host_port,
+        b.spec_hash,
+    )
+    assert a.started_at is not None and b.started_at is not None
+    assert abs(a.started_at - b.started_at) < 2
+
+
+def _wait_stopped(backend: Backend, container_id: str, timeout: float = 10) -> Container:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = backend.get(container_id)
+        assert current is not None, "the container vanished by itself"
+        if not current.running or time.monotonic() > deadline:
+            return current
+        time.sleep(0.02)
+
+
+def test_start_gives_a_running_container(backend: Backend, specs: Callable[[str], ContainerSpec]) -> None:
+    spec = specs("tiny")
+    began = time.time()
+    container = backend.start(spec)
+    assert container.running and container.state == "running"
+    assert isinstance(container.host_port, int) and 0 < container.host_port < 65536
+    assert container.url == f"http://127.0.0.1:{container.host_port}"
+    assert container.model == "tiny"
+    assert container.name == spec.name
+    assert container.spec_hash == spec.spec_hash
+    assert container.started_at is not None and abs(container.started_at - began) < 10
+
+
+def test_list_and_get_show_exactly_it(backend: Backend, specs: Callable[[str], ContainerSpec]) -> None:
+    spec = specs("tiny")
+    container = backend.start(spec)
+    listed = backend.list(spec.instance)
+    assert len(listed) == 1
+    _same(listed[0], container)
+    got = backend.get(container.id)
+    assert got is not None
+    _same(got, container)
+
+
+def test_stop_removes_it(backend: Backend, specs: Callable[[str], ContainerSpec]) -> None:
+    spec = specs("tiny")
+    container = backend.start(spec)
+    backend.stop(container.id, 2)
+    assert backend.get(container.id) is None
+    assert backend.list(spec.instance) == []
+    assert backend.logs(container.id) == ""
+    backend.stop(container.id, 2)  # a second stop, of a missing container, is fine
+    backend.stop("0123456789ab-no-such-container", 0)
+
+
+def test_missing_image_raises_and_leaves_nothing(
+    backend: Backend, specs: Callable[[str], ContainerSpec]
+) -> None:
+    spec = specs("ghost")
+    with pytest.raises(ImageMissing) as raised:
+        backend.start(spec)
+    assert raised.value.model == "ghost"
+    assert "'ghost'" in str(raised.value)
+    assert MISSING_IMAGE in str(raised.value)
+    assert backend.list(spec.instance) == []
+
+
+def test_gpu_request_without_gpu_runtime_raises_and_leaves_nothing(
+    backend: Backend, specs: Callable[[str], ContainerSpec]
+) -> None:
+    spec = specs("gpu")
+    with pytest.raises(GpuUnavailable) as raised:
+        backend.start(spec)
+    assert raised.value.model == "gpu"
+    assert "'gpu'" in str(raised.value)
+    assert backend.list(spec.instance) == []  # not even a `created` one
+
+
+def test_a_command_that_exits_at_once(backend: Backend, specs: Callable[[str], ContainerSpec]) -> None:
+    if isinstance(backend, FakeBackend):
+        backend.behaviour["boom"] = FakeModel(exit_at_start="boom")
+    spec = specs("boom")
+    container = backend.start(spec)  # starting succeeds; the process dies on its own
+    assert container.model == "boom"
+    assert container.spec_hash == spec.spec_hash
+    stopped = _wait_stopped(backend, container.id)
+    assert not stopped.running
+    assert stopped.state in ("exited", "dead")
+    assert stopped.host_port is None  # a container that is not running publishes no port
+    assert "boom" in backend.logs(container.id)
+    [listed] = backend.list(spec.instance)
+    assert listed.id == container.id and not listed.running and listed.host_port is None
+    backend.stop(container.id, 0)
+    assert backend.list(spec.instance) == []
+
+
+def test_a_leftover_with_the_same_name_is_replaced(
+    backend: Backend, specs: Callable[[str], ContainerSpec]
+) -> None:
+    spec = specs("tiny")
+    first = backend.start(spec)
+    second = backend.start(spec)  # the name is taken by `first`, a leftover of this instance
+    assert second.id != first.id
+    assert second.running and second.name == first.name
+    assert backend.get(first.id) is None
+    assert [c.id for c in backend.list(spec.instance)] == [second.id]
+
+
+def test_instances_do_not_see_each_other(
+    backend: Backend, instance: str, models_dir: Path, tmp_path: Path
+) -> None:
+    other = f"{instance}-b"
+    mine = backend.start(build_spec(_config(instance, models_dir, tmp_path), "tiny"))
+    theirs = backend.start(build_spec(_config(other, models_dir, tmp_path), "tiny"))
+    assert mine.name != theirs.name
+    assert [c.id for c in backend.list(instance)] == [mine.id]
+    assert [c.id for c in backend.list(other)] == [theirs.id]
+    backend.stop(theirs.id, 2)
+    assert [c.id for c in backend.list(instance)] == [mine.id]
+    assert backend.list(other) == []

@@ -1,0 +1,348 @@
+"""End to end: the real `swapctl up` in a subprocess, real containers of llama-server with
+tiny GGUF models, and the official `openai` client. Docker is the witness: after each
+request, the containers that run are read from the engine, never from swapctl."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import httpx
+import openai
+import pytest
+import yaml
+from openai import OpenAI
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_LABEL = "swapctl.model"
+INSTANCE_LABEL = "swapctl.instance"
+SEEDS = {"chat": 1, "code": 2, "big": 3}
+MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _llama(seed: int) -> list[str]:
+    return ["--host", "0.0.0.0", "--port", "8080", "-m", f"/models/seed-{seed}.gguf", "-c", "512"]
+
+
+def write_config(path: Path, instance: str, models_dir: Path) -> None:
+    llama = {
+        "template": "llama-server",
+        "volumes": [f"{models_dir}:/models:ro"],
+        "environment": {"LLAMA_ARG_THREADS": "1"},
+        "stop_grace_period": "2s",
+    }
+    config = {
+        "instance": instance,
+        "healthCheckTimeout": 30,
+        "models": {
+            **{model: {**llama, "command": _llama(seed)} for model, seed in SEEDS.items()},
+            "broken": {
+                "template": "llama-server",
+                "entrypoint": ["sh", "-c"],
+                "command": ["echo boom >&2; exit 3"],
+            },
+        },
+        "matrix": {
+            "vars": {"c": "chat", "k": "code", "B": "big", "x": "broken"},
+            "sets": {"pair": "c & k", "alone": "B", "broken": "x"},
+            "evict_costs": {"B": 10},
+        },
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+class Proxy:
+    """`swapctl up` as a subprocess; each start logs to its own file."""
+
+    def __init__(self, config: Path, instance: str, workdir: Path) -> None:
+        self.config, self.instance, self.workdir = config, instance, workdir
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "up-0.log"
+        self.starts = 0
+        self.clients: list[OpenAI] = []
+
+    def start(self, timeout: float = 30) -> None:
+        assert self.process is None, "already running"
+        self.starts += 1
+        self.log_path = self.workdir / f"up-{self.starts}.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "swapctl",
+            "up",
+            "-c",
+            str(self.config),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"swapctl up exited with {self.process.returncode}:\n{self.log()}", pytrace=False)
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"swapctl up did not answer /health in {timeout:g}s:\n{self.log()}", pytrace=False
+                )
+            time.sleep(0.05)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15) -> int | None:
+        """Signal the process (by its PID), kill it after `timeout`; its exit status, None if killed."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                return process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+                return None
+        return process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self) -> OpenAI:
+        client = OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
+        self.clients.append(client)
+        return client
+
+    def swapctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "swapctl", *args, "-c", str(self.config), "--url", self.url]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=self.workdir)
+        assert done.returncode == 0, f"swapctl {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
+        return done
+
+    def swapctl_json(self, *args: str) -> Any:
+        return json.loads(self.swapctl(*args, "--json").stdout)
+
+    def running(self) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/running", timeout=10)
+        response.raise_for_status()
+        return {m["model"]: m for m in response.json()["models"]}
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.stop()
+
+
+@pytest.fixture
+def proxy(instance: str, models_dir: Path, tmp_path: Path) -> Iterator[Proxy]:
+    config = tmp_path / "swapctl.yaml"
+    write_config(config, instance, models_dir)
+    proxy = Proxy(config, instance, tmp_path)
+    try:
+        proxy.start()
+        yield proxy
+    finally:
+        proxy.close()  # before `instance` removes the containers
+
+
+def containers(engine: docker.DockerClient, instance: str, running_only: bool = True) -> dict[str, str]:
+    """model -> container ID, as Docker sees it; fails if a model has two containers."""
+    filters: dict[str, Any] = {"label": f"{INSTANCE_LABEL}={instance}"}
+    if running_only:
+        filters["status"] = "running"
+    found = engine.containers.list(all=not running_only, filters=filters)
+    models = [c.labels[MODEL_LABEL] for c in found]
+    assert len(models) == len(set(models)), f"a model with two containers: {[c.name for c in found]}"
+    return {c.labels[MODEL_LABEL]: c.id for c in found}
+
+
+def chat(client: OpenAI, model: str) -> str:
+    answer = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=8)
+    text = answer.choices[0].message.content
+    assert text
+    return text
+
+
+def chat_streamed(client: OpenAI, model: str) -> str:
+    parts: list[str] = []
+    stream = client.chat.completions.create(
+        model=model, messages=MESSAGES, temperature=0, max_tokens=8, stream=True
+    )
+    with stream:
+        for chunk in stream:
+            parts.extend(choice.delta.content for choice in chunk.choices if choice.delta.content)
+    return "".join(parts)
+
+
+def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
+        time.sleep(0.05)
+
+
+def test_swaps_follow_the_matrix(proxy: Proxy, docker_engine: docker.DockerClient) -> None:
+    client = proxy.client()
+    texts: dict[str, str] = {}
+    steps = [("chat", {"chat"}), ("code", {"chat", "code"}), ("big", {"big"}), ("chat", {"chat"})]
+    for model, allowed in steps:
+        plain = chat(client, model)
+        assert set(containers(docker_engine, proxy.instance)) == allowed, f"after the request for {model}"
+        streamed = chat_streamed(client, model)
+        assert set(containers(docker_engine, proxy.instance)) == allowed, f"after the stream of {model}"
+        assert streamed == plain, f"{model}: streamed and plain answers differ"
+        assert texts.setdefault(model, plain) == plain, f"{model} answers differently after a restart"
+
+        if model == "code":  # chat and code run: ask the CLI, compare with Docker
+            running = containers(docker_engine, proxy.instance)
+            status = proxy.swapctl_json("status")
+            assert status["source"] == "proxy"
+            ready = {m["model"]: m for m in status["models"] if m["state"] == "ready"}
+            assert set(ready) == set(running)
+            assert {m["state"] for m in status["models"] if m["model"] not in ready} == {"stopped"}
+            names = {c.name for c in docker_engine.containers.list(filters={"id": list(running.values())})}
+            assert {m["container"] for m in ready.values()} == names
+            plan = proxy.swapctl_json("plan", "B")
+            assert plan["model"] == "big" and not plan["already_running"]
+            assert sorted(plan["evict"]) == ["chat", "code"]
+    assert len(set(texts.values())) == 3, f"models with different seeds answer alike: {texts}"
+
+    plan = proxy.swapctl_json("plan", "B")
+    assert plan["evict"] == ["chat"] == list(containers(docker_engine, proxy.instance))
+    assert proxy.swapctl_json("plan", "c")["already_running"] is True
+
+
+def test_concurrent_requests_for_a_cold_model_start_it_once(
+    proxy: Proxy, docker_engine: docker.DockerClient
+) -> None:
+    clients = [proxy.client() for _ in range(8)]
+    barrier = threading.Barrier(len(clients))
+
+    def ask(client: OpenAI) -> str:
+        barrier.wait(10)
+        return chat(client, "code")
+
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        answers = list(pool.map(ask, clients))
+    assert len(answers) == 8 and all(answers)
+    log = proxy.log()
+    assert log.count("starting code (") == 1, log
+    assert set(containers(docker_engine, proxy.instance, running_only=False)) == {"code"}
+
+
+def test_a_killed_container_is_replaced(proxy: Proxy, docker_engine: docker.DockerClient) -> None:
+    client = proxy.client()
+    first = chat(client, "chat")
+    killed = containers(docker_engine, proxy.instance)["chat"]
+    docker_engine.containers.get(killed).kill()
+
+    poll(lambda: proxy.running()["chat"]["state"] == "stopped", 10, "the proxy to notice the crash")
+    assert chat(client, "chat") == first
+    now = containers(docker_engine, proxy.instance)
+    assert set(now) == {"chat"} and now["chat"] != killed
+
+    def removed() -> bool:
+        try:
+            docker_engine.containers.get(killed)
+        except docker.errors.NotFound:
+            return True
+        return False
+
+    poll(removed, 10, "the killed container to be removed")
+    assert "stopped unexpectedly" in proxy.log()
+
+
+def test_a_restarted_proxy_adopts_the_running_containers(
+    proxy: Proxy, docker_engine: docker.DockerClient
+) -> None:
+    chat(proxy.client(), "chat")
+    chat(proxy.client(), "code")
+    before = containers(docker_engine, proxy.instance)
+    assert set(before) == {"chat", "code"}
+
+    proxy.stop(signal.SIGINT)  # --keep-running is the default: the containers stay
+    assert containers(docker_engine, proxy.instance) == before
+    proxy.start()
+    log = proxy.log()
+    assert "adopted chat (" in log and "adopted code (" in log, log
+    running = proxy.running()
+    assert {m for m, s in running.items() if s["state"] == "ready"} == {"chat", "code"}
+
+    client = proxy.client()
+    for model in ("chat", "code"):
+        began = time.monotonic()
+        chat(client, model)
+        assert time.monotonic() - began < 2, f"{model} was not answered at once"
+    assert containers(docker_engine, proxy.instance) == before
+    assert "starting " not in proxy.log()
+
+
+def test_down_removes_every_container(proxy: Proxy, docker_engine: docker.DockerClient) -> None:
+    chat(proxy.client(), "chat")
+    chat(proxy.client(), "code")
+    assert set(containers(docker_engine, proxy.instance)) == {"chat", "code"}
+    proxy.swapctl("down")
+    assert containers(docker_engine, proxy.instance, running_only=False) == {}
+    assert {s["state"] for s in proxy.running().values()} == {"stopped"}
+
+
+def test_an_unknown_model_is_not_found(proxy: Proxy, docker_engine: docker.DockerClient) -> None:
+    client = proxy.client()
+    chat(client, "chat")
+    before = containers(docker_engine, proxy.instance, running_only=False)
+    with pytest.raises(openai.NotFoundError) as raised:
+        chat(client, "no-such-model")
+    assert "no-such-model" in raised.value.message
+    assert containers(docker_engine, proxy.instance, running_only=False) == before
+
+
+def test_a_failed_start_is_reported_and_leaves_nothing(
+    proxy: Proxy, docker_engine: docker.DockerClient
+) -> None:
+    client = proxy.client()
+    chat(client, "chat")
+    began = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as raised:
+        chat(client, "broken")
+    assert time.monotonic() - began < 5
+    assert raised.value.status_code == 502
+    message = raised.value.message
+    assert "'broken'" in message and "boom" in message, message
+    # `broken` runs alone, so `chat` was stopped first; of `broken`, nothing is left
+    assert containers(docker_engine, proxy.instance, running_only=False) == {}
+    assert chat(client, "code")
+    assert set(containers(docker_engine, proxy.instance, running_only=False)) == {"code"}
