@@ -178,7 +178,12 @@ def up(
         )
         await uvicorn.Server(server_config).serve()
 
-    asyncio.run(serve())
+    try:
+        import uvloop  # optional: a faster event loop where installed
+
+        uvloop.run(serve())
+    except ImportError:
+        asyncio.run(serve())
 
 
 def _proxy_url(loaded: Config, url: str | None) -> str:

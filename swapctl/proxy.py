@@ -103,6 +103,7 @@ class Forwarded(StreamingResponse):
         headers = _headers(upstream.headers)
         if "content-length" in upstream.headers:
             headers["content-length"] = upstream.headers["content-length"]
+        self.media_type_is_events = upstream.headers.get("content-type", "").startswith("text/event-stream")
         super().__init__(self._chunks(), status_code=upstream.status_code, headers=headers)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
@@ -112,6 +113,12 @@ class Forwarded(StreamingResponse):
         except httpx.TransportError as error:
             log.warning("%s: upstream broke off mid-response: %r", self.slot.model, error)
             await self.swapper.confirm_alive(self.slot)
+            if not self.media_type_is_events:
+                raise  # abort the response: the client sees it cut, not complete
+            # an event stream can still say why it ends: OpenAI clients raise on an error event
+            message = f"model '{self.slot.model}': its server broke off mid-response ({error!r})"
+            event = error_body(message, "server_error", "upstream_broke_off")
+            yield f"data: {json.dumps(event)}\n\n".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -187,7 +194,14 @@ def build_app(
             assert slot.container is not None
             url = slot.container.url + path + query
             upstream_request = client.build_request(request.method, url, headers=headers, content=content)
-            upstream = await client.send(upstream_request, stream=True)
+            try:
+                upstream = await client.send(upstream_request, stream=True)
+            except httpx.RemoteProtocolError:
+                # a kept-alive connection the server had already closed (llama-server does so
+                # after streamed responses): the request never reached it, so send it once more
+                if not isinstance(content, bytes):
+                    raise
+                upstream = await client.send(upstream_request, stream=True)
         except BaseException as error:
             await swapper.release(slot)
             if isinstance(error, httpx.TransportError) and not isinstance(error.__cause__, RequestError):

@@ -113,7 +113,9 @@ class Swapper:
 
     def _claim(self, slot: Slot) -> None:
         """Decide and mark, with no await in between: the next decision sees this one."""
+        began = time.perf_counter()
         decision = self.config.policy.decide(slot.model, self.running())
+        decided = time.perf_counter() - began
         keep = set(decision.target_set)
         leaving_already = [s for s in self.slots.values() if s.leaving and s.model not in keep]
         for model in decision.evict:
@@ -121,9 +123,11 @@ class Swapper:
         slot.state = State.STARTING
         slot.start = asyncio.get_running_loop().create_future()
         slot.start.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
-        asyncio.get_running_loop().create_task(self._swap(slot, decision, leaving_already))
+        asyncio.get_running_loop().create_task(self._swap(slot, decision, leaving_already, decided))
 
-    async def _swap(self, slot: Slot, decision: Decision, leaving_already: list[Slot]) -> None:
+    async def _swap(
+        self, slot: Slot, decision: Decision, leaving_already: list[Slot], decided: float
+    ) -> None:
         began = time.monotonic()
         assert slot.start is not None
         try:
@@ -147,12 +151,13 @@ class Swapper:
             self.changed.notify_all()
         evicted = ", ".join(decision.evict) or "nothing"
         log.info(
-            "swap: %s ready in %.2fs (set %s, evicted %s, cost %d)",
+            "swap: %s ready in %.3fs (set %s, evicted %s, cost %d, decided in %.0fus)",
             slot.model,
             time.monotonic() - began,
             decision.set or "-",
             evicted,
             decision.cost,
+            decided * 1e6,
         )
         slot.start.set_result(None)
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from swapctl.backend.fake import FakeBackend, FakeModel
+from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import Config, parse_config
 from swapctl.errors import GpuUnavailable, ImageMissing, StartError
 from swapctl.spec import build_spec
@@ -113,12 +113,18 @@ async def test_a_busy_model_is_not_evicted_until_its_requests_finish(
 
 async def test_disjoint_swaps_overlap(swapper_for: Callable[..., Swapper]) -> None:
     backend = FakeBackend()
-    backend.behaviour["chat"] = FakeModel(ready_after=0.3)
-    backend.behaviour["code"] = FakeModel(ready_after=0.3)
-    swapper = swapper_for(make_config(), backend)
-    began = asyncio.get_running_loop().time()
+
+    def ready_once_started(other: str) -> FakeModel:
+        async def health(request: httpx.Request, box: FakeContainer) -> httpx.Response:
+            # healthy only once the other model's start has begun: serialised swaps never get there
+            return httpx.Response(200 if backend.starts.get(other) else 503)
+
+        return FakeModel(handler=health)
+
+    backend.behaviour = {"chat": ready_once_started("code"), "code": ready_once_started("chat")}
+    config = make_config(healthCheckTimeout=5)
+    swapper = swapper_for(config, backend)
     await asyncio.gather(use(swapper, "chat"), use(swapper, "code"))
-    assert asyncio.get_running_loop().time() - began < 0.55
     assert backend.running_models() == {"chat", "code"}
 
 
