@@ -296,12 +296,14 @@ def unload(
 def down(config: ConfigOption = DEFAULT_CONFIG, url: UrlOption = None) -> None:
     """Stop and remove every container of this instance."""
     loaded = _load(config)
-    _ask_proxy(loaded, url, "POST", "/unload")
+    answer = _ask_proxy(loaded, url, "POST", "/unload")
+    unloaded = len(answer["unloaded"]) if answer else 0
     backend = DockerBackend()
     found = backend.list(loaded.instance)
     for container in found:
         backend.stop(container.id, 10)
-    _stdout().print(f"removed {len(found)} container{'s' * (len(found) != 1)} of instance {loaded.instance}")
+    count = unloaded + len(found)
+    _stdout().print(f"removed {count} container{'s' * (count != 1)} of instance {loaded.instance}")
 
 
 @app.command()

@@ -128,6 +128,19 @@ class Forwarded(StreamingResponse):
             await self.swapper.release(self.slot)
 
 
+async def _send_once(
+    client: httpx.AsyncClient, request: httpx.Request, content: bytes | AsyncIterator[bytes]
+) -> httpx.Response:
+    try:
+        return await client.send(request, stream=True)
+    except httpx.RemoteProtocolError:
+        # a kept-alive connection the server had already closed (llama-server does so after
+        # streamed responses): the request never reached it, so send it once more
+        if not isinstance(content, bytes):
+            raise
+        return await client.send(request, stream=True)
+
+
 def _json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     try:
         payload = json.loads(body)
@@ -189,28 +202,30 @@ def build_app(
         if length is not None:
             headers["content-length"] = str(length)
         query = f"?{request.url.query}" if request.url.query else ""
-        slot = await swapper.acquire(model)
-        try:
-            assert slot.container is not None
-            url = slot.container.url + path + query
-            upstream_request = client.build_request(request.method, url, headers=headers, content=content)
+        for attempt in (1, 2):
+            slot = await swapper.acquire(model)
             try:
-                upstream = await client.send(upstream_request, stream=True)
-            except httpx.RemoteProtocolError:
-                # a kept-alive connection the server had already closed (llama-server does so
-                # after streamed responses): the request never reached it, so send it once more
-                if not isinstance(content, bytes):
+                assert slot.container is not None
+                url = slot.container.url + path + query
+                upstream_request = client.build_request(request.method, url, headers=headers, content=content)
+                return Forwarded(await _send_once(client, upstream_request, content), swapper, slot)
+            except BaseException as error:
+                await swapper.release(slot)
+                if isinstance(error.__cause__, RequestError):
+                    raise error.__cause__ from None
+                if not isinstance(error, httpx.TransportError):
                     raise
-                upstream = await client.send(upstream_request, stream=True)
-        except BaseException as error:
-            await swapper.release(slot)
-            if isinstance(error, httpx.TransportError) and not isinstance(error.__cause__, RequestError):
-                await swapper.confirm_alive(slot)
-                raise BackendError(f"the model's server did not answer: {error!r}", model) from None
-            if isinstance(error.__cause__, RequestError):
-                raise error.__cause__ from None
-            raise
-        return Forwarded(upstream, swapper, slot)
+                alive = await swapper.confirm_alive(slot)
+                # the container died before this request reached it: start it again, once
+                if (
+                    alive
+                    or attempt == 2
+                    or not isinstance(content, bytes)
+                    or not isinstance(error, httpx.ConnectError)
+                ):
+                    raise BackendError(f"the model's server did not answer: {error!r}", model) from None
+                log.info("%s: its container had died; starting it again for this request", model)
+        raise AssertionError("unreachable")
 
     async def forward(request: Request) -> Response:
         body = Body(request, config.max_request_bytes)

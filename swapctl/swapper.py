@@ -274,25 +274,33 @@ class Swapper:
                 log.info("ttl: %s idle for %.0fs", slot.model, now - slot.last_used)
                 await self._evict(slot)
 
-    async def mark_crashed(self, slot: Slot) -> None:
+    async def mark_crashed(self, slot: Slot) -> bool:
+        """The container died: remove its remains; the model is stopped. False if already handled."""
         async with self.changed:
             if slot.state is not State.READY or slot.container is None:
-                return
-            container, slot.state, slot.container = slot.container, State.STOPPED, None
+                return False
+            container, slot.state = slot.container, State.STOPPING
             self.changed.notify_all()
         log.warning("%s: its container %s stopped unexpectedly", slot.model, container.name)
         try:
             await asyncio.to_thread(self.backend.stop, container.id, 0)
         except BackendError as error:
             log.warning("could not remove %s: %s", container.name, error)
+        finally:
+            async with self.changed:
+                slot.state, slot.container = State.STOPPED, None
+                self.changed.notify_all()
+        return True
 
-    async def confirm_alive(self, slot: Slot) -> None:
-        """After a failed forward: if the container is gone, the model is stopped."""
+    async def confirm_alive(self, slot: Slot) -> bool:
+        """After a failed forward: False (and the model stopped) if its container is gone."""
         if slot.container is None:
-            return
+            return False
         current = await asyncio.to_thread(self.backend.get, slot.container.id)
         if current is None or not current.running:
             await self.mark_crashed(slot)
+            return False
+        return True
 
     async def unload(self, model: str | None = None) -> list[str]:
         targets = [self.slots[model]] if model else list(self.slots.values())

@@ -4,10 +4,13 @@ the fake lies (fix the fake); the reverse means the Docker backend is wrong."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import docker
 import pytest
 
 from swapctl.backend import Backend, Container
@@ -80,6 +83,19 @@ def _wait_stopped(backend: Backend, container_id: str, timeout: float = 10) -> C
         if not current.running or time.monotonic() > deadline:
             return current
         time.sleep(0.02)
+
+
+def _crash(backend: Backend, container: Container) -> None:
+    """The container dies by itself (a crash, an out-of-memory kill)."""
+    if isinstance(backend, FakeBackend):
+        backend.crash(container.model)
+    else:
+        engine = docker.from_env()
+        try:
+            engine.containers.get(container.id).kill()
+        finally:
+            engine.close()
+    assert not _wait_stopped(backend, container.id).running
 
 
 def test_start_gives_a_running_container(backend: Backend, specs: Callable[[str], ContainerSpec]) -> None:
@@ -168,6 +184,30 @@ def test_a_leftover_with_the_same_name_is_replaced(
     assert second.running and second.name == first.name
     assert backend.get(first.id) is None
     assert [c.id for c in backend.list(spec.instance)] == [second.id]
+
+
+def test_a_start_while_another_thread_removes_the_leftover(
+    backend: Backend, specs: Callable[[str], ContainerSpec]
+) -> None:
+    """As when the swapper's crash check removes a dead container while a request starts anew."""
+    spec = specs("tiny")
+    for _ in range(3):
+        leftover = backend.start(spec)
+        _crash(backend, leftover)
+        barrier = threading.Barrier(2)
+
+        def remove(leftover: Container = leftover, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(10)
+            backend.stop(leftover.id, 0)
+
+        with ThreadPoolExecutor(1) as pool:
+            removing = pool.submit(remove)
+            barrier.wait(10)
+            started = backend.start(spec)
+            removing.result(30)
+        assert started.running and started.id != leftover.id
+        assert backend.get(leftover.id) is None
+        assert [c.id for c in backend.list(spec.instance)] == [started.id]
 
 
 def test_instances_do_not_see_each_other(

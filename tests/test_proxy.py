@@ -125,13 +125,13 @@ async def test_models_running_and_unload(proxy: tuple[httpx.AsyncClient, FakeBac
     assert (await client.get("/health")).text == "OK"
 
 
-async def test_a_crashed_model_answers_an_error_then_restarts(
+async def test_a_crashed_model_restarts_for_the_next_request(
     proxy: tuple[httpx.AsyncClient, FakeBackend],
 ) -> None:
     client, backend = proxy
     await client.post("/v1/chat/completions", json=chat("code"))
     backend.crash("code")
-    assert_openai_error(await client.post("/v1/chat/completions", json=chat("code")), 503, "'code'")
+    # the request finds the container dead before reaching it: the model starts again for it
     response = await client.post("/v1/chat/completions", json=chat("code"))
     assert response.status_code == 200
     assert backend.starts["code"] == 2

@@ -20,6 +20,7 @@ from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, Imag
 from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests
 
 T = TypeVar("T")
+NAME_WAIT = 10.0  # seconds a start waits for a leftover's name to be freed
 
 
 def _translate(error: Exception, model: str | None = None, image: str | None = None) -> BackendError:
@@ -148,21 +149,28 @@ class DockerBackend:
             "device_requests": [docker.types.DeviceRequest(**r) for r in device_requests(spec.gpus)] or None,
         }
         arguments = {key: value for key, value in arguments.items() if value is not None}
-        try:
-            return self.client.containers.create(**arguments)
-        except docker.errors.APIError as error:
-            if error.status_code != 409:
-                raise
+        deadline, attempts = time.monotonic() + NAME_WAIT, 0
+        while True:
+            attempts += 1
+            if attempts > 2:
+                time.sleep(0.02)  # another thread is removing the leftover: wait for its name
+            try:
+                return self.client.containers.create(**arguments)
+            except docker.errors.APIError as error:
+                if error.status_code != 409 or time.monotonic() > deadline:
+                    raise
             # the name is taken: by a leftover of ours (remove it), or by someone else (say so)
-            holder = self.client.api.inspect_container(spec.name)
+            try:
+                holder = self.client.api.inspect_container(spec.name)
+            except docker.errors.NotFound:
+                continue  # removed meanwhile
             labels = holder["Config"]["Labels"] or {}
             if labels.get(INSTANCE) != spec.instance or labels.get(MANAGED) != "true":
                 raise BackendError(
                     f"container name '{spec.name}' is taken by a container swapctl does not manage",
                     spec.model,
                 ) from None
-            self._remove(holder["Id"])
-            return self.client.containers.create(**arguments)
+            self._remove(holder["Id"])  # returns at once when another thread is removing it
 
     def _remove(self, container_id: str) -> None:
         try:

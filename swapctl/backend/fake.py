@@ -85,15 +85,16 @@ class FakeBackend:
         self.transport = _Transport(self)
 
     def list(self, instance: str) -> list[Container]:
-        return [b.container for b in self.boxes.values() if b.spec.instance == instance]
+        # the swapper calls from threads: iterate over a copy (list() of a dict is atomic)
+        return [b.container for b in list(self.boxes.values()) if b.spec.instance == instance]
 
     def start(self, spec: ContainerSpec) -> Container:
         if self.images is not None and spec.image not in self.images:
             raise ImageMissing(f"image '{spec.image}' is not on this machine", spec.model)
         if spec.gpus is not None and not self.gpus:
             raise GpuUnavailable("it asks for GPUs but there is no GPU runtime", spec.model)
-        for box in [b for b in self.boxes.values() if b.container.name == spec.name]:
-            del self.boxes[box.container.id]  # a leftover of ours with the same name
+        for box in [b for b in list(self.boxes.values()) if b.container.name == spec.name]:
+            self.boxes.pop(box.container.id, None)  # a leftover of ours with the same name
         behaviour = self.behaviour.get(spec.model, FakeModel())
         number = next(self._ids)
         exited = behaviour.exit_at_start is not None
@@ -130,12 +131,12 @@ class FakeBackend:
 
     def crash(self, model: str) -> None:
         """The model's container dies, as a crash or an out-of-memory kill would do."""
-        for box in self.boxes.values():
+        for box in list(self.boxes.values()):
             if box.container.model == model:
                 box.container = replace(box.container, state="exited", host_port=None)
 
     def running_models(self) -> set[str]:
-        return {b.container.model for b in self.boxes.values() if b.container.running}
+        return {b.container.model for b in list(self.boxes.values()) if b.container.running}
 
 
 class _Transport(httpx.AsyncBaseTransport):
@@ -144,7 +145,7 @@ class _Transport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         port = request.url.port
-        box = next((b for b in self.backend.boxes.values() if b.container.host_port == port), None)
+        box = next((b for b in list(self.backend.boxes.values()) if b.container.host_port == port), None)
         if box is None or not box.container.running:
             raise httpx.ConnectError("connection refused", request=request)
         behaviour = self.backend.behaviour.get(box.spec.model, FakeModel())
