@@ -89,7 +89,7 @@ async def load(
             while time.perf_counter() < end:
                 try:
                     latencies.append(await one(client))
-                except httpx.RemoteProtocolError:
+                except (httpx.RemoteProtocolError, httpx.ReadError):
                     retries[0] += 1  # llama-server closes kept-alive connections after streams
 
         began = time.perf_counter()

@@ -24,6 +24,7 @@ from swapctl.errors import ConfigError, SwapctlError, UnknownModelError
 from swapctl.matrix import Decision
 from swapctl.proxy import build_app
 from swapctl.swapper import Swapper
+from swapctl.transport import AiohttpTransport
 
 app = typer.Typer(
     help="Run many models, one container each, behind one OpenAI-compatible endpoint.",
@@ -159,8 +160,8 @@ def up(
 
     async def serve() -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits)
+        timeout = httpx.Timeout(None, connect=10.0)
+        client = httpx.AsyncClient(timeout=timeout, transport=AiohttpTransport())
         swapper = Swapper(loaded, backend, client)
         adopted = await swapper.adopt()
         logging.getLogger("swapctl").info(

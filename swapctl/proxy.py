@@ -133,12 +133,19 @@ async def _send_once(
 ) -> httpx.Response:
     try:
         return await client.send(request, stream=True)
-    except httpx.RemoteProtocolError:
-        # a kept-alive connection the server had already closed (llama-server does so after
-        # streamed responses): the request never reached it, so send it once more
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        # a kept-alive connection the server had already closed or reset (llama-server does
+        # so after streamed responses) before any answer: send the request once more
         if not isinstance(content, bytes):
             raise
         return await client.send(request, stream=True)
+
+
+def _small(response: httpx.Response) -> bool:
+    """A known, small length and not an event stream: read it whole rather than stream it."""
+    length = response.headers.get("content-length", "")
+    events = response.headers.get("content-type", "").startswith("text/event-stream")
+    return length.isdigit() and int(length) <= 2**20 and not events
 
 
 def _json_model(body: bytes) -> tuple[str, dict[str, Any]]:
@@ -208,7 +215,15 @@ def build_app(
                 assert slot.container is not None
                 url = slot.container.url + path + query
                 upstream_request = client.build_request(request.method, url, headers=headers, content=content)
-                return Forwarded(await _send_once(client, upstream_request, content), swapper, slot)
+                upstream = await _send_once(client, upstream_request, content)
+                if not _small(upstream):
+                    return Forwarded(upstream, swapper, slot)
+                try:  # a small, complete answer: one write, none of a stream's machinery
+                    body = await upstream.aread()
+                finally:
+                    await upstream.aclose()
+                await swapper.release(slot)
+                return Response(body, upstream.status_code, headers=_headers(upstream.headers))
             except BaseException as error:
                 await swapper.release(slot)
                 if isinstance(error.__cause__, RequestError):
