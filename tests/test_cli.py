@@ -134,3 +134,22 @@ def test_installed_command_shows_no_traceback(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: {bad}: invalid YAML: line 3")
     assert "Traceback" not in done.stderr
+
+
+def test_runtime_errors_exit_1_without_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    code, out, err = run(capsys, "status", "-c", SEED, "--url", "http://127.0.0.1:9")
+    assert code == 1
+    assert out == ""
+    assert err.startswith("error: cannot reach the Docker daemon")
+    code, _, err = run(capsys, "plan", "g", "-c", SEED, "--url", "http://127.0.0.1:9")
+    assert code == 1
+    assert "cannot reach the Docker daemon" in err
+
+
+def test_bad_listen_address(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "up", "-c", SEED, "--listen", "8080")
+    assert code == 2
+    assert err.strip() == "error: --listen: expected HOST:PORT, got '8080'"
