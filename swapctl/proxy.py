@@ -343,7 +343,7 @@ def build_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         watcher = asyncio.create_task(_watch(swapper, check_interval))
-        loading = asyncio.create_task(_preload(swapper)) if preload else None
+        loading = asyncio.create_task(preload_models(swapper)) if preload else None
         try:
             yield
         finally:
@@ -382,7 +382,7 @@ async def _watch(swapper: Swapper, interval: float) -> None:
             log.warning("checking containers: %s", error)
 
 
-async def _preload(swapper: Swapper) -> None:
+async def preload_models(swapper: Swapper) -> None:
     """Start the configured models one by one, as requests would: the matrix still decides."""
     for model in swapper.config.preload:
         try:

@@ -12,6 +12,7 @@ import pytest
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import Config, parse_config
 from swapctl.errors import GpuUnavailable, ImageMissing, StartError
+from swapctl.proxy import preload_models
 from swapctl.spec import build_spec
 from swapctl.swapper import State, Swapper
 
@@ -228,3 +229,12 @@ async def test_unload(swapper_for: Callable[..., Swapper]) -> None:
     assert backend.running_models() == {"code"}
     assert await swapper.unload() == ["code"]
     assert backend.running_models() == set()
+
+
+async def test_preload_goes_through_the_matrix(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    config = make_config(hooks={"on_startup": {"preload": ["chat", "code", "big"]}})
+    swapper = swapper_for(config, backend)
+    await preload_models(swapper)
+    assert backend.starts == {"chat": 1, "code": 1, "big": 1}
+    assert backend.running_models() == {"big"}  # big runs alone: it evicted the pair
