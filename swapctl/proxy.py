@@ -172,6 +172,13 @@ class Body:
         self.limit = limit
         self.seen = 0
 
+    def content(self, request: Request) -> bytes | AsyncIterator[bytes]:
+        """What to send on: nothing when the request declares no body, else its chunks."""
+        declared = request.headers.get("content-length")
+        if declared in (None, "0") and "transfer-encoding" not in request.headers:
+            return b""
+        return self.chunks()
+
     @staticmethod
     def too_large(limit: int) -> RequestError:
         return RequestError(
@@ -293,7 +300,7 @@ def build_app(
         body = Body(request, config.max_request_bytes)
         declared = request.headers.get("content-length", "")
         length = int(declared) if declared.isdigit() else None
-        return await send(resolve(name), request, rest[len(name) :] or "/", body.chunks(), length)
+        return await send(resolve(name), request, rest[len(name) :] or "/", body.content(request), length)
 
     async def by_query(request: Request) -> Response:
         """Any other route, with `?model=`; without it, no such route."""
@@ -305,7 +312,7 @@ def build_app(
         body = Body(request, config.max_request_bytes)
         declared = request.headers.get("content-length", "")
         length = int(declared) if declared.isdigit() else None
-        return await send(resolve(name), request, request.url.path, body.chunks(), length)
+        return await send(resolve(name), request, request.url.path, body.content(request), length)
 
     async def models(request: Request) -> Response:
         data = [

@@ -44,6 +44,7 @@ class Slot:
     last_used: float = 0.0
     ready_since: float | None = None
     start: asyncio.Future[None] | None = field(default=None, repr=False)
+    stops: int = 0  # times it returned to stopped: a stop awaited is over even if it started again
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class Swapper:
         decision = self.config.policy.decide(slot.model, self.running())
         decided = time.perf_counter() - began
         keep = set(decision.target_set)
-        leaving_already = [s for s in self.slots.values() if s.leaving and s.model not in keep]
+        leaving_already = [(s, s.stops) for s in self.slots.values() if s.leaving and s.model not in keep]
         for model in decision.evict:
             self.slots[model].leaving = True
         slot.state = State.STARTING
@@ -126,19 +127,24 @@ class Swapper:
         asyncio.get_running_loop().create_task(self._swap(slot, decision, leaving_already, decided))
 
     async def _swap(
-        self, slot: Slot, decision: Decision, leaving_already: list[Slot], decided: float
+        self, slot: Slot, decision: Decision, leaving_already: list[tuple[Slot, int]], decided: float
     ) -> None:
         began = time.monotonic()
         assert slot.start is not None
         try:
             await asyncio.gather(*(self._evict(self.slots[m]) for m in decision.evict))
             async with self.changed:
-                await self.changed.wait_for(lambda: all(s.state is State.STOPPED for s in leaving_already))
+                # each has stopped once since the decision; one claimed again since then was
+                # decided with this model counted as running, so it waits for us, not we for it
+                await self.changed.wait_for(
+                    lambda: all(s.state is State.STOPPED or s.stops != n for s, n in leaving_already)
+                )
             container = await self._start(slot)
         except BaseException as error:
             failure = error if isinstance(error, SwapctlError) else StartError(slot.model, repr(error))
             async with self.changed:
                 slot.state, slot.container = State.STOPPED, None
+                slot.stops += 1
                 self.changed.notify_all()
             log.error("%s", failure)
             slot.start.set_exception(failure)
@@ -230,6 +236,7 @@ class Swapper:
         finally:
             async with self.changed:
                 slot.state, slot.container, slot.leaving = State.STOPPED, None, False
+                slot.stops += 1
                 self.changed.notify_all()
         log.info("stopped %s", slot.model)
 
@@ -273,6 +280,14 @@ class Swapper:
             if ttl and slot.in_flight == 0 and now - slot.last_used >= ttl:
                 log.info("ttl: %s idle for %.0fs", slot.model, now - slot.last_used)
                 await self._evict(slot)
+        # remains that could not be removed earlier (say, while the daemon was down)
+        tracked = {s.container.id for s in self.slots.values() if s.container is not None}
+        for container in present.values():
+            owner = self.slots.get(container.model)
+            if container.id in tracked or container.running or (owner and owner.state is not State.STOPPED):
+                continue
+            log.info("removing %s: %s", container.name, container.state)
+            await asyncio.to_thread(self.backend.stop, container.id, 0)
 
     async def mark_crashed(self, slot: Slot) -> bool:
         """The container died: remove its remains; the model is stopped. False if already handled."""
@@ -289,6 +304,7 @@ class Swapper:
         finally:
             async with self.changed:
                 slot.state, slot.container = State.STOPPED, None
+                slot.stops += 1
                 self.changed.notify_all()
         return True
 

@@ -53,11 +53,15 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         else:
             assert isinstance(request.stream, httpx.AsyncByteStream)
             data = request.stream.__aiter__()
+        # aiohttp frames a streamed body itself (chunked unless a length is given)
+        headers = [
+            (k.decode(), v.decode()) for k, v in request.headers.raw if k.lower() != b"transfer-encoding"
+        ]
         try:
             response = await self.session().request(
                 request.method,
                 str(request.url),
-                headers=[(k.decode(), v.decode()) for k, v in request.headers.raw],
+                headers=headers,
                 data=data,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(

@@ -5,40 +5,26 @@ request, the containers that run are read from the engine, never from swapctl.""
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
-import httpx
 import openai
 import pytest
 import yaml
 from openai import OpenAI
+from support import Proxy, containers, poll
 
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_LABEL = "swapctl.model"
-INSTANCE_LABEL = "swapctl.instance"
 SEEDS = {"chat": 1, "code": 2, "big": 3}
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _llama(seed: int) -> list[str]:
@@ -72,100 +58,6 @@ def write_config(path: Path, instance: str, models_dir: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-class Proxy:
-    """`swapctl up` as a subprocess; each start logs to its own file."""
-
-    def __init__(self, config: Path, instance: str, workdir: Path) -> None:
-        self.config, self.instance, self.workdir = config, instance, workdir
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = workdir / "up-0.log"
-        self.starts = 0
-        self.clients: list[OpenAI] = []
-
-    def start(self, timeout: float = 30) -> None:
-        assert self.process is None, "already running"
-        self.starts += 1
-        self.log_path = self.workdir / f"up-{self.starts}.log"
-        argv = [
-            sys.executable,
-            "-m",
-            "swapctl",
-            "up",
-            "-c",
-            str(self.config),
-            "--listen",
-            f"127.0.0.1:{self.port}",
-        ]
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.workdir,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"swapctl up exited with {self.process.returncode}:\n{self.log()}", pytrace=False)
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"swapctl up did not answer /health in {timeout:g}s:\n{self.log()}", pytrace=False
-                )
-            time.sleep(0.05)
-
-    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15) -> int | None:
-        """Signal the process (by its PID), kill it after `timeout`; its exit status, None if killed."""
-        process, self.process = self.process, None
-        if process is None:
-            return None
-        if process.poll() is None:
-            process.send_signal(sig)
-            try:
-                return process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-                return None
-        return process.returncode
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def client(self) -> OpenAI:
-        client = OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
-        self.clients.append(client)
-        return client
-
-    def swapctl(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [sys.executable, "-m", "swapctl", *args, "-c", str(self.config), "--url", self.url]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=self.workdir)
-        assert done.returncode == 0, f"swapctl {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
-        return done
-
-    def swapctl_json(self, *args: str) -> Any:
-        return json.loads(self.swapctl(*args, "--json").stdout)
-
-    def running(self) -> dict[str, Any]:
-        response = httpx.get(f"{self.url}/running", timeout=10)
-        response.raise_for_status()
-        return {m["model"]: m for m in response.json()["models"]}
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.close()
-        self.stop()
-
-
 @pytest.fixture
 def proxy(instance: str, models_dir: Path, tmp_path: Path) -> Iterator[Proxy]:
     config = tmp_path / "swapctl.yaml"
@@ -176,17 +68,6 @@ def proxy(instance: str, models_dir: Path, tmp_path: Path) -> Iterator[Proxy]:
         yield proxy
     finally:
         proxy.close()  # before `instance` removes the containers
-
-
-def containers(engine: docker.DockerClient, instance: str, running_only: bool = True) -> dict[str, str]:
-    """model -> container ID, as Docker sees it; fails if a model has two containers."""
-    filters: dict[str, Any] = {"label": f"{INSTANCE_LABEL}={instance}"}
-    if running_only:
-        filters["status"] = "running"
-    found = engine.containers.list(all=not running_only, filters=filters)
-    models = [c.labels[MODEL_LABEL] for c in found]
-    assert len(models) == len(set(models)), f"a model with two containers: {[c.name for c in found]}"
-    return {c.labels[MODEL_LABEL]: c.id for c in found}
 
 
 def chat(client: OpenAI, model: str) -> str:
@@ -205,14 +86,6 @@ def chat_streamed(client: OpenAI, model: str) -> str:
         for chunk in stream:
             parts.extend(choice.delta.content for choice in chunk.choices if choice.delta.content)
     return "".join(parts)
-
-
-def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
-        time.sleep(0.05)
 
 
 def test_swaps_follow_the_matrix(proxy: Proxy, docker_engine: docker.DockerClient) -> None:

@@ -238,3 +238,31 @@ async def test_preload_goes_through_the_matrix(swapper_for: Callable[..., Swappe
     await preload_models(swapper)
     assert backend.starts == {"chat": 1, "code": 1, "big": 1}
     assert backend.running_models() == {"big"}  # big runs alone: it evicted the pair
+
+
+async def test_a_leaving_model_started_again_does_not_deadlock_the_swap_waiting_for_it(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    swapper = swapper_for(make_config(), backend)
+    held = await swapper.acquire("big")
+    code = asyncio.create_task(use(swapper, "code"))  # big must go: it is leaving
+    await asyncio.sleep(0.05)
+    big = asyncio.create_task(use(swapper, "big"))  # waits: big is leaving
+    await asyncio.sleep(0.05)
+    chat = asyncio.create_task(use(swapper, "chat"))  # its swap waits for big to stop
+    await asyncio.sleep(0.05)
+    await swapper.release(held)  # big stops, and the waiting request claims it again at once
+    await asyncio.wait_for(asyncio.gather(code, big, chat), timeout=10)
+    assert backend.starts == {"big": 2, "code": 1, "chat": 1}
+
+
+async def test_remains_of_a_dead_container_are_removed(swapper_for: Callable[..., Swapper]) -> None:
+    backend = FakeBackend()
+    swapper = swapper_for(make_config(), backend)
+    await use(swapper, "chat")
+    dead = backend.start(build_spec(make_config(), "code"))
+    backend.crash("code")
+    await swapper.check()
+    assert dead.id not in backend.boxes
+    assert backend.running_models() == {"chat"}

@@ -1,0 +1,243 @@
+"""Helpers shared by the tests that run the real `swapctl up`: the proxy as a subprocess,
+llama-server model definitions, Docker read by labels, and polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+import yaml
+from openai import OpenAI
+
+MODEL_LABEL = "swapctl.model"
+INSTANCE_LABEL = "swapctl.instance"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def llama_model(models_dir: Path, seed: int, *extra: str, ctx: int = 512) -> dict[str, Any]:
+    """A llama-server model serving models_dir/seed-SEED.gguf with context `ctx`, one thread."""
+    command = ["--host", "0.0.0.0", "--port", "8080", "-m", f"/models/seed-{seed}.gguf", "-c", str(ctx)]
+    return {
+        "template": "llama-server",
+        "volumes": [f"{models_dir}:/models:ro"],
+        "environment": {"LLAMA_ARG_THREADS": "1"},
+        "stop_grace_period": "2s",
+        "command": [*command, *extra],
+    }
+
+
+def long_model(models_dir: Path, seed: int) -> dict[str, Any]:
+    """A model that can generate thousands of tokens in one request.
+
+    The tiny models declare a training context of 2048 tokens, which llama-server caps each
+    slot to whatever `-c` says: the override lifts that cap. One slot holds all 16384.
+    """
+    return llama_model(
+        models_dir, seed, "--override-kv", "llama.context_length=int:16384", "-np", "1", ctx=16384
+    )
+
+
+def write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class Proxy:
+    """`swapctl up` as a subprocess; each start logs to its own file."""
+
+    def __init__(self, config: Path, instance: str, workdir: Path) -> None:
+        self.config, self.instance, self.workdir = config, instance, workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "up-0.log"
+        self.starts = 0
+        self.clients: list[OpenAI] = []
+
+    def start(self, timeout: float = 30) -> None:
+        assert self.process is None, "already running"
+        self.starts += 1
+        self.log_path = self.workdir / f"up-{self.starts}.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "swapctl",
+            "up",
+            "-c",
+            str(self.config),
+            "--listen",
+            f"127.0.0.1:{self.port}",
+        ]
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"swapctl up exited with {self.process.returncode}:\n{self.log()}", pytrace=False)
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"swapctl up did not answer /health in {timeout:g}s:\n{self.log()}", pytrace=False
+                )
+            time.sleep(0.05)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15) -> int | None:
+        """Signal the process (by its PID), kill it after `timeout`; its exit status, None if killed."""
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(sig)
+            try:
+                return process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+                return None
+        return process.returncode
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, timeout: float = 60) -> OpenAI:
+        client = OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=timeout)
+        self.clients.append(client)
+        return client
+
+    def swapctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "swapctl", *args, "-c", str(self.config), "--url", self.url]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, cwd=self.workdir)
+        assert done.returncode == 0, f"swapctl {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
+        return done
+
+    def swapctl_json(self, *args: str) -> Any:
+        return json.loads(self.swapctl(*args, "--json").stdout)
+
+    def running(self) -> dict[str, Any]:
+        """model -> its entry in /running (state, container, in_flight, ...)."""
+        response = httpx.get(f"{self.url}/running", timeout=10)
+        response.raise_for_status()
+        return {m["model"]: m for m in response.json()["models"]}
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.stop()
+
+
+def containers(engine: docker.DockerClient, instance: str, running_only: bool = True) -> dict[str, str]:
+    """model -> container ID, as Docker sees it; fails if a model has two containers."""
+    filters: dict[str, Any] = {"label": f"{INSTANCE_LABEL}={instance}"}
+    if running_only:
+        filters["status"] = "running"
+    found = engine.containers.list(all=not running_only, filters=filters)
+    models = [c.labels[MODEL_LABEL] for c in found]
+    assert len(models) == len(set(models)), f"a model with two containers: {[c.name for c in found]}"
+    return {c.labels[MODEL_LABEL]: c.id for c in found}
+
+
+def running_models(engine: docker.DockerClient, instance: str) -> frozenset[str]:
+    """The models whose container runs, from one cheap list call (no inspect per container)."""
+    found = engine.api.containers(filters={"label": f"{INSTANCE_LABEL}={instance}", "status": "running"})
+    return frozenset(str(c["Labels"][MODEL_LABEL]) for c in found)
+
+
+def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
+        time.sleep(0.05)
+
+
+MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
+
+
+@dataclass
+class Streamed:
+    """What a raw SSE chat stream delivered, read event by event."""
+
+    status: int
+    chunks: int = 0  # chunks with content
+    finish_reason: str | None = None
+    done: bool = False  # `data: [DONE]` arrived
+    error: dict[str, Any] | None = None  # an error event, or the error body of a non-200
+    headers: dict[str, str] = field(default_factory=dict)
+    ended_at: float = 0.0  # time.monotonic() when the response ended
+
+
+def stream_chat(
+    url: str,
+    model: str,
+    max_tokens: int,
+    on_event: Callable[[Streamed], bool] | None = None,
+    timeout: float = 60,
+) -> Streamed:
+    """Stream a chat completion through the proxy with httpx, parsing each SSE event.
+
+    `on_event` is called after each event; returning False closes the connection at once
+    (a client going away mid-stream).
+    """
+    body = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "stream": True, "temperature": 0}
+    with (
+        httpx.Client(timeout=timeout) as http,
+        http.stream("POST", f"{url}/v1/chat/completions", json=body) as response,
+    ):
+        result = Streamed(status=response.status_code, headers=dict(response.headers))
+        if response.status_code != 200:
+            response.read()
+            result.error = response.json().get("error")
+            result.ended_at = time.monotonic()
+            return result
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                result.done = True
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                result.error = event["error"]
+            for choice in event.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    result.chunks += 1
+                if choice.get("finish_reason"):
+                    result.finish_reason = choice["finish_reason"]
+            if on_event is not None and not on_event(result):
+                break
+        result.ended_at = time.monotonic()
+        return result
