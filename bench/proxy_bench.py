@@ -81,16 +81,23 @@ async def load(
     retries = [0]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def attempt() -> float | None:
+            try:
+                return await one(client)
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                retries[0] += 1  # llama-server closes kept-alive connections after streams
+                return None
+
         for _ in range(3):
-            await one(client)  # warm the connections
+            await attempt()  # warm the connections
         end = time.perf_counter() + seconds
 
         async def worker() -> None:
             while time.perf_counter() < end:
-                try:
-                    latencies.append(await one(client))
-                except (httpx.RemoteProtocolError, httpx.ReadError):
-                    retries[0] += 1  # llama-server closes kept-alive connections after streams
+                latency = await attempt()
+                if latency is not None:
+                    latencies.append(latency)
 
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -127,6 +134,12 @@ def get(url: str) -> Callable[[httpx.AsyncClient], Awaitable[float]]:
         return time.perf_counter() - began
 
     return one
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -194,6 +207,7 @@ def main() -> None:
             stderr=subprocess.STDOUT,
         )
     rows: list[str] = []
+    cpu_per_request: list[float] = []
     try:
         for _ in range(200):
             try:
@@ -230,7 +244,9 @@ def main() -> None:
         for name, make, direct_url, proxy_url in cases:
             for clients in (1, 32):
                 d_lat, d_rps = asyncio.run(load(clients, PHASE_S, make(direct_url)))
+                cpu_before = cpu_seconds(up.pid)
                 p_lat, p_rps = asyncio.run(load(clients, PHASE_S, make(proxy_url)))
+                cpu_per_request.append((cpu_seconds(up.pid) - cpu_before) / max(1, len(p_lat)))
                 d50, p50 = statistics.median(d_lat) * 1e3, statistics.median(p_lat) * 1e3
                 d99, p99 = pct(d_lat, 0.99) * 1e3, pct(p_lat, 0.99) * 1e3
                 rows.append(
@@ -280,6 +296,10 @@ def main() -> None:
         f"Solver decision inside live swaps: median {statistics.median(decided):.0f} us over {len(decided)} swaps."
     )
     print(f"Proxy RSS: {at_rest:.1f} MiB at rest, {peak[0]:.1f} MiB peak under load.")
+    print(
+        f"Proxy CPU per request (all phases): median {statistics.median(cpu_per_request) * 1e3:.2f} ms "
+        f"(min {min(cpu_per_request) * 1e3:.2f}, max {max(cpu_per_request) * 1e3:.2f})."
+    )
 
 
 def _yaml(path: Path) -> dict[str, Any]:

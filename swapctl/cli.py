@@ -24,7 +24,7 @@ from swapctl.errors import ConfigError, SwapctlError, UnknownModelError
 from swapctl.matrix import Decision
 from swapctl.proxy import build_app
 from swapctl.swapper import Swapper
-from swapctl.transport import AiohttpTransport
+from swapctl.transport import AiohttpTransport, no_cookies
 
 app = typer.Typer(
     help="Run many models, one container each, behind one OpenAI-compatible endpoint.",
@@ -161,7 +161,7 @@ def up(
     async def serve() -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
         timeout = httpx.Timeout(None, connect=10.0)
-        client = httpx.AsyncClient(timeout=timeout, transport=AiohttpTransport())
+        client = httpx.AsyncClient(timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies())
         swapper = Swapper(loaded, backend, client)
         adopted = await swapper.adopt()
         logging.getLogger("swapctl").info(

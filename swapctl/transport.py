@@ -8,9 +8,15 @@ the proxy's CPU, so the real transport hands requests to aiohttp's C-accelerated
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import aiohttp
 import httpx
+
+
+def no_cookies() -> httpx.Cookies:
+    """A jar that keeps nothing: one client serves every user, so no upstream cookie may stick."""
+    return httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
 
 
 class _Body(httpx.AsyncByteStream):
