@@ -14,9 +14,10 @@ import aiohttp
 import httpx
 
 
-def no_cookies() -> httpx.Cookies:
-    """A jar that keeps nothing: one client serves every user, so no upstream cookie may stick."""
-    return httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
+def no_cookies() -> CookieJar:
+    """A jar that keeps nothing: one client serves every user, so no upstream cookie may stick.
+    (A bare jar, not httpx.Cookies: the client copies those into a jar of its own.)"""
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
 
 
 class _Body(httpx.AsyncByteStream):
