@@ -10,6 +10,7 @@ the path of `/upstream/<model>/<path>`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -94,12 +95,17 @@ def _headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
+def record(swapper: Swapper, model: str, code: int, began: float) -> None:
+    swapper.metrics.requests.labels(model, str(code)).inc()
+    swapper.metrics.request_seconds.labels(model).observe(time.perf_counter() - began)
+
+
 class Forwarded(StreamingResponse):
     """A streamed upstream response that always closes upstream and ends its lease,
     whether the stream ends, fails, or the client goes away first."""
 
-    def __init__(self, upstream: httpx.Response, swapper: Swapper, slot: Slot) -> None:
-        self.upstream, self.swapper, self.slot = upstream, swapper, slot
+    def __init__(self, upstream: httpx.Response, swapper: Swapper, slot: Slot, began: float) -> None:
+        self.upstream, self.swapper, self.slot, self.began = upstream, swapper, slot, began
         headers = _headers(upstream.headers)
         if "content-length" in upstream.headers:
             headers["content-length"] = upstream.headers["content-length"]
@@ -126,6 +132,7 @@ class Forwarded(StreamingResponse):
         finally:
             await self.upstream.aclose()
             await self.swapper.release(self.slot)
+            record(self.swapper, self.slot.model, self.status_code, self.began)
 
 
 async def _send_once(
@@ -216,6 +223,7 @@ def build_app(
         if length is not None:
             headers["content-length"] = str(length)
         query = f"?{request.url.query}" if request.url.query else ""
+        began = time.perf_counter()
         for attempt in (1, 2):
             slot = await swapper.acquire(model)
             try:
@@ -224,12 +232,13 @@ def build_app(
                 upstream_request = client.build_request(request.method, url, headers=headers, content=content)
                 upstream = await _send_once(client, upstream_request, content)
                 if not _small(upstream):
-                    return Forwarded(upstream, swapper, slot)
+                    return Forwarded(upstream, swapper, slot, began)
                 try:  # a small, complete answer: one write, none of a stream's machinery
                     body = await upstream.aread()
                 finally:
                     await upstream.aclose()
                 await swapper.release(slot)
+                record(swapper, model, upstream.status_code, began)
                 return Response(body, upstream.status_code, headers=_headers(upstream.headers))
             except BaseException as error:
                 await swapper.release(slot)
@@ -345,10 +354,35 @@ def build_app(
         return JSONResponse(error_body(message, "invalid_request_error", kind), status)
 
     async def failed(request: Request, error: Exception) -> Response:
-        return error_response(error)
+        response = error_response(error)
+        model = getattr(error, "model", None)
+        if isinstance(model, str) and model in config.models:
+            swapper.metrics.requests.labels(model, str(response.status_code)).inc()
+        return response
+
+    async def metrics(request: Request) -> Response:
+        return Response(swapper.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def logs(request: Request) -> Response:
+        """The proxy's recent log lines; `/logs/<model>`: the model container's last lines."""
+        name = request.path_params.get("model")
+        if not name:
+            return PlainTextResponse("\n".join(recent.lines) + "\n")
+        slot = swapper.slots[resolve(name)]
+        found = slot.container or next(
+            (
+                c
+                for c in await asyncio.to_thread(swapper.backend.list, config.instance)
+                if c.model == slot.model
+            ),
+            None,
+        )
+        text = await asyncio.to_thread(swapper.backend.logs, found.id, 200) if found else ""
+        return PlainTextResponse(text)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log.addHandler(recent)
         watcher = asyncio.create_task(_watch(swapper, check_interval))
         loading = asyncio.create_task(preload_models(swapper)) if preload else None
         try:
@@ -360,14 +394,19 @@ def build_app(
             if stop_on_exit:
                 await swapper.unload()
             await client.aclose()
+            log.removeHandler(recent)
 
     any_method = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
-    fixed = ("/v1/models", "/health", "/running", "/unload")
+    fixed = ("/v1/models", "/health", "/running", "/unload", "/metrics", "/logs")
+    recent = RecentLines()
     routes = [Route(path, forward, methods=["POST"]) for path in MODEL_ROUTES]
     routes += [
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/running", running, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/logs", logs, methods=["GET"]),
+        Route("/logs/{model:path}", logs, methods=["GET"]),
         Route("/unload", unload, methods=["GET", "POST"]),
         Route("/unload/{model:path}", unload, methods=["GET", "POST"]),
         Route("/upstream/{rest:path}", upstream, methods=any_method),
@@ -378,6 +417,18 @@ def build_app(
         lifespan=lifespan,
         exception_handlers={404: not_found, 405: not_found, SwapctlError: failed, Exception: failed},
     )
+
+
+class RecentLines(logging.Handler):
+    """The last lines logged, for GET /logs."""
+
+    def __init__(self, keep: int = 1000) -> None:
+        super().__init__()
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
 
 
 async def _watch(swapper: Swapper, interval: float) -> None:

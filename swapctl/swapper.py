@@ -22,6 +22,7 @@ from swapctl.backend import Backend, Container
 from swapctl.config import Config
 from swapctl.errors import BackendError, Busy, StartError, SwapctlError
 from swapctl.matrix import Decision
+from swapctl.metrics import Metrics
 from swapctl.spec import build_spec
 
 log = logging.getLogger("swapctl")
@@ -75,6 +76,8 @@ class Swapper:
         self.clock = clock
         self.slots = {model: Slot(model) for model in config.models}
         self.changed = asyncio.Condition()
+        self.metrics = Metrics()
+        self.metrics.watch(lambda: [(s.model, s.state, s.in_flight) for s in self.status()])
 
     # --- requests -------------------------------------------------------------------------
 
@@ -147,6 +150,7 @@ class Swapper:
                 slot.stops += 1
                 self.changed.notify_all()
             log.error("%s", failure)
+            self.metrics.starts.labels(slot.model, "failed").inc()
             slot.start.set_exception(failure)
             if not isinstance(error, Exception):
                 raise
@@ -155,6 +159,8 @@ class Swapper:
             slot.state, slot.container = State.READY, container
             slot.ready_since = slot.last_used = self.clock()
             self.changed.notify_all()
+        self.metrics.starts.labels(slot.model, "ready").inc()
+        self.metrics.start_seconds.labels(slot.model).observe(time.monotonic() - began)
         evicted = ", ".join(decision.evict) or "nothing"
         log.info(
             "swap: %s ready in %.3fs (set %s, evicted %s, cost %d, decided in %.0fus)",
@@ -228,6 +234,7 @@ class Swapper:
                 return
             slot.state = State.STOPPING
             container = slot.container
+        self.metrics.evictions.labels(slot.model).inc()
         try:
             grace = (
                 self.config.models[slot.model].stop_grace_period if slot.model in self.config.models else 10
@@ -297,6 +304,7 @@ class Swapper:
             container, slot.state = slot.container, State.STOPPING
             self.changed.notify_all()
         log.warning("%s: its container %s stopped unexpectedly", slot.model, container.name)
+        self.metrics.crashes.labels(slot.model).inc()
         try:
             await asyncio.to_thread(self.backend.stop, container.id, 0)
         except BackendError as error:

@@ -216,3 +216,31 @@ async def test_concurrency_limit_answers_429(proxy: tuple[httpx.AsyncClient, Fak
     assert refused.headers["retry-after"] == "1"
     gate.set()
     assert [r.status_code for r in await asyncio.gather(*first)] == [200, 200]
+
+
+async def test_per_model_metrics(proxy: tuple[httpx.AsyncClient, FakeBackend]) -> None:
+    client, _ = proxy
+    await client.post("/v1/chat/completions", json=chat("code"))
+    await client.post("/v1/chat/completions", json=chat("code"))
+    await client.post("/v1/chat/completions", json=chat("broken"))
+    text = (await client.get("/metrics")).text
+    for line in (
+        'swapctl_requests_total{code="200",model="code"} 2.0',
+        'swapctl_requests_total{code="502",model="broken"} 1.0',
+        'swapctl_model_starts_total{model="code",result="ready"} 1.0',
+        'swapctl_model_starts_total{model="broken",result="failed"} 1.0',
+        'swapctl_model_evictions_total{model="code"} 1.0',
+        'swapctl_model_state{model="broken",state="stopped"} 1.0',
+        'swapctl_model_in_flight{model="code"} 0.0',
+        'swapctl_request_duration_seconds_count{model="code"} 2.0',
+    ):
+        assert line in text, line
+
+
+async def test_logs_of_a_model_container(proxy: tuple[httpx.AsyncClient, FakeBackend]) -> None:
+    client, backend = proxy
+    await client.post("/v1/chat/completions", json=chat("code"))
+    next(iter(backend.boxes.values())).log.append("llama server listening")
+    assert (await client.get("/logs/code")).text == "llama server listening"
+    assert (await client.get("/logs/chat")).text == ""
+    assert_openai_error(await client.get("/logs/nope"), 404, "nope")
