@@ -76,6 +76,7 @@ class Swapper:
         self.clock = clock
         self.slots = {model: Slot(model) for model in config.models}
         self.changed = asyncio.Condition()
+        self.swaps: set[asyncio.Task[None]] = set()
         self.metrics = Metrics()
         self.metrics.watch(lambda: [(s.model, s.state, s.in_flight) for s in self.status()])
 
@@ -127,7 +128,9 @@ class Swapper:
         slot.state = State.STARTING
         slot.start = asyncio.get_running_loop().create_future()
         slot.start.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
-        asyncio.get_running_loop().create_task(self._swap(slot, decision, leaving_already, decided))
+        swap = asyncio.get_running_loop().create_task(self._swap(slot, decision, leaving_already, decided))
+        self.swaps.add(swap)  # the loop keeps only weak references to tasks
+        swap.add_done_callback(self.swaps.discard)
 
     async def _swap(
         self, slot: Slot, decision: Decision, leaving_already: list[tuple[Slot, int]], decided: float
