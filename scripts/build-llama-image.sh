@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build a local Docker image with llama.cpp's llama-server (Debian sid package llama.cpp-tools).
+# Build a local Docker image with llama.cpp's llama-server (Debian sid package llama.cpp-tools),
+# and a python3 with its standard library, which runs the tests' scripts/echo_server.py.
 # No registry is reachable, so the image is a debootstrapped root filesystem fed to docker import.
 # Usage: build-llama-image.sh [IMAGE]   (default: $SWAPCTL_LLAMA_IMAGE or swapctl/llama-server:sid)
 set -euo pipefail
@@ -8,9 +9,14 @@ IMAGE=${1:-${SWAPCTL_LLAMA_IMAGE:-swapctl/llama-server:sid}}
 SUITE=sid # the only suite on the mirror that packages llama.cpp-tools
 
 "$(dirname "$0")/docker-engine.sh" >/dev/null
+# What the tests need of python3 in the image (an image built before it was added lacks it).
+PYTHON_CHECK='import email.parser, hashlib, http.server, json'
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then
-    echo "image $IMAGE: already built"
-    exit 0
+    if docker run --rm --network none --entrypoint python3 "$IMAGE" -c "$PYTHON_CHECK" >/dev/null 2>&1; then
+        echo "image $IMAGE: already built"
+        exit 0
+    fi
+    echo "image $IMAGE: no python3 with http.server in it; building it again"
 fi
 t0=$EPOCHREALTIME
 
@@ -60,11 +66,13 @@ debootstrap --variant=minbase "$SUITE" "$ROOT" "$MIRROR" >"$WORK/debootstrap.log
 printf 'Acquire::Check-Valid-Until "false";\nAcquire::Check-Date "false";\n' \
     >"$ROOT/etc/apt/apt.conf.d/99no-valid-until"
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
-echo "installing llama.cpp-tools ..."
+# python3-minimal is the interpreter and a minimal standard library without http.server or
+# json; libpython3-stdlib adds the rest (about 33 MB in all, .pyc files included).
+echo "installing llama.cpp-tools python3-minimal libpython3-stdlib ..."
 chroot "$ROOT" /bin/sh -ec '
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
-    apt-get install -y -q --no-install-recommends llama.cpp-tools
+    apt-get install -y -q --no-install-recommends llama.cpp-tools python3-minimal libpython3-stdlib
     apt-get clean
     rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /usr/share/doc/* /usr/share/man/* /usr/share/info/* \
         /usr/share/locale/*

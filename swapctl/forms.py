@@ -62,9 +62,20 @@ def boundary_of(content_type: str) -> bytes | None:
     return match.group(1).encode() if match else None
 
 
-def replace_model(prefix: bytes, old: bytes, new: bytes) -> bytes:
-    """Rewrite the model field's value inside the bytes that hold it."""
-    header = re.search(rb'name="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n', prefix)
-    if header is None or prefix[header.end() : header.end() + len(old)] != old:
-        return prefix
-    return prefix[: header.end()] + new + prefix[header.end() + len(old) :]
+def replace_model(prefix: bytes, boundary: bytes, old: bytes, new: bytes) -> bytes:
+    """Rewrite the model field's value inside the bytes that hold it.
+
+    Only headers that follow a boundary line are read, so neither a file named `model` nor
+    a file whose content looks like a model field can be taken for it (the boundary never
+    occurs inside a part)."""
+    header = re.compile(rb"(?:\A|\r\n)--" + re.escape(boundary) + rb"[ \t]*\r\n((?:[^\r\n]+\r\n)*)\r\n")
+    for part in header.finditer(prefix):
+        for line in part.group(1).split(b"\r\n"):
+            field, _, value = line.partition(b":")
+            if field.strip().lower() == b"content-disposition" and (match := _NAME.search(value)):
+                if match.group(1) != b"model":
+                    break
+                if not prefix.startswith(old + b"\r\n--" + boundary, part.end()):
+                    return prefix
+                return prefix[: part.end()] + new + prefix[part.end() + len(old) :]
+    return prefix

@@ -234,7 +234,8 @@ def build_app(
                 if not _small(upstream):
                     return Forwarded(upstream, swapper, slot, began)
                 try:  # a small, complete answer: one write, none of a stream's machinery
-                    body = await upstream.aread()
+                    # raw, as a stream is: aread() would undo a Content-Encoding that is passed on
+                    body = b"".join([chunk async for chunk in upstream.aiter_raw()])
                 finally:
                     await upstream.aclose()
                 await swapper.release(slot)
@@ -288,7 +289,7 @@ def build_app(
         head = b"".join(prefix)
         upstream_name = config.models[model].use_model_name
         if upstream_name:
-            head = replace_model(head, field.value, upstream_name.encode())
+            head = replace_model(head, boundary, field.value, upstream_name.encode())
         declared = request.headers.get("content-length", "")
         length = int(declared) + len(head) - sum(map(len, prefix)) if declared.isdigit() else None
 

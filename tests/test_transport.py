@@ -88,3 +88,26 @@ async def test_a_closed_port_is_a_connect_error(client: httpx.AsyncClient) -> No
         port = s.getsockname()[1]
     with pytest.raises(httpx.ConnectError):
         await client.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_nothing_is_added_to_what_is_forwarded() -> None:
+    seen: dict[str, str] = {}
+
+    async def headers(request: web.Request) -> web.Response:
+        seen.update(request.headers)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/h", headers)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
+            await client.get(f"http://127.0.0.1:{port}/h", headers={"x-asked": "1"})
+    finally:
+        await runner.cleanup()
+    assert "Content-Type" not in seen
+    assert seen["x-asked"] == "1"
