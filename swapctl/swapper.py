@@ -257,12 +257,16 @@ class Swapper:
         adopted: list[str] = []
         for container in await asyncio.to_thread(self.backend.list, self.config.instance):
             slot = self.slots.get(container.model)
+            spec = build_spec(self.config, container.model) if slot is not None else None
+            image = await asyncio.to_thread(self.backend.image_id, spec.image) if spec else None
             fits = (
                 slot is not None
+                and spec is not None
                 and slot.state is State.STOPPED
                 and container.running
                 and container.host_port is not None
-                and container.spec_hash == build_spec(self.config, container.model).spec_hash
+                and container.spec_hash == spec.spec_hash
+                and (image is None or container.image_id == image)  # an image rebuilt under its name
             )
             if slot is not None and fits:
                 slot.state, slot.container = State.READY, container
@@ -270,7 +274,7 @@ class Swapper:
                 adopted.append(container.model)
                 log.info("adopted %s (%s)", container.model, container.name)
             else:
-                why = "its spec changed" if slot is not None and container.running else "left over"
+                why = "its spec or image changed" if slot is not None and container.running else "left over"
                 log.info("removing %s: %s", container.name, why)
                 await asyncio.to_thread(self.backend.stop, container.id, 10)
         return adopted

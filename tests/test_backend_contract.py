@@ -63,13 +63,14 @@ def specs(instance: str, models_dir: Path, tmp_path: Path) -> Callable[[str], Co
 
 def _same(a: Container, b: Container) -> None:
     """Equal but for started_at, which Docker's list gives to the second only."""
-    assert (a.id, a.name, a.model, a.state, a.host_port, a.spec_hash) == (
+    assert (a.id, a.name, a.model, a.state, a.host_port, a.spec_hash, a.image_id) == (
         b.id,
         b.name,
         b.model,
         b.state,
         b.host_port,
         b.spec_hash,
+        b.image_id,
     )
     assert a.started_at is not None and b.started_at is not None
     assert abs(a.started_at - b.started_at) < 2
@@ -109,6 +110,7 @@ def test_start_gives_a_running_container(backend: Backend, specs: Callable[[str]
     assert container.name == spec.name
     assert container.spec_hash == spec.spec_hash
     assert container.started_at is not None and abs(container.started_at - began) < 10
+    assert container.image_id and container.image_id == backend.image_id(spec.image)
 
 
 def test_list_and_get_show_exactly_it(backend: Backend, specs: Callable[[str], ContainerSpec]) -> None:
@@ -143,6 +145,7 @@ def test_missing_image_raises_and_leaves_nothing(
     assert "'ghost'" in str(raised.value)
     assert MISSING_IMAGE in str(raised.value)
     assert backend.list(spec.instance) == []
+    assert backend.image_id(spec.image) is None
 
 
 def test_gpu_request_without_gpu_runtime_raises_and_leaves_nothing(

@@ -1,12 +1,14 @@
-"""/logs and /metrics of a real `swapctl up` after real swaps."""
+"""What a real `swapctl up` tells and keeps: /logs, /metrics, adoption across restarts."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import docker
 import httpx
 import pytest
-from support import Proxy, llama_model, write_yaml
+from support import Proxy, containers, llama_model, write_yaml
 
 pytestmark = pytest.mark.docker
 
@@ -35,3 +37,37 @@ def test_logs_and_metrics_tell_what_happened(instance: str, models_dir: Path, tm
         assert 'swapctl_model_state{model="b",state="ready"} 1.0' in metrics
     finally:
         proxy.close()
+
+
+def test_a_restart_replaces_only_the_model_whose_image_was_rebuilt(
+    instance: str, models_dir: Path, tmp_path: Path, docker_engine: docker.DockerClient
+) -> None:
+    image = f"swapctl-test/{instance}:latest"
+
+    def build(label: str) -> None:
+        (tmp_path / "Dockerfile").write_text(f"FROM swapctl/llama-server:sid\nLABEL build={label}\n")
+        docker_engine.images.build(path=str(tmp_path), tag=image, rm=True)
+
+    build("one")
+    rebuilt = {**llama_model(models_dir, 2), "image": image}
+    config = {"instance": instance, "models": {"a": llama_model(models_dir, 1), "b": rebuilt}}
+    config["matrix"] = {"sets": {"both": "a & b"}}
+    proxy = Proxy(write_yaml(tmp_path / "swapctl.yaml", config), instance, tmp_path)
+    try:
+        proxy.start()
+        for model in ("a", "b"):
+            proxy.client().chat.completions.create(
+                model=model, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+            )
+        before = containers(docker_engine, instance)
+        proxy.stop(signal.SIGINT)
+        build("two")
+        proxy.start()
+        log = proxy.log()
+        assert "adopted a (" in log
+        assert "its spec or image changed" in log
+        after = containers(docker_engine, instance)
+        assert after == {"a": before["a"]}  # a kept, b removed until asked for again
+    finally:
+        proxy.close()
+        docker_engine.images.remove(image, force=True)

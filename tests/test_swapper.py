@@ -266,3 +266,15 @@ async def test_remains_of_a_dead_container_are_removed(swapper_for: Callable[...
     await swapper.check()
     assert dead.id not in backend.boxes
     assert backend.running_models() == {"chat"}
+
+
+async def test_adoption_replaces_a_container_whose_image_was_rebuilt(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    backend.start(build_spec(make_config(), "chat"))
+    backend.start(build_spec(make_config(models={"code": {"image": "other"}}), "code"))
+    backend.rebuild("other")
+    swapper = swapper_for(make_config(models={"code": {"image": "other"}}), backend)
+    assert await swapper.adopt() == ["chat"]
+    assert backend.running_models() == {"chat"}

@@ -18,6 +18,7 @@ class Container:
     host_port: int | None
     spec_hash: str
     started_at: float | None = None  # epoch seconds
+    image_id: str = ""  # the image it runs, as the engine identifies it
 
     @property
     def running(self) -> bool:
@@ -45,6 +46,10 @@ class Backend(Protocol):
 
     def stop(self, container_id: str, grace: float) -> None:
         """Stop gracefully, kill after `grace` seconds, and remove. A missing container is fine."""
+        ...
+
+    def image_id(self, image: str) -> str | None:
+        """The engine's ID of the image a name points at now; None when it has none."""
         ...
 
     def logs(self, container_id: str, tail: int = 50) -> str: ...

@@ -64,6 +64,7 @@ def _from_inspect(attrs: dict[str, Any]) -> Container:
         host_port=ports[0] if ports else None,
         spec_hash=labels.get(SPEC_HASH, ""),
         started_at=_epoch(attrs["State"].get("StartedAt")),
+        image_id=attrs.get("Image", ""),
     )
 
 
@@ -78,6 +79,7 @@ def _from_summary(attrs: dict[str, Any]) -> Container:
         host_port=ports[0] if ports else None,
         spec_hash=labels.get(SPEC_HASH, ""),
         started_at=float(attrs["Created"]) if attrs.get("Created") else None,
+        image_id=attrs.get("ImageID", ""),
     )
 
 
@@ -187,6 +189,13 @@ class DockerBackend:
         except docker.errors.NotFound:
             return
         self._remove(container_id)
+
+    def image_id(self, image: str) -> str | None:
+        try:
+            found = self._call(lambda: self.client.api.inspect_image(image))
+        except ImageMissing:
+            return None
+        return str(found["Id"])
 
     def logs(self, container_id: str, tail: int = 50) -> str:
         try:

@@ -81,6 +81,7 @@ class FakeBackend:
         self.behaviour: dict[str, FakeModel] = {}
         self.boxes: dict[str, FakeContainer] = {}
         self.starts: dict[str, int] = {}
+        self.builds: dict[str, int] = {}  # image name -> times rebuilt
         self._ids = itertools.count(1)
         self.transport = _Transport(self)
 
@@ -107,6 +108,7 @@ class FakeBackend:
             None if exited else 40000 + number,
             spec.spec_hash,
             time.time(),
+            self.image_id(spec.image) or "",
         )
         box = FakeContainer(container, spec, time.monotonic(), behaviour.ready_after)
         if behaviour.exit_at_start is not None:
@@ -114,6 +116,15 @@ class FakeBackend:
         self.boxes[container.id] = box
         self.starts[spec.model] = self.starts.get(spec.model, 0) + 1
         return container
+
+    def image_id(self, image: str) -> str | None:
+        if self.images is not None and image not in self.images:
+            return None
+        return f"sha256:{image}:{self.builds.get(image, 0)}"
+
+    def rebuild(self, image: str) -> None:
+        """The image is built again under the same name: it gets a new ID."""
+        self.builds[image] = self.builds.get(image, 0) + 1
 
     def get(self, container_id: str) -> Container | None:
         box = self.boxes.get(container_id)
