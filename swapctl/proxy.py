@@ -14,6 +14,7 @@ import collections
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -95,6 +96,9 @@ def _headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
 def record(swapper: Swapper, model: str, code: int, began: float) -> None:
     swapper.metrics.requests.labels(model, str(code)).inc()
     swapper.metrics.request_seconds.labels(model).observe(time.perf_counter() - began)
@@ -109,19 +113,33 @@ class Forwarded(StreamingResponse):
         headers = _headers(upstream.headers)
         if "content-length" in upstream.headers:
             headers["content-length"] = upstream.headers["content-length"]
-        self.media_type_is_events = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        # plain event streams are passed on whole events at a time, so a break can be reported
+        self.events = upstream.headers.get("content-type", "").startswith("text/event-stream") and (
+            "content-encoding" not in upstream.headers
+        )
         super().__init__(self._chunks(), status_code=upstream.status_code, headers=headers)
 
     async def _chunks(self) -> AsyncIterator[bytes]:
+        pending = b""
         try:
             async for chunk in self.upstream.aiter_raw():
-                yield chunk
+                if not self.events:
+                    yield chunk
+                    continue
+                pending += chunk
+                end = max((m.end() for m in _EVENT_END.finditer(pending)), default=0)
+                if end:
+                    yield pending[:end]
+                    pending = pending[end:]
+            if pending:
+                yield pending
         except httpx.TransportError as error:
             log.warning("%s: upstream broke off mid-response: %r", self.slot.model, error)
             await self.swapper.confirm_alive(self.slot)
-            if not self.media_type_is_events:
+            if not self.events:
                 raise  # abort the response: the client sees it cut, not complete
-            # an event stream can still say why it ends: OpenAI clients raise on an error event
+            # an event stream can still say why it ends, after its last whole event (the
+            # broken one is dropped): OpenAI clients raise on an error event
             message = f"model '{self.slot.model}': its server broke off mid-response ({error!r})"
             event = error_body(message, "server_error", "upstream_broke_off")
             yield f"data: {json.dumps(event)}\n\n".encode()

@@ -244,3 +244,28 @@ async def test_logs_of_a_model_container(proxy: tuple[httpx.AsyncClient, FakeBac
     assert (await client.get("/logs/code")).text == "llama server listening"
     assert (await client.get("/logs/chat")).text == ""
     assert_openai_error(await client.get("/logs/nope"), 404, "nope")
+
+
+async def test_a_stream_that_breaks_off_ends_with_an_error_event(
+    proxy: tuple[httpx.AsyncClient, FakeBackend],
+) -> None:
+    client, backend = proxy
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b'data: {"n": 1}\n\ndata: {"n": 2}\n\nda'
+        yield b'ta: {"n": 3, "cut": '
+        raise httpx.ReadError("connection reset by peer")
+
+    async def breaking(request: httpx.Request, box: FakeContainer) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
+
+    backend.behaviour["code"] = FakeModel(handler=breaking)
+    async with client.stream("POST", "/v1/chat/completions", json=chat("code", stream=True)) as response:
+        lines = [line async for line in response.aiter_lines() if line]
+    assert lines[:2] == ['data: {"n": 1}', 'data: {"n": 2}']
+    assert len(lines) == 3  # the broken third event is dropped, not passed on half
+    error = json.loads(lines[2].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_broke_off"
+    assert "'code'" in error["message"]
