@@ -190,19 +190,18 @@ class Body:
     """A request body read as it arrives, refused past `limit` bytes."""
 
     def __init__(self, request: Request, limit: int) -> None:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        length = request.headers.get("content-length", "")
+        self.declared = int(length) if length.isdigit() else None
+        if self.declared is not None and self.declared > limit:
             raise self.too_large(limit)
+        self.chunked = "transfer-encoding" in request.headers
         self.stream = request.stream()
         self.limit = limit
         self.seen = 0
 
-    def content(self, request: Request) -> bytes | AsyncIterator[bytes]:
+    def content(self) -> bytes | AsyncIterator[bytes]:
         """What to send on: nothing when the request declares no body, else its chunks."""
-        declared = request.headers.get("content-length")
-        if declared in (None, "0") and "transfer-encoding" not in request.headers:
-            return b""
-        return self.chunks()
+        return self.chunks() if self.declared or self.chunked else b""
 
     @staticmethod
     def too_large(limit: int) -> RequestError:
@@ -308,8 +307,7 @@ def build_app(
         upstream_name = config.models[model].use_model_name
         if upstream_name:
             head = replace_model(head, boundary, field.value, upstream_name.encode())
-        declared = request.headers.get("content-length", "")
-        length = int(declared) + len(head) - sum(map(len, prefix)) if declared.isdigit() else None
+        length = body.declared + len(head) - sum(map(len, prefix)) if body.declared is not None else None
 
         async def rest() -> AsyncIterator[bytes]:
             yield head
@@ -325,10 +323,7 @@ def build_app(
         name = next((n for n in names if rest == n or rest.startswith(n + "/")), None)
         if name is None:
             raise UnknownModelError(rest.split("/")[0])
-        body = Body(request, config.max_request_bytes)
-        declared = request.headers.get("content-length", "")
-        length = int(declared) if declared.isdigit() else None
-        return await send(resolve(name), request, rest[len(name) :] or "/", body.content(request), length)
+        return await pass_on(resolve(name), request, rest[len(name) :] or "/")
 
     async def by_query(request: Request) -> Response:
         """Any other route, with `?model=`; without it, no such route."""
@@ -337,10 +332,12 @@ def build_app(
             known = request.url.path in MODEL_ROUTES or request.url.path in fixed
             status, code = (405, "method_not_allowed") if known else (404, "not_found")
             raise RequestError(status, f"no route {request.method} {request.url.path}", code)
+        return await pass_on(resolve(name), request, request.url.path)
+
+    async def pass_on(model: str, request: Request, path: str) -> Response:
+        """Forward a request untouched, its body streamed on as it arrives."""
         body = Body(request, config.max_request_bytes)
-        declared = request.headers.get("content-length", "")
-        length = int(declared) if declared.isdigit() else None
-        return await send(resolve(name), request, request.url.path, body.content(request), length)
+        return await send(model, request, path, body.content(), body.declared)
 
     async def models(request: Request) -> Response:
         data = [
