@@ -175,7 +175,12 @@ def up(
         )
         app_ = build_app(swapper, stop_on_exit=stop_on_exit)
         server_config = uvicorn.Config(
-            app_, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose
+            app_,
+            host=host,
+            port=port,
+            log_level="info" if verbose else "warning",
+            access_log=verbose,
+            timeout_graceful_shutdown=10,  # on Ctrl-C, requests in flight get 10 s to finish
         )
         await uvicorn.Server(server_config).serve()
 
