@@ -226,6 +226,7 @@ def build_app(
     config = swapper.config
     client = swapper.client
     created = int(time.time())
+    longest_first = sorted({*config.models, *config.aliases}, key=len, reverse=True)  # IDs may hold '/'
 
     def resolve(name: str) -> str:
         model = config.resolve(name)
@@ -319,8 +320,7 @@ def build_app(
     async def upstream(request: Request) -> Response:
         """`/upstream/<model>/<path>`: any method, untouched, for a model's own UI or API."""
         rest = request.path_params["rest"]
-        names = sorted({*config.models, *config.aliases}, key=len, reverse=True)
-        name = next((n for n in names if rest == n or rest.startswith(n + "/")), None)
+        name = next((n for n in longest_first if rest == n or rest.startswith(n + "/")), None)
         if name is None:
             raise UnknownModelError(rest.split("/")[0])
         return await pass_on(resolve(name), request, rest[len(name) :] or "/")

@@ -148,10 +148,7 @@ class Swapper:
             container = await self._start(slot)
         except BaseException as error:
             failure = error if isinstance(error, SwapctlError) else StartError(slot.model, repr(error))
-            async with self.changed:
-                slot.state, slot.container = State.STOPPED, None
-                slot.stops += 1
-                self.changed.notify_all()
+            await self._stopped(slot)
             log.error("%s", failure)
             self.metrics.starts.labels(slot.model, "failed").inc()
             slot.start.set_exception(failure)
@@ -239,16 +236,20 @@ class Swapper:
             container = slot.container
         self.metrics.evictions.labels(slot.model).inc()
         try:
-            grace = (
-                self.config.models[slot.model].stop_grace_period if slot.model in self.config.models else 10
-            )
+            grace = self.config.models[slot.model].stop_grace_period
             await asyncio.to_thread(self.backend.stop, container.id, grace)
         finally:
-            async with self.changed:
-                slot.state, slot.container, slot.leaving = State.STOPPED, None, False
-                slot.stops += 1
-                self.changed.notify_all()
+            await self._stopped(slot, evicted=True)
         log.info("stopped %s", slot.model)
+
+    async def _stopped(self, slot: Slot, evicted: bool = False) -> None:
+        """Every way back to stopped goes through here: waiting swaps count the stops.
+        Only the eviction itself ends `leaving`; a crash or failed start leaves it to that."""
+        async with self.changed:
+            slot.state, slot.container = State.STOPPED, None
+            slot.leaving = slot.leaving and not evicted
+            slot.stops += 1
+            self.changed.notify_all()
 
     # --- the engine as the database ---------------------------------------------------------
 
@@ -317,10 +318,7 @@ class Swapper:
         except BackendError as error:
             log.warning("could not remove %s: %s", container.name, error)
         finally:
-            async with self.changed:
-                slot.state, slot.container = State.STOPPED, None
-                slot.stops += 1
-                self.changed.notify_all()
+            await self._stopped(slot)
         return True
 
     async def confirm_alive(self, slot: Slot) -> bool:
