@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +20,13 @@ from rich.console import Console
 from rich.table import Table
 
 from swapctl.backend.docker import DockerBackend
-from swapctl.config import Config, json_schema, load_config
+from swapctl.config import Config, json_schema, load_config, parse_listen
 from swapctl.errors import ConfigError, SwapctlError, UnknownModelError
+from swapctl.guard import is_loopback
 from swapctl.matrix import Decision
+from swapctl.owner import Ownership, find_owner, state_dir
 from swapctl.proxy import build_app
-from swapctl.swapper import Swapper
+from swapctl.swapper import DEFAULT_GRACE, Swapper
 from swapctl.transport import AiohttpTransport, no_cookies
 
 app = typer.Typer(
@@ -129,10 +132,11 @@ def plan(
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError("--listen", f"expected HOST:PORT, got {listen!r}")
-    return host, int(port)
+    """(host, port) by the config's own rule (`parse_listen`); IPv6 comes without brackets."""
+    try:
+        return parse_listen(listen)
+    except ValueError as error:
+        raise ConfigError("--listen", str(error)) from None
 
 
 @app.command()
@@ -156,7 +160,14 @@ def up(
     host, port = _split_listen(listen or loaded.listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not loaded.api_keys and not is_loopback(host):
+        logging.getLogger("swapctl").warning(
+            "warning: listening on %s with no apiKeys: anyone on the network can use and stop your "
+            "models; set apiKeys in the config",
+            host,
+        )
     backend = DockerBackend()
+    ownership = Ownership(loaded.instance, _url_of(host, port), state_dir())
 
     async def serve() -> None:
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
@@ -173,7 +184,7 @@ def up(
             host,
             port,
         )
-        app_ = build_app(swapper, stop_on_exit=stop_on_exit)
+        app_ = build_app(swapper, stop_on_exit=stop_on_exit, listen_host=host)
         server_config = uvicorn.Config(
             app_,
             host=host,
@@ -190,24 +201,44 @@ def up(
         uvloop.run(serve())
     except ImportError:
         asyncio.run(serve())
+    finally:
+        ownership.release()
+
+
+def _url_of(host: str, port: int) -> str:
+    """Where a client on this machine reaches a proxy listening on host:port."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _proxy_url(loaded: Config, url: str | None) -> str:
+    """--url, else the address of the `up` serving this instance, else the config's listen."""
     if url:
         return url.rstrip("/")
-    host, port = _split_listen(loaded.listen)
-    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    owner = find_owner(loaded.instance, state_dir())
+    return owner.url if owner else _url_of(*_split_listen(loaded.listen))
 
 
-def _ask_proxy(loaded: Config, url: str | None, method: str, path: str) -> Any | None:
+def _ask_proxy(loaded: Config, url: str | None, method: str, path: str, timeout: float = 30.0) -> Any | None:
     """The proxy's JSON answer, or None when no proxy answers there."""
     try:
-        response = httpx.request(method, _proxy_url(loaded, url) + path, timeout=30.0)
+        response = httpx.request(
+            method, _proxy_url(loaded, url) + path, headers=_key(loaded), timeout=timeout
+        )
     except httpx.TransportError:
         return None
     if response.status_code >= 400:
         raise SwapctlError(response.json().get("error", {}).get("message", response.text))
     return response.json()
+
+
+def _key(loaded: Config) -> dict[str, str]:
+    """The header that lets this command in: $SWAPCTL_API_KEY, else the config's first key."""
+    key = os.environ.get("SWAPCTL_API_KEY") or next((k.get_secret_value() for k in loaded.api_keys), "")
+    return {"authorization": f"Bearer {key}"} if key else {}
 
 
 def _live_statuses(loaded: Config, url: str | None) -> tuple[str, list[dict[str, Any]]]:
@@ -290,25 +321,33 @@ def unload(
         backend = DockerBackend()
         found = [c for c in backend.list(loaded.instance) if target in (None, c.model)]
         for container in found:
-            grace = (
-                loaded.models[container.model].stop_grace_period if container.model in loaded.models else 10
-            )
-            backend.stop(container.id, grace)
+            backend.stop(container.id, _grace(loaded, container.model))
         unloaded = sorted({c.model for c in found})
     _stdout().print(f"unloaded: {', '.join(unloaded) or 'nothing was running'}")
 
 
+def _grace(loaded: Config, model: str) -> float:
+    found = loaded.models.get(model)
+    return found.stop_grace_period if found else DEFAULT_GRACE
+
+
 @app.command()
-def down(config: ConfigOption = DEFAULT_CONFIG, url: UrlOption = None) -> None:
+def down(
+    config: ConfigOption = DEFAULT_CONFIG,
+    url: UrlOption = None,
+    timeout: Annotated[
+        float, typer.Option(min=0, max=3600, help="Seconds requests in flight get to finish.")
+    ] = 10.0,
+) -> None:
     """Stop and remove every container of this instance."""
     loaded = _load(config)
-    answer = _ask_proxy(loaded, url, "POST", "/unload")
-    unloaded = len(answer["unloaded"]) if answer else 0
+    answer = _ask_proxy(loaded, url, "POST", f"/unload?timeout={timeout:g}", timeout=timeout + 60)
+    removed = set(answer["unloaded"]) if answer else set()
     backend = DockerBackend()
-    found = backend.list(loaded.instance)
-    for container in found:
-        backend.stop(container.id, 10)
-    count = unloaded + len(found)
+    for container in backend.list(loaded.instance):  # what no proxy stopped
+        backend.stop(container.id, _grace(loaded, container.model))
+        removed.add(container.model)
+    count = len(removed)
     _stdout().print(f"removed {count} container{'s' * (count != 1)} of instance {loaded.instance}")
 
 

@@ -8,6 +8,7 @@ into OpenAI error JSON.
      |    +-- DaemonUnavailable
      |    +-- ImageMissing
      |    +-- GpuUnavailable
+     |    +-- StopFailed    a container outlived a stop and a kill: it still counts as running
      +-- StartError         a model's container did not become ready: names model and cause
      +-- Busy               a model has as many requests as its concurrencyLimit admits
 """
@@ -49,6 +50,10 @@ class ImageMissing(BackendError):
 
 
 class GpuUnavailable(BackendError):
+    pass
+
+
+class StopFailed(BackendError):
     pass
 
 

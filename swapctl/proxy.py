@@ -16,18 +16,21 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from swapctl.errors import BackendError, Busy, StartError, SwapctlError, UnknownModelError
 from swapctl.forms import ModelField, boundary_of, replace_model
+from swapctl.guard import Guard
 from swapctl.swapper import Slot, Swapper
 
 log = logging.getLogger("swapctl")
@@ -43,6 +46,7 @@ HOP_BY_HOP = {
     "upgrade",
     "host",
     "content-length",
+    "proxy-connection",
 }
 
 # POST routes whose body names the model (JSON, or a multipart form for uploads).
@@ -92,10 +96,33 @@ def error_response(error: Exception) -> JSONResponse:
     return JSONResponse(error_body(f"internal error: {error!r}", "server_error", "internal_error"), 500)
 
 
+_HOP_BY_HOP_BUT_CONNECTION = HOP_BY_HOP - {"connection"}
+
+
 def _headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
+    """The end-to-end headers: without the hop-by-hop ones, nor those that `Connection` names
+    (RFC 9110 7.6.1) so that no header meant for one hop goes further. One pass; `Connection`
+    is read from the result (Starlette's and httpx's names are lower-case) as a lookup there
+    is cheaper than one in `headers`."""
+    kept = {k: v for k, v in headers.items() if k.lower() not in _HOP_BY_HOP_BUT_CONNECTION}
+    named = kept.pop("connection", None)
+    if named:
+        for token in named.split(","):
+            kept.pop(token.strip().lower(), None)
+    return kept
 
 
+def _upstream_headers(request: Request) -> dict[str, str]:
+    """What a request sends on: its end-to-end headers, and its client's address appended to
+    `X-Forwarded-For` (only passed on: swapctl trusts it for nothing)."""
+    headers = _headers(request.headers)
+    if request.client is not None:
+        prior = headers.get("x-forwarded-for")
+        headers["x-forwarded-for"] = f"{prior}, {request.client.host}" if prior else request.client.host
+    return headers
+
+
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar: a path keeps them as they are
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
@@ -153,16 +180,12 @@ class Forwarded(StreamingResponse):
             record(self.swapper, self.slot.model, self.status_code, self.began)
 
 
-async def _send_once(
-    client: httpx.AsyncClient, request: httpx.Request, content: bytes | AsyncIterator[bytes]
-) -> httpx.Response:
+async def _send_once(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
     try:
         return await client.send(request, stream=True)
     except (httpx.RemoteProtocolError, httpx.ReadError):
         # a kept-alive connection the server had already closed or reset (llama-server does
         # so after streamed responses) before any answer: send the request once more
-        if not isinstance(content, bytes):
-            raise
         return await client.send(request, stream=True)
 
 
@@ -176,7 +199,7 @@ def _small(response: httpx.Response) -> bool:
 def _json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     try:
         payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also too deep, or an integer too long
         raise RequestError(400, f"the request body is not valid JSON: {error}", "invalid_json") from None
     if not isinstance(payload, dict):
         raise RequestError(400, "the request body must be a JSON object", "invalid_json")
@@ -186,43 +209,91 @@ def _json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     return model, payload
 
 
-class Body:
-    """A request body read as it arrives, refused past `limit` bytes."""
+def _too_large(limit: int) -> RequestError:
+    return RequestError(413, f"the request body is larger than maxRequestBytes ({limit} bytes)", "too_large")
 
-    def __init__(self, request: Request, limit: int) -> None:
-        length = request.headers.get("content-length", "")
-        self.declared = int(length) if length.isdigit() else None
-        if self.declared is not None and self.declared > limit:
-            raise self.too_large(limit)
-        self.chunked = "transfer-encoding" in request.headers
-        self.stream = request.stream()
-        self.limit = limit
-        self.seen = 0
 
-    def content(self) -> bytes | AsyncIterator[bytes]:
-        """What to send on: nothing when the request declares no body, else its chunks."""
-        return self.chunks() if self.declared or self.chunked else b""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused past `limit` bytes. It is read before any model is touched,
+    so a client that leaves mid-upload, or a malformed body, starts and stops nothing."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    seen = 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    @staticmethod
-    def too_large(limit: int) -> RequestError:
-        return RequestError(
-            413, f"the request body is larger than maxRequestBytes ({limit} bytes)", "too_large"
+
+def _seconds(text: str | None, name: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise RequestError(
+            400, f"'{name}' is a number of seconds from 0 to 3600, got {text!r}", "invalid_value"
         )
+    return value
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.stream:
-            self.seen += len(chunk)
-            if self.seen > self.limit:
-                raise self.too_large(self.limit)
-            yield chunk
 
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+def _form_model(body: bytes, boundary: bytes) -> bytes:
+    """The `model` field of a whole multipart body; a malformed form is the client's error."""
+    field = ModelField(boundary)
+    try:
+        field.feed(body)
+    except ValueError as error:  # python-multipart's parse errors are ValueErrors
+        raise RequestError(400, f"the multipart form is malformed: {error}", "invalid_form") from None
+    if not field.done:
+        raise RequestError(400, "the form has no 'model' field", "missing_model")
+    return field.value
+
+
+class ClientGone(Exception):
+    """The client went away before its answer was ready."""
+
+    def __init__(self, model: str | None = None) -> None:
+        super().__init__(model)
+        self.model = model
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(receive: Receive, work: Coroutine[Any, Any, Response]) -> Response:
+    """`work`'s answer; or, if the client leaves first, `work` cancelled (which cancels the
+    wait for a start or the upstream request, and ends the lease) and ClientGone."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
 def build_app(
-    swapper: Swapper, check_interval: float = 1.0, stop_on_exit: bool = False, preload: bool = True
+    swapper: Swapper,
+    check_interval: float = 1.0,
+    stop_on_exit: bool = False,
+    preload: bool = True,
+    listen_host: str | None = None,
 ) -> Starlette:
+    """The app. `listen_host` (default: the config's `listen`) is the name the Host check
+    accepts besides loopback names, IP addresses and `allowedHosts`."""
     config = swapper.config
     client = swapper.client
     created = int(time.time())
@@ -234,12 +305,17 @@ def build_app(
             raise UnknownModelError(name)
         return model
 
-    async def send(
-        model: str, request: Request, path: str, content: bytes | AsyncIterator[bytes], length: int | None
-    ) -> Response:
-        headers = _headers(request.headers)
-        if length is not None:
-            headers["content-length"] = str(length)
+    async def send(model: str, request: Request, path: str, content: bytes) -> Response:
+        """Forward a request whose body is read; nothing more is done once its client leaves."""
+        try:
+            return await _unless_gone(request.receive, exchange(model, request, path, content))
+        except ClientGone:
+            raise ClientGone(model) from None
+
+    async def exchange(model: str, request: Request, path: str, content: bytes) -> Response:
+        headers = _upstream_headers(request)
+        if content or "content-length" in request.headers or "transfer-encoding" in request.headers:
+            headers["content-length"] = str(len(content))
         query = f"?{request.url.query}" if request.url.query else ""
         began = time.perf_counter()
         for attempt in (1, 2):
@@ -248,7 +324,7 @@ def build_app(
                 assert slot.container is not None
                 url = slot.container.url + path + query
                 upstream_request = client.build_request(request.method, url, headers=headers, content=content)
-                upstream = await _send_once(client, upstream_request, content)
+                upstream = await _send_once(client, upstream_request)
                 if not _small(upstream):
                     return Forwarded(upstream, swapper, slot, began)
                 try:  # a small, complete answer: one write, none of a stream's machinery
@@ -267,55 +343,33 @@ def build_app(
                     raise
                 alive = await swapper.confirm_alive(slot)
                 # the container died before this request reached it: start it again, once
-                if (
-                    alive
-                    or attempt == 2
-                    or not isinstance(content, bytes)
-                    or not isinstance(error, httpx.ConnectError)
-                ):
+                if alive or attempt == 2 or not isinstance(error, httpx.ConnectError):
                     raise BackendError(f"the model's server did not answer: {error!r}", model) from None
                 log.info("%s: its container had died; starting it again for this request", model)
         raise AssertionError("unreachable")
 
     async def forward(request: Request) -> Response:
-        body = Body(request, config.max_request_bytes)
+        """A model route: the model named in the JSON body or the multipart form."""
+        raw = await read_body(request, config.max_request_bytes)
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            return await forward_form(request, body, content_type)
-        raw = await body.read()
-        name, payload = _json_model(raw)
-        model = resolve(name)
-        upstream_name = config.models[model].use_model_name
-        if upstream_name:
-            raw = json.dumps({**payload, "model": upstream_name}).encode()
-        return await send(model, request, request.url.path, raw, len(raw))
-
-    async def forward_form(request: Request, body: Body, content_type: str) -> Response:
-        boundary = boundary_of(content_type)
-        if boundary is None:
-            raise RequestError(400, "a multipart body needs a boundary in its content-type", "invalid_form")
-        field, prefix = ModelField(boundary), []
-        chunks = body.chunks()
-        async for chunk in chunks:
-            prefix.append(chunk)
-            field.feed(chunk)
-            if field.done:
-                break
-        if not field.done:
-            raise RequestError(400, "the form has no 'model' field", "missing_model")
-        model = resolve(field.value.decode(errors="replace"))
-        head = b"".join(prefix)
-        upstream_name = config.models[model].use_model_name
-        if upstream_name:
-            head = replace_model(head, boundary, field.value, upstream_name.encode())
-        length = body.declared + len(head) - sum(map(len, prefix)) if body.declared is not None else None
-
-        async def rest() -> AsyncIterator[bytes]:
-            yield head
-            async for chunk in chunks:
-                yield chunk
-
-        return await send(model, request, request.url.path, rest(), length)
+            boundary = boundary_of(content_type)
+            if boundary is None:
+                raise RequestError(
+                    400, "a multipart body needs a boundary in its content-type", "invalid_form"
+                )
+            name = _form_model(raw, boundary)
+            model = resolve(name.decode(errors="replace"))
+            upstream_name = config.models[model].use_model_name
+            if upstream_name:
+                raw = replace_model(raw, boundary, name, upstream_name.encode())
+        else:
+            text, payload = _json_model(raw)
+            model = resolve(text)
+            upstream_name = config.models[model].use_model_name
+            if upstream_name:
+                raw = json.dumps({**payload, "model": upstream_name}).encode()
+        return await send(model, request, request.url.path, raw)
 
     async def upstream(request: Request) -> Response:
         """`/upstream/<model>/<path>`: any method, untouched, for a model's own UI or API."""
@@ -329,15 +383,16 @@ def build_app(
         """Any other route, with `?model=`; without it, no such route."""
         name = request.query_params.get("model")
         if not name:
-            known = request.url.path in MODEL_ROUTES or request.url.path in fixed
+            path = request.url.path
+            known = path in MODEL_ROUTES or path in fixed or path.startswith(("/unload/", "/logs/"))
             status, code = (405, "method_not_allowed") if known else (404, "not_found")
             raise RequestError(status, f"no route {request.method} {request.url.path}", code)
         return await pass_on(resolve(name), request, request.url.path)
 
     async def pass_on(model: str, request: Request, path: str) -> Response:
-        """Forward a request untouched, its body streamed on as it arrives."""
-        body = Body(request, config.max_request_bytes)
-        return await send(model, request, path, body.content(), body.declared)
+        """Forward a request untouched; its path as the client spelled it (quoted again)."""
+        raw = await read_body(request, config.max_request_bytes)
+        return await send(model, request, quote(path, safe=_PATH_SAFE), raw)
 
     async def models(request: Request) -> Response:
         data = [
@@ -360,14 +415,26 @@ def build_app(
         return JSONResponse({"running": [s for s in statuses if s["state"] != "stopped"], "models": statuses})
 
     async def unload(request: Request) -> Response:
+        """Stop one model or all once their requests finish, or after `?timeout=SECONDS`."""
         name = request.path_params.get("model")
-        return JSONResponse({"unloaded": await swapper.unload(resolve(name) if name else None)})
+        timeout = _seconds(request.query_params.get("timeout"), "timeout")
+        return JSONResponse({"unloaded": await swapper.unload(resolve(name) if name else None, timeout)})
 
     async def not_found(request: Request, error: Exception) -> Response:
         status = getattr(error, "status_code", 404)
         message = f"no route {request.method} {request.url.path}"
         kind = "method_not_allowed" if status == 405 else "not_found"
         return JSONResponse(error_body(message, "invalid_request_error", kind), status)
+
+    async def gone(request: Request, error: Exception) -> Response:
+        """The client left (mid-body, or before its answer): one line, and nothing to send."""
+        model = error.model if isinstance(error, ClientGone) else None
+        log.info(
+            "%s %s: the client went away%s", request.method, request.url.path, f" ({model})" * bool(model)
+        )
+        if model is not None:
+            swapper.metrics.requests.labels(model, "499").inc()
+        return Response(status_code=499)
 
     async def failed(request: Request, error: Exception) -> Response:
         response = error_response(error)
@@ -423,15 +490,30 @@ def build_app(
         Route("/metrics", metrics, methods=["GET"]),
         Route("/logs", logs, methods=["GET"]),
         Route("/logs/{model:path}", logs, methods=["GET"]),
-        Route("/unload", unload, methods=["GET", "POST"]),
-        Route("/unload/{model:path}", unload, methods=["GET", "POST"]),
+        Route("/unload", unload, methods=["POST"]),  # never GET: a link or an <img> must not stop models
+        Route("/unload/{model:path}", unload, methods=["POST"]),
         Route("/upstream/{rest:path}", upstream, methods=any_method),
         Route("/{path:path}", by_query, methods=any_method),
     ]
+    guard = Middleware(
+        Guard,
+        listen_host=config.listen.rpartition(":")[0] if listen_host is None else listen_host,
+        allowed_hosts=config.allowed_hosts,
+        cors=config.cors,
+        api_keys=config.api_keys,
+    )
     return Starlette(
         routes=routes,
+        middleware=[guard],
         lifespan=lifespan,
-        exception_handlers={404: not_found, 405: not_found, SwapctlError: failed, Exception: failed},
+        exception_handlers={
+            404: not_found,
+            405: not_found,
+            ClientGone: gone,
+            ClientDisconnect: gone,
+            SwapctlError: failed,
+            Exception: failed,
+        },
     )
 
 

@@ -10,7 +10,8 @@ import jsonschema
 import pytest
 import yaml
 
-from swapctl.config import json_schema, load_config, parse_config, parse_duration
+from swapctl.cli import main
+from swapctl.config import json_schema, load_config, parse_config, parse_duration, parse_listen
 from swapctl.errors import ConfigError
 from swapctl.matrix import GroupPolicy, MatrixPolicy
 
@@ -203,3 +204,294 @@ def test_schema_rejects_what_the_parser_rejects() -> None:
         jsonschema.validate(with_model(tll=3), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"models": {"a": {"image": "i", "gpus": "some"}}}, schema)
+    # the bounds; a duration string past its bound, or a size string, is for the parser alone
+    for raw in [
+        *(with_model(stop_grace_period=v) for v in (float("inf"), 1e300, 10**400, 3601, -1, True, "soon")),
+        *(with_model(port=v) for v in (0, 65536, True, "8080")),
+        *(with_model(ttl=v) for v in (-1, 30 * 86400 + 1, True, float("inf"))),
+        *(with_model(healthCheckTimeout=v) for v in (0, 86401)),
+        *(with_model(concurrencyLimit=v) for v in (0, 100001)),
+        *(with_model(gpus=v) for v in (True, 0, 1025)),
+        *(with_model(shm_size=v) for v in (True, -1, 2**50, "lots")),
+        *(with_model(template=v) for v in ("../x", "/etc/passwd", "a..b", "a/b", ".a", ["x"])),
+        *(
+            {**base(), key: value}
+            for key in ("healthCheckTimeout", "globalTTL", "maxRequestBytes")
+            for value in (-1, 2**40, False)
+        ),
+        base(matrix={"evict_costs": {"a": 10**12}, "sets": {"s": "a"}}),
+        base(matrix={"evict_costs": {"a": 0}, "sets": {"s": "a"}}),
+    ]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(raw, schema)
+        with pytest.raises(ConfigError):
+            parse_config(raw)
+    for raw in [with_model(stop_grace_period="1m30s", shm_size="1.5gb", gpus=1024, template="llama-server")]:
+        jsonschema.validate(raw, schema)
+
+
+DAY = 86400
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "message"),
+    [
+        (with_model(stop_grace_period=float("inf")), "models.a.stop_grace_period", "from 0 to 3600"),
+        (with_model(stop_grace_period=float("nan")), "models.a.stop_grace_period", "from 0 to 3600"),
+        (with_model(stop_grace_period=1e300), "models.a.stop_grace_period", "from 0 to 3600"),
+        (with_model(stop_grace_period=10**400), "models.a.stop_grace_period", "from 0 to 3600"),
+        (with_model(stop_grace_period=3601), "models.a.stop_grace_period", "from 0 to 3600"),
+        (with_model(stop_grace_period="2h"), "models.a.stop_grace_period", "from 0 to 3600"),
+        (with_model(stop_grace_period="9" * 400 + "h"), "models.a.stop_grace_period", "from 0 to 3600"),
+        (with_model(stop_grace_period=-1), "models.a.stop_grace_period", "duration"),
+        (with_model(stop_grace_period=True), "models.a.stop_grace_period", "duration"),
+        (with_model(port=65536), "models.a.port", "less than or equal to 65535"),
+        (with_model(port=True), "models.a.port", "valid integer"),
+        (with_model(port=8080.0), "models.a.port", "valid integer"),
+        (with_model(ttl=30 * DAY + 1), "models.a.ttl", "less than or equal to 2592000"),
+        (with_model(ttl=10**400), "models.a.ttl", "less than or equal to 2592000"),
+        (with_model(ttl=True), "models.a.ttl", "valid integer"),
+        (with_model(ttl=float("inf")), "models.a.ttl", "valid integer"),
+        (
+            with_model(healthCheckTimeout=DAY + 1),
+            "models.a.healthCheckTimeout",
+            "less than or equal to 86400",
+        ),
+        (with_model(concurrencyLimit=0), "models.a.concurrencyLimit", "greater than or equal to 1"),
+        (with_model(concurrencyLimit=100001), "models.a.concurrencyLimit", "less than or equal to 100000"),
+        (with_model(gpus=True), "models.a.gpus", "a count of at least 1"),
+        (with_model(gpus=100000), "models.a.gpus", "at most 1024"),
+        (with_model(shm_size=True), "models.a.shm_size", "size"),
+        (with_model(shm_size=2**50), "models.a.shm_size", "size"),
+        (with_model(shm_size="lots"), "models.a.shm_size", "size"),
+        (with_model(shm_size="2000000g"), "models.a.shm_size", "size"),
+        ({**base(), "healthCheckTimeout": DAY + 1}, "healthCheckTimeout", "less than or equal to 86400"),
+        ({**base(), "healthCheckTimeout": False}, "healthCheckTimeout", "valid integer"),
+        ({**base(), "globalTTL": 30 * DAY + 1}, "globalTTL", "less than or equal to 2592000"),
+        ({**base(), "maxRequestBytes": 16 * 2**30 + 1}, "maxRequestBytes", "less than or equal to"),
+        ({**base(), "maxRequestBytes": 0}, "maxRequestBytes", "greater than or equal to 1"),
+        (base(matrix={"evict_costs": {"a": 10**12}, "sets": {"s": "a"}}), "matrix.evict_costs.a", "at most"),
+        ({**base(), "listen": "127.0.0.1:99999"}, "listen", "port from 1 to 65535"),
+        ({**base(), "listen": "::1:8080"}, "listen", "brackets"),
+        ({**base(), "listen": 8080}, "listen", "valid string"),
+        (with_model(template="../x"), "models.a.template", "a template name is"),
+        (with_model(template="/etc/passwd"), "models.a.template", "a template name is"),
+        (with_model(template="a..b"), "models.a.template", "a template name is"),
+        (with_model(template=["x"]), "models.a.template", "a template name is"),
+    ],
+)
+def test_every_value_is_bounded(raw: Any, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.path == path
+    assert message in caught.value.message
+
+
+def test_bounds_are_inclusive() -> None:
+    model = parse_config(
+        with_model(stop_grace_period="1h", ttl=30 * DAY, healthCheckTimeout=DAY, concurrencyLimit=100000)
+    ).models["a"]
+    assert (model.stop_grace_period, model.ttl, model.health_check_timeout) == (3600.0, 30 * DAY, DAY)
+    assert parse_config(with_model(shm_size="1.5gb", port=65535, gpus=1024)).models["a"].shm_size == "1.5gb"
+    config = parse_config({**base(), "maxRequestBytes": 16 * 2**30, "globalTTL": 30 * DAY})
+    assert (config.max_request_bytes, config.global_ttl) == (16 * 2**30, 30 * DAY)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0, 10**400, "1e400", "9" * 400 + "s", True])
+def test_durations_reject_the_absurd(value: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        (":8080", ("0.0.0.0", 8080)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+        ("[::1]:8080", ("::1", 8080)),
+        ("[::]:65535", ("::", 65535)),
+        ("localhost:80", ("localhost", 80)),
+        ("my-host.example.com:443", ("my-host.example.com", 443)),
+    ],
+)
+def test_listen_addresses(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+    assert parse_config({**base(), "listen": text}).listen == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "8080",
+        "127.0.0.1:99999",
+        "127.0.0.1:0",
+        "127.0.0.1:080",
+        "127.0.0.1:",
+        "127.0.0.1:８０",
+        "256.1.1.1:80",
+        "1.2.3:80",
+        "::1:8080",
+        "[::1:8080",
+        "[zz]:80",
+        "-bad:80",
+        "a..b:80",
+        "a_b:80",
+        "host name:80",
+        "a" * 64 + ":80",
+    ],
+)
+def test_bad_listen_addresses(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        parse_listen(text)
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**base(), "listen": text})
+    assert caught.value.path == "listen"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**base(), "listen": text}, json_schema())
+    with pytest.raises(SystemExit) as done:
+        main(["up", "-c", str(ROOT / "config.example.yaml"), "--listen", text])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.startswith("error: --listen: expected HOST:PORT")
+
+
+def template(tmp_path: Path, text: str, name: str = "srv") -> None:
+    (tmp_path / "compose-templates").mkdir(exist_ok=True)
+    (tmp_path / "compose-templates" / f"{name}.yaml").write_text(text)
+
+
+def test_templates_resolve_only_by_name(tmp_path: Path) -> None:
+    config_dir = tmp_path / "conf"
+    config_dir.mkdir()
+    template(config_dir, "services: {m: {image: fine}}\n")
+    (tmp_path / "evil.yaml").write_text("services: {m: {image: evil}}\n")
+    for name in ("../../evil", str(tmp_path / "evil"), "../compose-templates/srv", "srv/", ".hidden"):
+        path = write(config_dir, f"models:\n  a: {{template: {json.dumps(name)}}}\n")
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert caught.value.path == "models.a.template"
+        assert "a template name is" in caught.value.message
+    assert load_config(write(config_dir, "models:\n  a: {template: srv}\n")).models["a"].image == "fine"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]\n", "a template is a Compose file"),
+        ("services: [m]\n", "exactly one service"),
+        ("services: {m: just-a-string}\n", "services.m: a service is a mapping"),
+        ("services: {m: [image, x]}\n", "services.m: a service is a mapping"),
+        ("services: {m: {image: x, x-swapctl: [port]}}\n", "services.m.x-swapctl: must be a mapping"),
+        ("services: {m: {image: x, x-swapctl: 0}}\n", "services.m.x-swapctl: must be a mapping"),
+    ],
+)
+def test_templates_of_the_wrong_shape_are_errors(tmp_path: Path, text: str, message: str) -> None:
+    template(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, "models:\n  a: {template: srv}\n"))
+    assert caught.value.path == str(tmp_path / "compose-templates" / "srv.yaml")
+    assert message in caught.value.message
+
+
+BILLION_LAUGHS = (  # 10^9 labels once expanded; before, validation turned them into strings for ever
+    "x-a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"x-{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9))
+    + "models: {a: {image: x, labels: *j}}\n"
+)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BILLION_LAUGHS, "aliases would expand it by more than 10000 nodes"),
+        ("a: &a [" + ", ".join(["x"] * 200) + "]\nb: [" + ", ".join(["*a"] * 200) + "]\n", "10000 nodes"),
+        ("a: &a [x, *a]\n", "refers to itself"),
+        ("a: &a {b: *a}\n", "refers to itself"),
+        ("[" * 5000 + "]" * 5000 + "\n", "nested more than 100 levels deep"),
+        ("{a: " * 5000 + "1" + "}" * 5000 + "\n", "nested more than 100 levels deep"),
+        (
+            "a: &a " + "[" * 60 + "]" * 60 + "\nb: " + "[" * 60 + "*a" + "]" * 60 + "\n",
+            "nested more than 100 levels deep once its aliases are expanded",
+        ),
+        ("? [a, b]\n: 1\n", "unhashable key"),
+        ("a: " + "9" * 5000 + "\n", "invalid YAML"),
+        ("a: !!int nope\n", "invalid YAML"),
+    ],
+)
+def test_hostile_yaml_is_refused_quickly(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.path == str(path)
+    assert message in caught.value.message
+
+
+def test_files_that_are_not_utf8_are_errors(tmp_path: Path) -> None:
+    path = tmp_path / "swapctl.yaml"
+    path.write_bytes(b"models: {a: {image: \xff}}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.path == str(path)
+    assert "UTF-8" in caught.value.message
+
+
+def test_anchors_aliases_and_merge_keys_still_work(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "models:\n"
+        "  a: &base {image: img, port: 9000, environment: {A: '1'}}\n"
+        "  b: {<<: *base, port: 9001}\n"
+        "  c: {<<: [*base], aliases: [see]}\n"
+        "  d: {image: img, environment: *env}\n".replace("*env", "{<<: {X: '2'}, Y: '3'}"),
+    )
+    config = load_config(path)
+    assert [config.models[m].port for m in "abcd"] == [9000, 9001, 9000, 8080]
+    assert config.models["b"].environment == {"A": "1"}
+    assert config.models["d"].environment == {"X": "2", "Y": "3"}
+    duplicate = write(tmp_path, "models:\n  a: &a {image: i}\n  b: {<<: *a, image: j, image: k}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'image'"):
+        load_config(duplicate)
+
+
+def chain(levels: int) -> str:
+    """`a` inside `levels` alternating & and | levels, each with its own parentheses."""
+    source = "a"
+    for level in range(levels):
+        source = f"b {'&|'[level % 2]} ({source})"
+    return source
+
+
+def test_deep_sets_solve_or_are_refused_by_name() -> None:
+    for source in ("(" * 500 + "a" + ")" * 500, "(" * 5000 + "a" + ")" * 5000 + " & b", chain(200)):
+        config = parse_config(base(matrix={"sets": {"deep": source, "other": "b"}}))
+        assert config.policy.decide("a", [], explain=True).set == "deep"
+        assert "matrix with 2 sets" in config.policy.summary()
+    with pytest.raises(ConfigError) as caught:
+        parse_config(base(matrix={"sets": {"ok": "a", "deep": chain(1000)}}))
+    assert caught.value.path == "matrix.sets.deep"
+    assert caught.value.message == "nested 1000 levels deep; at most 200"
+
+
+def test_deep_sets_through_references() -> None:
+    sets = {"s0": "a"} | {f"s{i}": f"+s{i - 1}" for i in range(1, 2000)}
+    assert parse_config(base(matrix={"sets": sets})).policy.decide("a", []).set == "s0"
+    sets = {"s0": "a"} | {f"s{i}": f"b {'&|'[i % 2]} +s{i - 1}" for i in range(1, 400)}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(base(matrix={"sets": dict(reversed(sets.items()))}))
+    assert caught.value.path == "matrix.sets.s201"
+    assert caught.value.message == "nested 201 levels deep through its +refs; at most 200"
+
+
+def test_sets_that_reuse_sets_cannot_blow_up() -> None:
+    sets = {"s0": "a | b"} | {f"s{i}": f"(+s{i - 1}) {'&|'[i % 2]} (+s{i - 1})" for i in range(1, 60)}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(base(matrix={"sets": sets}))
+    assert caught.value.path.startswith("matrix.sets.s")
+    assert caught.value.message.endswith("models once its +refs are inlined; at most 100000")
+
+
+def test_huge_combination_counts_are_summarised() -> None:
+    source = " & ".join(["(a | b | a)"] * 10000)
+    config = parse_config(base(matrix={"sets": {"s": source}}))
+    assert config.policy.summary() == "matrix with 1 sets (about 10^4771 combinations)"

@@ -41,7 +41,9 @@ async def proxy() -> AsyncIterator[tuple[httpx.AsyncClient, FakeBackend]]:
     upstream = httpx.AsyncClient(transport=backend.transport)
     swapper = Swapper(parse_config(CONFIG), backend, upstream)
     app = build_app(swapper)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://swapctl") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+    ) as client:
         yield client, backend
     await upstream.aclose()
 

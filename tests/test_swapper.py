@@ -11,7 +11,8 @@ import pytest
 
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import Config, parse_config
-from swapctl.errors import GpuUnavailable, ImageMissing, StartError
+from swapctl.errors import GpuUnavailable, ImageMissing, StartError, StopFailed
+from swapctl.matrix import allowed_part
 from swapctl.proxy import preload_models
 from swapctl.spec import build_spec
 from swapctl.swapper import State, Swapper
@@ -60,6 +61,11 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+def state(swapper: Swapper, model: str) -> State:
+    """The model's state, read afresh (so mypy does not narrow it between two reads)."""
+    return swapper.slots[model].state
 
 
 async def use(swapper: Swapper, model: str) -> None:
@@ -278,3 +284,107 @@ async def test_adoption_replaces_a_container_whose_image_was_rebuilt(
     swapper = swapper_for(make_config(models={"code": {"image": "other"}}), backend)
     assert await swapper.adopt() == ["chat"]
     assert backend.running_models() == {"chat"}
+
+
+async def test_adoption_keeps_only_what_the_matrix_allows_together(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    """Both ran under a config that allowed them together; the new config forbids it."""
+    backend = FakeBackend()
+    allowing = make_config()
+    backend.start(build_spec(allowing, "chat"))
+    backend.start(build_spec(allowing, "code"))
+    forbidding = make_config(matrix={**MATRIX, "evict_costs": {"k": 5}, "sets": {"a": "c", "b": "k"}})
+    swapper = swapper_for(forbidding, backend)
+    assert await swapper.adopt() == ["code"]  # the costlier to lose is kept
+    assert backend.running_models() == {"code"}
+    await use(swapper, "chat")  # and later decisions keep the matrix
+    assert backend.running_models() == {"chat"}
+
+
+def test_allowed_part_keeps_the_costliest_allowed_combination() -> None:
+    policy = make_config().policy
+    assert allowed_part(policy, ["chat", "code"]) == ("chat", "code")
+    assert allowed_part(policy, ["chat", "code", "big"]) == ("big",)  # big costs 10, the pair 2
+    cheap_big = make_config(matrix={**MATRIX, "evict_costs": {}}).policy
+    assert allowed_part(cheap_big, ["chat", "big"]) == ("big",)  # a tie goes by name
+    assert allowed_part(cheap_big, ["code", "chat", "big"]) == ("big",)
+    assert allowed_part(make_config(matrix=None).policy, ["chat", "code"]) == ("chat",)  # one at a time
+
+
+async def test_an_adopted_container_is_starting_until_its_health_check_answers(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    backend.behaviour["chat"] = FakeModel(ready_after=0.3)
+    backend.start(build_spec(make_config(), "chat"))  # `up` was killed while it loaded
+    swapper = swapper_for(make_config(), backend)
+    assert await swapper.adopt() == ["chat"]
+    assert state(swapper, "chat") is State.STARTING
+    await asyncio.wait_for(use(swapper, "chat"), timeout=5)  # joins the start: no error
+    assert state(swapper, "chat") is State.READY
+    assert backend.starts == {"chat": 1}
+
+
+async def test_an_adopted_container_that_never_becomes_healthy_is_removed(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    backend.behaviour["chat"] = FakeModel(ready_after=1000)
+    config = make_config(healthCheckTimeout=1)
+    backend.start(build_spec(config, "chat"))
+    swapper = swapper_for(config, backend)
+    await swapper.adopt()
+    with pytest.raises(StartError, match="healthCheckTimeout"):
+        await asyncio.wait_for(use(swapper, "chat"), timeout=10)
+    assert backend.running_models() == set()
+    assert state(swapper, "chat") is State.STOPPED
+
+
+async def test_a_container_that_will_not_stop_still_counts_as_running(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    backend.behaviour["chat"] = FakeModel(unstoppable=True)
+    swapper = swapper_for(make_config(), backend)
+    await use(swapper, "chat")
+    with pytest.raises(StopFailed, match="chat"):
+        await use(swapper, "big")  # big runs alone: chat must stop first, and cannot
+    assert backend.running_models() == {"chat"}  # big never started beside it
+    assert state(swapper, "chat") is State.STOP_FAILED
+    assert swapper.running() == ["chat"]
+    with pytest.raises(StopFailed):
+        await use(swapper, "big")  # tried again, refused again: never a forbidden pair
+    assert backend.running_models() == {"chat"}
+    backend.behaviour["chat"] = FakeModel()  # the engine recovers
+    await swapper.check()
+    assert state(swapper, "chat") is State.STOPPED
+    await use(swapper, "big")
+    assert backend.running_models() == {"big"}
+
+
+async def test_a_container_that_will_not_stop_at_adoption_counts_as_running(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    backend.behaviour["chat"] = FakeModel(unstoppable=True)
+    backend.start(build_spec(make_config(models={"chat": {"image": "old"}}), "chat"))
+    swapper = swapper_for(make_config(), backend)
+    assert await swapper.adopt() == []
+    assert swapper.running() == ["chat"]
+    with pytest.raises(StopFailed):
+        await use(swapper, "big")
+    assert backend.running_models() == {"chat"}
+
+
+async def test_unload_with_a_timeout_stops_a_model_with_requests_in_flight(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = FakeBackend()
+    swapper = swapper_for(make_config(), backend)
+    held = await swapper.acquire("chat")  # a long stream, say
+    assert await asyncio.wait_for(swapper.unload(timeout=0.1), timeout=5) == ["chat"]
+    assert backend.running_models() == set()
+    await swapper.release(held)
+    assert swapper.slots["chat"].in_flight == 0
+    await use(swapper, "chat")  # and it starts again as usual

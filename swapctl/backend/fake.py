@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import httpx
 
 from swapctl.backend.base import Container
-from swapctl.errors import GpuUnavailable, ImageMissing
+from swapctl.errors import BackendError, GpuUnavailable, ImageMissing
 from swapctl.spec import ContainerSpec
 
 Handler = Callable[[httpx.Request, "FakeContainer"], Awaitable[httpx.Response]]
@@ -55,7 +55,12 @@ async def echo(request: httpx.Request, box: FakeContainer) -> httpx.Response:
             "served_by": box.spec.model,
         }
         return httpx.Response(200, json=seen)
-    body = json.loads(raw or b"{}")
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):  # as a real server would answer a body it cannot read
+        return httpx.Response(400, json={"error": {"message": "the body is not a JSON object"}})
     model = body.get("model", "")
     if body.get("stream"):
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=_sse(model))
@@ -72,6 +77,7 @@ class FakeModel:
     ready_after: float = 0.0
     exit_at_start: str | None = None  # a log line; the container exits at once
     handler: Handler = echo
+    unstoppable: bool = False  # stop (and kill) fail, as with a wedged driver or a broken engine
 
 
 class FakeBackend:
@@ -131,6 +137,9 @@ class FakeBackend:
         return box.container if box else None
 
     def stop(self, container_id: str, grace: float) -> None:
+        box = self.boxes.get(container_id)
+        if box is not None and self.behaviour.get(box.spec.model, FakeModel()).unstoppable:
+            raise BackendError(f"cannot stop {box.container.name}: the engine refused", box.spec.model)
         self.boxes.pop(container_id, None)
 
     def logs(self, container_id: str, tail: int = 50) -> str:

@@ -1,6 +1,6 @@
 """The pure core: the set DSL, its compiled program, the solver, and the legacy groups."""
 
-from swapctl.matrix.decision import Candidate, Decision, Policy
+from swapctl.matrix.decision import Candidate, Decision, Policy, allowed_part
 from swapctl.matrix.groups import DEFAULT_GROUP, Group, GroupPolicy
 from swapctl.matrix.program import Program, compile_matrix
 from swapctl.matrix.solver import MatrixPolicy
@@ -14,5 +14,6 @@ __all__ = [
     "MatrixPolicy",
     "Policy",
     "Program",
+    "allowed_part",
     "compile_matrix",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,3 +52,18 @@ class Policy(Protocol):
     def summary(self) -> str:
         """One line describing the policy, for `swapctl validate`."""
         ...
+
+    def cost(self, model: str) -> int:
+        """What losing `model` costs when it runs."""
+        ...
+
+
+def allowed_part(policy: Policy, running: Iterable[str]) -> tuple[str, ...]:
+    """The models of `running` that may go on running together: the costliest to lose are
+    kept first, and a model joins only if a request for it would stop none of those kept.
+    `running` itself when the policy allows all of it."""
+    kept: list[str] = []
+    for model in sorted(set(running), key=lambda m: (-policy.cost(m), m)):
+        if not policy.decide(model, kept).evict:
+            kept.append(model)
+    return tuple(sorted(kept))

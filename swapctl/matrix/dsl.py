@@ -1,7 +1,8 @@
 """Parse the set DSL: `&` (together), `|` (alternatives), `( )`, `+ref`.
 
 `&` binds tighter than `|`, so `a | b & c` is `a | (b & c)`. Whitespace is ignored.
-Positions in errors are 1-based character offsets into the expression.
+Positions in errors are 1-based character offsets into the expression. Parentheses add
+no level where they repeat the operator around them: `(a & (b & c))` is `a & b & c`.
 
     expr   := term ('|' term)*
     term   := factor ('&' factor)*
@@ -11,7 +12,8 @@ Positions in errors are 1-based character offsets into the expression.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 NAME_CHARS = re.compile(r"[A-Za-z0-9._:/@-]+")
 OPERATORS = "&|()+"
@@ -74,64 +76,102 @@ def tokenize(source: str) -> list[Token]:
     return tokens
 
 
-class _Parser:
-    def __init__(self, source: str) -> None:
-        self.tokens = tokenize(source)
-        self.at = 0
+@dataclass
+class _Group:
+    """An open '(' (or the whole expression, `opened_at` None): its alternatives so far and
+    the factors of the term being read. A group inside a term of the same operator adds no
+    level: `(a & (b & c))` is one `All` of three, as `_join` flattens compiled trees."""
 
-    def peek(self) -> Token:
-        return self.tokens[self.at]
+    opened_at: int | None
+    alternatives: list[Expr] = field(default_factory=list)
+    factors: list[Expr] = field(default_factory=list)
 
-    def take(self) -> Token:
-        token = self.tokens[self.at]
-        self.at += 1
-        return token
+    def add_factor(self, factor: Expr) -> None:
+        self.factors.extend(factor.items if isinstance(factor, All) else (factor,))
 
-    def expr(self) -> Expr:
-        items = [self.term()]
-        while self.peek().kind == "|":
-            self.take()
-            items.append(self.term())
-        return items[0] if len(items) == 1 else Any(tuple(items))
+    def end_term(self) -> None:
+        term = self.factors[0] if len(self.factors) == 1 else All(tuple(self.factors))
+        self.factors = []
+        self.alternatives.extend(term.items if isinstance(term, Any) else (term,))
 
-    def term(self) -> Expr:
-        items = [self.factor()]
-        while self.peek().kind == "&":
-            self.take()
-            items.append(self.factor())
-        return items[0] if len(items) == 1 else All(tuple(items))
+    def close(self) -> Expr:
+        self.end_term()
+        return self.alternatives[0] if len(self.alternatives) == 1 else Any(tuple(self.alternatives))
 
-    def factor(self) -> Expr:
-        token = self.take()
-        if token.kind == "name":
-            return Name(token.text, token.position)
-        if token.kind == "+":
-            name = self.take()
-            if name.kind != "name":
-                raise DslError("'+' must be followed by a set name", token.position)
-            return Ref(name.text, token.position)
-        if token.kind == "(":
-            inner = self.expr()
-            close = self.take()
-            if close.kind != ")":
-                raise DslError("unbalanced parenthesis: '(' is never closed", token.position)
-            return inner
-        if token.kind == ")":
-            raise DslError("unbalanced parenthesis: unexpected ')'", token.position)
-        if token.kind == "end":
-            raise DslError("expression ends where a name was expected", token.position)
-        raise DslError(f"expected a name before {token.text!r}", token.position)
+
+def _not_a_name(token: Token) -> DslError:
+    if token.kind == ")":
+        return DslError("unbalanced parenthesis: unexpected ')'", token.position)
+    if token.kind == "end":
+        return DslError("expression ends where a name was expected", token.position)
+    return DslError(f"expected a name before {token.text!r}", token.position)
 
 
 def parse(source: str) -> Expr:
-    """Parse one set expression into a tree; raise DslError with a position."""
+    """Parse one set expression into a tree; raise DslError with a position.
+
+    The grammar is read with an explicit stack of open parentheses, not by recursion, so
+    nesting depth is bounded by memory, not by Python's stack (the compiler bounds depth).
+    """
     if not source.strip():
         raise DslError("empty expression")
-    parser = _Parser(source)
-    tree = parser.expr()
-    rest = parser.peek()
-    if rest.kind == ")":
-        raise DslError("unbalanced parenthesis: unexpected ')'", rest.position)
-    if rest.kind != "end":
-        raise DslError(f"expected '&' or '|' before {rest.text!r}", rest.position)
-    return tree
+    tokens = tokenize(source)
+    groups = [_Group(None)]
+    at = 0
+    while True:
+        token = tokens[at]  # a factor: NAME, '+' NAME or '('
+        at += 1
+        if token.kind == "(":
+            groups.append(_Group(token.position))
+            continue
+        if token.kind == "+":
+            name = tokens[at]
+            at += 1
+            if name.kind != "name":
+                raise DslError("'+' must be followed by a set name", token.position)
+            groups[-1].add_factor(Ref(name.text, token.position))
+        elif token.kind == "name":
+            groups[-1].add_factor(Name(token.text, token.position))
+        else:
+            raise _not_a_name(token)
+        while True:  # after a factor: '&', '|', or the end of groups
+            token = tokens[at]
+            if token.kind in ("&", "|"):
+                at += 1
+                if token.kind == "|":
+                    groups[-1].end_term()
+                break
+            group = groups.pop()
+            if group.opened_at is None:
+                if token.kind == ")":
+                    raise DslError("unbalanced parenthesis: unexpected ')'", token.position)
+                if token.kind != "end":
+                    raise DslError(f"expected '&' or '|' before {token.text!r}", token.position)
+                return group.close()
+            if token.kind != ")":
+                raise DslError("unbalanced parenthesis: '(' is never closed", group.opened_at)
+            at += 1
+            groups[-1].add_factor(group.close())
+
+
+def depth(expr: Expr) -> int:
+    """Levels of `&`/`|` above the deepest name (a name alone is 0); without recursion."""
+    deepest = 0
+    stack: list[tuple[Expr, int]] = [(expr, 0)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (All, Any)):
+            stack.extend((item, level + 1) for item in node.items)
+        deepest = max(deepest, level)
+    return deepest
+
+
+def leaves(expr: Expr) -> Iterator[Name | Ref]:
+    """The names and references of `expr`, left to right; without recursion."""
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (All, Any)):
+            stack.extend(reversed(node.items))
+        else:
+            yield node

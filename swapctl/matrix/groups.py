@@ -41,6 +41,9 @@ class GroupPolicy:
             return "no matrix nor groups: one model at a time"
         return f"{len(self.groups)} groups"
 
+    def cost(self, model: str) -> int:
+        return 1
+
     def decide(self, model: str, running: Collection[str], explain: bool = False) -> Decision:
         if model in running:
             return Decision(model, True, None, tuple(sorted(running)), (), 0)

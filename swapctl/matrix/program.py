@@ -7,23 +7,33 @@ never accepted), `+ref` inlines another set's tree, and every error names its ke
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from swapctl.errors import ConfigError
 from swapctl.matrix import dsl
 
 VAR_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
+MAX_COST = 10**9
+# A set's compiled tree is walked recursively by the solver (one or two frames a level), so
+# its depth is bounded well inside Python's stack; nobody writes 200 alternating levels.
+MAX_DEPTH = 200
+# A set that reuses sets (`+s & +s`, again and again) can name exponentially many models
+# once inlined; this bounds the tree the solver and `combinations_count` walk.
+MAX_NAMES = 100_000
 
 
 @dataclass(frozen=True, eq=False)
 class Node:
-    """A compiled expression. `mask` has bit i set when model i appears below this node."""
+    """A compiled expression. `mask` has bit i set when model i appears below this node;
+    `depth` counts its levels of and/or (0 for a model), `names` its models with repeats."""
 
     op: str  # "model", "and" or "or"
     mask: int
     model: int = -1
     children: tuple[Node, ...] = ()
+    depth: int = 0
+    names: int = 1
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,14 @@ def combinations_count(node: Node) -> int:
     return product
 
 
+class _TooLarge(ValueError):
+    """A tree past MAX_NAMES, raised before it is built."""
+
+
 def _join(op: str, children: list[Node]) -> Node:
+    names = sum(child.names for child in children)
+    if names > MAX_NAMES:
+        raise _TooLarge(f"names {names} models once its +refs are inlined; at most {MAX_NAMES}")
     flat: list[Node] = []
     for child in children:
         flat.extend(child.children if child.op == op else (child,))
@@ -73,7 +90,8 @@ def _join(op: str, children: list[Node]) -> Node:
     mask = 0
     for child in flat:
         mask |= child.mask
-    return Node(op, mask, children=tuple(flat))
+    depth = 1 + max(child.depth for child in flat)
+    return Node(op, mask, children=tuple(flat), depth=depth, names=names)
 
 
 class _Compiler:
@@ -94,11 +112,30 @@ class _Compiler:
         self.visiting: list[str] = []
 
     def compile_set(self, name: str) -> Node:
+        """The set's tree. The sets it references are compiled first, depth first, from an
+        explicit stack (a chain of +refs may be long); errors come in the order of the text."""
         if name in self.done:
             return self.done[name]
-        if name in self.visiting:
-            cycle = " -> ".join([*self.visiting[self.visiting.index(name) :], name])
-            raise ConfigError(f"{self.path}.sets.{self.visiting[-1]}", f"reference cycle: {cycle}")
+        stack: list[tuple[str, dsl.Expr, Iterator[dsl.Name | dsl.Ref]]] = []
+        entering: str | None = name
+        while entering is not None or stack:
+            if entering is not None:
+                if entering in self.visiting:
+                    cycle = " -> ".join([*self.visiting[self.visiting.index(entering) :], entering])
+                    raise ConfigError(f"{self.path}.sets.{self.visiting[-1]}", f"reference cycle: {cycle}")
+                tree = self.parse(entering)
+                self.visiting.append(entering)
+                stack.append((entering, tree, dsl.leaves(tree)))
+                entering = None
+            current, tree, pending = stack[-1]
+            entering = self.next_ref(current, pending)
+            if entering is None:
+                stack.pop()
+                self.visiting.pop()
+                self.done[current] = self.lower_set(current, tree)
+        return self.done[name]
+
+    def parse(self, name: str) -> dsl.Expr:
         source = self.sources[name]
         where = f"{self.path}.sets.{name}"
         if not isinstance(source, str):
@@ -107,21 +144,42 @@ class _Compiler:
             tree = dsl.parse(source)
         except dsl.DslError as error:
             raise ConfigError(where, f"{error} in {source!r}") from None
-        self.visiting.append(name)
-        node = self.lower(tree, where, source)
-        self.visiting.pop()
-        self.done[name] = node
+        if (levels := dsl.depth(tree)) > MAX_DEPTH:
+            raise ConfigError(where, f"nested {levels} levels deep; at most {MAX_DEPTH}")
+        return tree
+
+    def next_ref(self, name: str, pending: Iterator[dsl.Name | dsl.Ref]) -> str | None:
+        """The next set `name` references that is still to compile; names on the way must resolve."""
+        where, source = f"{self.path}.sets.{name}", self.sources[name]
+        for leaf in pending:
+            if isinstance(leaf, dsl.Name):
+                self.resolve(leaf, where, source)
+            elif leaf.set_name not in self.sources:
+                raise ConfigError(
+                    where, f"unknown set '+{leaf.set_name}' at position {leaf.position} in {source!r}"
+                )
+            elif leaf.set_name not in self.done:
+                return leaf.set_name
+        return None
+
+    def lower_set(self, name: str, tree: dsl.Expr) -> Node:
+        where = f"{self.path}.sets.{name}"
+        try:
+            node = self.lower(tree, where, self.sources[name])
+        except _TooLarge as error:
+            raise ConfigError(where, str(error)) from None
+        if node.depth > MAX_DEPTH:
+            raise ConfigError(
+                where, f"nested {node.depth} levels deep through its +refs; at most {MAX_DEPTH}"
+            )
         return node
 
     def lower(self, expr: dsl.Expr, where: str, source: str) -> Node:
+        """Recursive, but `parse` bounded the depth; every +ref it meets is compiled already."""
         if isinstance(expr, dsl.Name):
             return self.leaves[self.resolve(expr, where, source)]
         if isinstance(expr, dsl.Ref):
-            if expr.set_name not in self.sources:
-                raise ConfigError(
-                    where, f"unknown set '+{expr.set_name}' at position {expr.position} in {source!r}"
-                )
-            return self.compile_set(expr.set_name)
+            return self.done[expr.set_name]
         op = "and" if isinstance(expr, dsl.All) else "or"
         return _join(op, [self.lower(item, where, source) for item in expr.items])
 
@@ -178,6 +236,8 @@ def compile_matrix(
             raise ConfigError(where, f"unknown name '{name}' (not a var nor a model ID)")
         if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
             raise ConfigError(where, f"a cost is a positive integer, got {cost!r}")
+        if cost > MAX_COST:
+            raise ConfigError(where, f"a cost is at most {MAX_COST}, got {cost!r}")
         costs[names[name]] = cost
 
     if not sets:

@@ -9,6 +9,7 @@ turned back into one real combination of its set.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -87,13 +88,22 @@ class _Projection:
         ]
 
 
+def _count(number: int) -> str:
+    """A count as digits, or its order of magnitude past 10^15 (Python refuses to print
+    integers of more than 4300 digits, and nobody reads 16)."""
+    return str(number) if number < 10**15 else f"about 10^{int(math.log10(number))}"
+
+
 @dataclass(frozen=True)
 class MatrixPolicy:
     program: Program
 
     def summary(self) -> str:
         total = sum(combinations_count(s.root) for s in self.program.sets)
-        return f"matrix with {len(self.program.sets)} sets ({total} combinations)"
+        return f"matrix with {len(self.program.sets)} sets ({_count(total)} combinations)"
+
+    def cost(self, model: str) -> int:
+        return self.program.costs[self.program.index[model]]
 
     def decide(self, model: str, running: Collection[str], explain: bool = False) -> Decision:
         program = self.program

@@ -1,0 +1,227 @@
+"""Who may talk to the proxy: one ASGI middleware in front of every route.
+
+A proxy on 127.0.0.1 is still reachable from every web page the user opens: a page can send
+requests to it (a form POST needs no CORS permission), and a name the attacker controls can
+be rebound to 127.0.0.1 (DNS rebinding) so that the page may even read the answers. So, for
+each HTTP request, in this order:
+
+1. Host: a name must be the listen host, a loopback name or one of `allowedHosts`, else 421.
+   An IP literal always passes: a rebinding attack needs a name the attacker controls.
+2. Origin: a request from a browser page of another origin (its `Origin`, or, without one,
+   `Sec-Fetch-Site: cross-site|same-site`) is refused with 403 unless `cors` allows that
+   origin, so a page cannot blindly start, stop or use models either.
+3. A CORS preflight from an allowed origin is answered here (204), never forwarded.
+4. With `apiKeys`, every route but `GET /health` needs a key (401 otherwise); the headers
+   that carried one are not passed on upstream.
+
+`Access-Control-*` headers of upstream answers are always dropped: only this module decides
+what a browser may read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+from collections.abc import Iterable
+
+from pydantic import SecretStr
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+ALLOW_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS, HEAD"
+ALLOW_HEADERS = b"authorization, content-type, x-api-key"
+MAX_AGE = b"600"
+_WANTED = {
+    b"host",
+    b"origin",
+    b"authorization",
+    b"x-api-key",
+    b"sec-fetch-site",
+    b"access-control-request-method",
+    b"access-control-request-headers",
+}
+_TOKENS = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+_ACCESS_CONTROL = b"access-control-"
+
+
+def host_of(value: str) -> str:
+    """The name or address of a Host header or a listen address: without its port, IPv6
+    brackets and trailing dot, lower-cased, so the forms a client may send compare equal."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:  # more than one: a bare IPv6 address, no port
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine reaches it: localhost, *.localhost, 127.0.0.0/8, ::1."""
+    host = host_of(host)
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    return JSONResponse(body, status, headers=headers)
+
+
+class Guard:
+    """The checks above, for HTTP requests; lifespan and anything else pass through."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        listen_host: str,
+        allowed_hosts: Iterable[str] = (),
+        cors: Iterable[str] = (),
+        api_keys: Iterable[SecretStr] = (),
+    ) -> None:
+        self.app = app
+        allowed = [host_of(h) for h in allowed_hosts]
+        self.any_host = "*" in allowed
+        self.hosts = {host_of(listen_host), *(h for h in allowed if not h.startswith("*."))}
+        # "*.example.com": any name under example.com; names under localhost are this machine's
+        self.suffixes = (".localhost", *(h[1:] for h in allowed if h.startswith("*.")))
+        self.origins = {origin.lower().encode("latin-1") for origin in cors}
+        self.any_origin = b"*" in self.origins
+        # bytes, compared as they come off the wire; never printed (no repr holds them)
+        self._keys = tuple(key.get_secret_value().encode() for key in api_keys)
+
+    def host_allowed(self, host: str) -> bool:
+        return (
+            self.any_host
+            or host in self.hosts
+            or host == "localhost"
+            or host.endswith(self.suffixes)
+            or _is_ip(host)
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        got = {name: value for name, value in scope["headers"] if name in _WANTED}
+        host = got.get(b"host", b"").lower()
+        origin = got.get(b"origin")
+        cors = origin is not None and (self.any_origin or origin.lower() in self.origins)
+        reply = self._reply(send, origin if cors else None)
+        refusal = self._refusal(host, origin, cors, got.get(b"sec-fetch-site"))
+        if refusal is not None:
+            await refusal(scope, receive, reply)
+            return
+        if scope["method"] == "OPTIONS" and origin is not None and b"access-control-request-method" in got:
+            requested = got.get(b"access-control-request-headers")
+            await self._preflight(origin, cors, requested)(scope, receive, send)
+            return
+        if self._keys and not (scope["path"] == "/health" and scope["method"] in ("GET", "HEAD")):
+            carried = self._carrying_a_key(got)
+            if not carried:
+                given = b"authorization" in got or b"x-api-key" in got
+                message = (
+                    "invalid API key"
+                    if given
+                    else "missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+                )
+                response = _error(401, message, "invalid_api_key", {"www-authenticate": "Bearer"})
+                await response(scope, receive, reply)
+                return
+            # a swapctl key is swapctl's: it never reaches a model's server
+            headers = [(name, value) for name, value in scope["headers"] if name not in carried]
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, reply)
+
+    def _refusal(
+        self, host: bytes, origin: bytes | None, cors: bool, fetch_site: bytes | None
+    ) -> Response | None:
+        """421 for a Host this server does not answer to; 403 for another site's page."""
+        name = host_of(host.decode("latin-1"))
+        if host and not self.host_allowed(name):
+            message = (
+                f"this server does not answer to the host '{name}' (a guard against DNS rebinding);"
+                " add it to allowedHosts to use that name"
+            )
+            return _error(421, message, "host_not_allowed")
+        if origin is not None:
+            # same origin: a page this server itself served (a model's web UI under /upstream/)
+            if cors or origin.lower().partition(b"://")[2] == host:
+                return None
+            shown = origin.decode("latin-1")
+            return _error(
+                403, f"requests from origin '{shown}' are not allowed; add it to cors", "origin_not_allowed"
+            )
+        if fetch_site in (b"cross-site", b"same-site"):  # a browser's request that carries no Origin
+            return _error(403, "requests from other sites' pages are not allowed", "origin_not_allowed")
+        return None
+
+    def _carrying_a_key(self, got: dict[bytes, bytes]) -> set[bytes]:
+        """The headers (authorization, x-api-key) that carry a valid key."""
+        found = set()
+        scheme, _, token = got.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and self._valid(token.strip()):
+            found.add(b"authorization")
+        if self._valid(got.get(b"x-api-key", b"").strip()):
+            found.add(b"x-api-key")
+        return found
+
+    def _valid(self, given: bytes) -> bool:
+        valid = False
+        for key in self._keys:  # every key, in constant time each: no early answer to time
+            valid |= hmac.compare_digest(given, key)
+        return valid
+
+    @staticmethod
+    def _preflight(origin: bytes, cors: bool, requested: bytes | None) -> Response:
+        """The answer to a CORS preflight. Browsers send no credentials with one, so it needs
+        no key; it is sent as is, past `_reply`, which would drop its headers."""
+        if not cors:  # a same-origin page asking: only `cors` grants CORS
+            return _error(403, "this origin is not allowed by cors", "origin_not_allowed")
+        response = Response(status_code=204)
+        requested = (requested or b"").strip()
+        # the origin is trusted: allow whatever headers its client sends (OpenAI SDKs send many)
+        allow = requested if _TOKENS.fullmatch(requested) else ALLOW_HEADERS
+        response.raw_headers.extend(
+            [
+                (b"access-control-allow-origin", origin),
+                (b"access-control-allow-methods", ALLOW_METHODS),
+                (b"access-control-allow-headers", allow),
+                (b"access-control-max-age", MAX_AGE),
+                (b"vary", b"Origin"),
+            ]
+        )
+        return response
+
+    def _reply(self, send: Send, origin: bytes | None) -> Send:
+        """`send`, with upstream CORS headers dropped and this server's own added."""
+        vary = bool(self.origins)
+
+        async def reply(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", ())
+                    if not name.lower().startswith(_ACCESS_CONTROL)
+                ]
+                if vary:
+                    headers.append((b"vary", b"Origin"))
+                if origin is not None:
+                    headers.append((b"access-control-allow-origin", origin))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return reply
