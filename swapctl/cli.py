@@ -1,41 +1,71 @@
 """The `swapctl` command. Builds the real objects and maps errors to exit codes in one place:
-2 for a mistake in the input (configuration, a model name), 1 for a failure at run time."""
+2 for a mistake in the input (configuration, a model name), 1 for a failure at run time.
+
+A command imports what it uses inside itself: `plan` and `validate` must not pay for the
+Docker SDK, the HTTP stack and the proxy (a second of imports) to read a file. The
+container engine comes from `main(backend_factory=...)` through Typer's `ctx.obj`, so
+tests run every command on the fake backend.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import httpx
 import typer
-import uvicorn
-from rich.console import Console
-from rich.table import Table
 
-from swapctl.backend.docker import DockerBackend
-from swapctl.config import Config, json_schema, load_config, parse_listen
 from swapctl.errors import ConfigError, SwapctlError, UnknownModelError
-from swapctl.guard import is_loopback
-from swapctl.matrix import Decision
 from swapctl.owner import Ownership, find_owner, state_dir
-from swapctl.proxy import build_app
-from swapctl.swapper import DEFAULT_GRACE, Swapper
-from swapctl.transport import AiohttpTransport, no_cookies
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from swapctl.backend import Backend
+    from swapctl.config import Config
+    from swapctl.matrix import Decision
+
+BackendFactory = Callable[[], "Backend"]
+
+
+def docker_backend() -> Backend:
+    """The Docker engine; the SDK loads only for the commands that talk to it."""
+    from swapctl.backend.docker import DockerBackend
+
+    return DockerBackend()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the commands take from outside the config, set once by `main` and handed to
+    each command as Typer's `ctx.obj`."""
+
+    backend: BackendFactory = docker_backend
+
+
+def _engine(ctx: typer.Context) -> BackendFactory:
+    """The backend factory `main` was given (Docker when the app runs without `main`)."""
+    runtime = ctx.find_object(Runtime)
+    return runtime.backend if runtime else docker_backend
+
 
 app = typer.Typer(
     help="Run many models, one container each, behind one OpenAI-compatible endpoint.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: it loads no rich (a tenth of a second) and keeps "[default: ...]",
+    # which rich's markup took for a style tag and dropped
+    rich_markup_mode=None,
 )
-config_app = typer.Typer(help="Inspect the configuration format.", no_args_is_help=True)
+config_app = typer.Typer(
+    help="Inspect the configuration format.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(config_app, name="config")
 
 ConfigOption = Annotated[
@@ -56,10 +86,16 @@ UrlOption = Annotated[
 
 
 def _stdout() -> Console:
+    """A console for tables and markup; plain lines go through print(), without loading rich."""
+    from rich.console import Console
+
     return Console(highlight=False, soft_wrap=True)
 
 
 def _load(path: Path) -> Config:
+    """The configuration; pydantic, the costliest import of a command, loads here, not for --help."""
+    from swapctl.config import load_config
+
     if not path.exists():
         raise ConfigError(str(path), "no such file (pass -c FILE or set SWAPCTL_CONFIG)")
     return load_config(path)
@@ -70,7 +106,7 @@ def validate(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Check the configuration; exit 2 with the key path of the first error."""
     loaded = _load(config)
     models = len(loaded.models)
-    _stdout().print(f"ok: {config}: {models} model{'s' * (models != 1)}, {loaded.policy.summary()}")
+    print(f"ok: {config}: {models} model{'s' * (models != 1)}, {loaded.policy.summary()}")
 
 
 def _running_names(loaded: Config, running: str) -> list[str]:
@@ -79,6 +115,8 @@ def _running_names(loaded: Config, running: str) -> list[str]:
 
 
 def _print_decision(decision: Decision, requested: str) -> None:
+    from rich.table import Table
+
     out = _stdout()
     named = requested if requested == decision.model else f"{requested} ({decision.model})"
     if decision.already_running:
@@ -107,6 +145,7 @@ def _print_decision(decision: Decision, requested: str) -> None:
 
 @app.command()
 def plan(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model ID, alias or matrix var.")],
     config: ConfigOption = DEFAULT_CONFIG,
     running: Annotated[
@@ -120,7 +159,7 @@ def plan(
     loaded = _load(config)
     target = loaded.resolve_any(model)
     if running is None:
-        _, statuses = _live_statuses(loaded, url)
+        _, statuses = _live_statuses(loaded, url, _engine(ctx))
         names = sorted(s["model"] for s in statuses if s["state"] not in ("stopped", "stopping", "leaving"))
     else:
         names = _running_names(loaded, running)
@@ -133,6 +172,8 @@ def plan(
 
 def _split_listen(listen: str) -> tuple[str, int]:
     """(host, port) by the config's own rule (`parse_listen`); IPv6 comes without brackets."""
+    from swapctl.config import parse_listen
+
     try:
         return parse_listen(listen)
     except ValueError as error:
@@ -141,6 +182,7 @@ def _split_listen(listen: str) -> tuple[str, int]:
 
 @app.command()
 def up(
+    ctx: typer.Context,
     config: ConfigOption = DEFAULT_CONFIG,
     listen: Annotated[
         Optional[str],  # noqa: UP045
@@ -156,6 +198,11 @@ def up(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every HTTP request.")] = False,
 ) -> None:
     """Run the proxy in the foreground: requests start and stop model containers."""
+    import asyncio
+    import logging
+
+    from swapctl.proxy.guard import is_loopback
+
     loaded = _load(config)
     host, port = _split_listen(listen or loaded.listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -166,14 +213,42 @@ def up(
             "models; set apiKeys in the config",
             host,
         )
-    backend = DockerBackend()
+    backend = _engine(ctx)()
     ownership = Ownership(loaded.instance, _url_of(host, port), state_dir())
+    serving = _serve(loaded, backend, host, port, stop_on_exit=stop_on_exit, verbose=verbose)
+    try:
+        import uvloop  # optional: a faster event loop where installed
 
-    async def serve() -> None:
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
-        timeout = httpx.Timeout(None, connect=10.0)
-        client = httpx.AsyncClient(timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies())
-        swapper = Swapper(loaded, backend, client)
+        uvloop.run(serving)
+    except ImportError:
+        asyncio.run(serving)
+    finally:
+        ownership.release()
+
+
+async def _serve(
+    loaded: Config, backend: Backend, host: str, port: int, *, stop_on_exit: bool, verbose: bool
+) -> None:
+    """Adopt what runs, then serve until interrupted; the objects the app shares are built here."""
+    import asyncio
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import uvicorn
+
+    from swapctl.lifecycle import Swapper
+    from swapctl.metrics import Metrics
+    from swapctl.proxy import build_app
+    from swapctl.proxy.transport import AiohttpTransport, no_cookies
+
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
+    timeout = httpx.Timeout(None, connect=10.0)
+    metrics = Metrics()
+    async with httpx.AsyncClient(
+        timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
+    ) as client:
+        swapper = Swapper(loaded, backend, client, metrics=metrics)
         adopted = await swapper.adopt()
         logging.getLogger("swapctl").info(
             "swapctl %s: %d models, %s; adopted %s; listening on http://%s:%d",
@@ -184,7 +259,7 @@ def up(
             host,
             port,
         )
-        app_ = build_app(swapper, stop_on_exit=stop_on_exit, listen_host=host)
+        app_ = build_app(loaded, swapper, client, metrics, stop_on_exit=stop_on_exit, listen_host=host)
         server_config = uvicorn.Config(
             app_,
             host=host,
@@ -194,15 +269,6 @@ def up(
             timeout_graceful_shutdown=10,  # on Ctrl-C, requests in flight get 10 s to finish
         )
         await uvicorn.Server(server_config).serve()
-
-    try:
-        import uvloop  # optional: a faster event loop where installed
-
-        uvloop.run(serve())
-    except ImportError:
-        asyncio.run(serve())
-    finally:
-        ownership.release()
 
 
 def _url_of(host: str, port: int) -> str:
@@ -224,6 +290,8 @@ def _proxy_url(loaded: Config, url: str | None) -> str:
 
 def _ask_proxy(loaded: Config, url: str | None, method: str, path: str, timeout: float = 30.0) -> Any | None:
     """The proxy's JSON answer, or None when no proxy answers there."""
+    import httpx
+
     try:
         response = httpx.request(
             method, _proxy_url(loaded, url) + path, headers=_key(loaded), timeout=timeout
@@ -241,12 +309,14 @@ def _key(loaded: Config) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
-def _live_statuses(loaded: Config, url: str | None) -> tuple[str, list[dict[str, Any]]]:
+def _live_statuses(
+    loaded: Config, url: str | None, backend: BackendFactory
+) -> tuple[str, list[dict[str, Any]]]:
     """What runs: from the proxy when one is up, else from the containers' labels."""
     answer = _ask_proxy(loaded, url, "GET", "/running")
     if answer is not None:
         return "proxy", list(answer["models"])
-    containers = {c.model: c for c in DockerBackend().list(loaded.instance)}
+    containers = {c.model: c for c in backend().list(loaded.instance)}
     now = time.time()
     statuses = []
     for model in loaded.models:
@@ -276,16 +346,19 @@ def _seconds(value: float | None) -> str:
 
 @app.command()
 def status(
+    ctx: typer.Context,
     config: ConfigOption = DEFAULT_CONFIG,
     url: UrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Show every configured model: state, container, port, uptime, idle time, requests."""
     loaded = _load(config)
-    source, statuses = _live_statuses(loaded, url)
+    source, statuses = _live_statuses(loaded, url, _engine(ctx))
     if as_json:
         print(json.dumps({"source": source, "models": statuses}))
         return
+    from rich.table import Table
+
     title = "from the proxy" if source == "proxy" else "from Docker (no proxy answers)"
     table = Table(title=f"swapctl {loaded.instance}: models {title}", title_justify="left")
     for column in ("model", "state", "container", "port", "up", "idle", "in flight"):
@@ -307,6 +380,7 @@ def status(
 
 @app.command()
 def unload(
+    ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help="Model ID or alias; all when absent.")] = None,  # noqa: UP045
     config: ConfigOption = DEFAULT_CONFIG,
     url: UrlOption = None,
@@ -318,21 +392,26 @@ def unload(
     if answer is not None:
         unloaded = list(answer["unloaded"])
     else:
-        backend = DockerBackend()
+        backend = _engine(ctx)()
         found = [c for c in backend.list(loaded.instance) if target in (None, c.model)]
         for container in found:
             backend.stop(container.id, _grace(loaded, container.model))
         unloaded = sorted({c.model for c in found})
-    _stdout().print(f"unloaded: {', '.join(unloaded) or 'nothing was running'}")
+    print(f"unloaded: {', '.join(unloaded) or 'nothing was running'}")
 
 
 def _grace(loaded: Config, model: str) -> float:
     found = loaded.models.get(model)
-    return found.stop_grace_period if found else DEFAULT_GRACE
+    if found:
+        return found.stop_grace_period
+    from swapctl.config import DEFAULT_GRACE  # a leftover of a model no longer configured
+
+    return DEFAULT_GRACE
 
 
 @app.command()
 def down(
+    ctx: typer.Context,
     config: ConfigOption = DEFAULT_CONFIG,
     url: UrlOption = None,
     timeout: Annotated[
@@ -343,16 +422,17 @@ def down(
     loaded = _load(config)
     answer = _ask_proxy(loaded, url, "POST", f"/unload?timeout={timeout:g}", timeout=timeout + 60)
     removed = set(answer["unloaded"]) if answer else set()
-    backend = DockerBackend()
+    backend = _engine(ctx)()
     for container in backend.list(loaded.instance):  # what no proxy stopped
         backend.stop(container.id, _grace(loaded, container.model))
         removed.add(container.model)
     count = len(removed)
-    _stdout().print(f"removed {count} container{'s' * (count != 1)} of instance {loaded.instance}")
+    print(f"removed {count} container{'s' * (count != 1)} of instance {loaded.instance}")
 
 
 @app.command()
 def logs(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model ID, alias or matrix var.")],
     config: ConfigOption = DEFAULT_CONFIG,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
@@ -361,7 +441,7 @@ def logs(
     """Print the logs of a model's container."""
     loaded = _load(config)
     target = loaded.resolve_any(model)
-    backend = DockerBackend()
+    backend = _engine(ctx)()
     found = [c for c in backend.list(loaded.instance) if c.model == target]
     if not found:
         raise SwapctlError(f"model '{target}' has no container (it is not running)")
@@ -378,6 +458,8 @@ def logs(
 @config_app.command("schema")
 def schema() -> None:
     """Print the JSON Schema of the configuration file, for editors."""
+    from swapctl.config import json_schema
+
     print(json.dumps(json_schema(), indent=2))
 
 
@@ -385,11 +467,13 @@ def exit_code(error: SwapctlError) -> int:
     return 2 if isinstance(error, (ConfigError, UnknownModelError)) else 1
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, backend_factory: BackendFactory = docker_backend) -> None:
+    """The entry point: runs a command with the engine `backend_factory` builds, and turns
+    swapctl's errors into one `error:` line and an exit code (never a traceback)."""
     try:
-        app(args=argv, prog_name="swapctl")
+        app(args=argv, prog_name="swapctl", obj=Runtime(backend_factory))
     except SwapctlError as error:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {error}", markup=False)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(exit_code(error))
     except KeyboardInterrupt:
         sys.exit(130)

@@ -11,6 +11,7 @@ into OpenAI error JSON.
      |    +-- StopFailed    a container outlived a stop and a kill: it still counts as running
      +-- StartError         a model's container did not become ready: names model and cause
      +-- Busy               a model has as many requests as its concurrencyLimit admits
+     +-- RequestError       an HTTP request is wrong (a bad body, no such route): its status
 """
 
 from __future__ import annotations
@@ -69,3 +70,12 @@ class Busy(SwapctlError):
         super().__init__(f"model '{model}' is busy: {limit} requests in flight (its concurrencyLimit)")
         self.model = model
         self.limit = limit
+
+
+class RequestError(SwapctlError):
+    """The client's HTTP request is wrong; answered with `status` and an OpenAI error `code`."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

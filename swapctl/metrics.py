@@ -12,12 +12,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-STATES = ("stopped", "starting", "ready", "leaving", "stopping")
-
 
 class _Live(Collector):
-    def __init__(self, read: Callable[[], Sequence[tuple[str, str, int]]]) -> None:
+    def __init__(self, read: Callable[[], Sequence[tuple[str, str, int]]], states: Sequence[str]) -> None:
         self.read = read
+        self.states = states
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         state = GaugeMetricFamily(
@@ -25,7 +24,7 @@ class _Live(Collector):
         )
         in_flight = GaugeMetricFamily("swapctl_model_in_flight", "Requests in flight", labels=["model"])
         for model, now, busy in self.read():
-            for name in STATES:
+            for name in self.states:
                 state.add_metric([model, name], 1.0 if name == now else 0.0)
             in_flight.add_metric([model], busy)
         yield state
@@ -63,9 +62,10 @@ class Metrics:
             "swapctl_model_crashes", "Containers found dead while ready", ["model"], registry=r
         )
 
-    def watch(self, read: Callable[[], Sequence[tuple[str, str, int]]]) -> None:
-        """Report (model, state, in flight) as gauges, read at each scrape."""
-        self.registry.register(_Live(read))
+    def watch(self, read: Callable[[], Sequence[tuple[str, str, int]]], states: Sequence[str]) -> None:
+        """Report (model, state, in flight) as gauges, read at each scrape; `states` are
+        every state a model can be in (each gets a series, 1 for the current one)."""
+        self.registry.register(_Live(read, states))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

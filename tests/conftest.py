@@ -18,10 +18,11 @@ import docker
 import docker.errors
 import pytest
 
+from swapctl.spec import INSTANCE
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 LLAMA_IMAGE = "swapctl/llama-server:sid"
-INSTANCE_LABEL = "swapctl.instance"
 # models_dir holds seed-N.gguf for each of these seeds: different seeds, different outputs.
 MODEL_SEEDS = (1, 2, 3)
 
@@ -41,6 +42,14 @@ def _run_script(name: str, timeout: float) -> None:
         pytest.fail(
             f"scripts/{name} failed (exit {done.returncode}):\n{done.stdout}{done.stderr}", pytrace=False
         )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test carries its folder's marker, so `-m unit` and `-m "not docker"` select."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder in ("unit", "component"):
+            item.add_marker(folder)
 
 
 @pytest.fixture(scope="session")
@@ -89,8 +98,8 @@ def remove_instance_containers(client: docker.DockerClient, name: str) -> list[s
     for _ in range(3):  # a proxy still stopping may be removing some at the same time
         found = [
             c
-            for c in client.containers.list(all=True, filters={"label": INSTANCE_LABEL})
-            if (value := (c.labels or {}).get(INSTANCE_LABEL)) == name or str(value).startswith(f"{name}-")
+            for c in client.containers.list(all=True, filters={"label": INSTANCE})
+            if (value := (c.labels or {}).get(INSTANCE)) == name or str(value).startswith(f"{name}-")
         ]
         if not found:
             break

@@ -21,8 +21,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-MODEL_LABEL = "swapctl.model"
-INSTANCE_LABEL = "swapctl.instance"
+from swapctl.spec import INSTANCE, MODEL
 
 
 def free_port() -> int:
@@ -160,19 +159,19 @@ class Proxy:
 
 def containers(engine: docker.DockerClient, instance: str, running_only: bool = True) -> dict[str, str]:
     """model -> container ID, as Docker sees it; fails if a model has two containers."""
-    filters: dict[str, Any] = {"label": f"{INSTANCE_LABEL}={instance}"}
+    filters: dict[str, Any] = {"label": f"{INSTANCE}={instance}"}
     if running_only:
         filters["status"] = "running"
     found = engine.containers.list(all=not running_only, filters=filters)
-    models = [c.labels[MODEL_LABEL] for c in found]
+    models = [c.labels[MODEL] for c in found]
     assert len(models) == len(set(models)), f"a model with two containers: {[c.name for c in found]}"
-    return {c.labels[MODEL_LABEL]: c.id for c in found}
+    return {c.labels[MODEL]: c.id for c in found}
 
 
 def running_models(engine: docker.DockerClient, instance: str) -> frozenset[str]:
     """The models whose container runs, from one cheap list call (no inspect per container)."""
-    found = engine.api.containers(filters={"label": f"{INSTANCE_LABEL}={instance}", "status": "running"})
-    return frozenset(str(c["Labels"][MODEL_LABEL]) for c in found)
+    found = engine.api.containers(filters={"label": f"{INSTANCE}={instance}", "status": "running"})
+    return frozenset(str(c["Labels"][MODEL]) for c in found)
 
 
 def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -184,6 +183,16 @@ def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
+
+
+def chat(client: OpenAI, model: str, max_tokens: int = 8) -> str:
+    """A chat completion at temperature 0 (deterministic with the tiny models); its text."""
+    answer = client.chat.completions.create(
+        model=model, messages=MESSAGES, temperature=0, max_tokens=max_tokens
+    )
+    text = answer.choices[0].message.content
+    assert text
+    return text
 
 
 @dataclass

@@ -23,6 +23,10 @@ T = TypeVar("T")
 NAME_WAIT = 10.0  # seconds a start waits for a leftover's name to be freed
 
 
+class Gone(BackendError):
+    """The container asked about does not exist (any more): callers take it as an answer."""
+
+
 def _translate(error: Exception, model: str | None = None, image: str | None = None) -> BackendError:
     if isinstance(error, docker.errors.ImageNotFound):
         return ImageMissing(
@@ -30,6 +34,8 @@ def _translate(error: Exception, model: str | None = None, image: str | None = N
             "or pull it (docker pull)",
             model,
         )
+    if isinstance(error, docker.errors.NotFound):
+        return Gone(str(error.explanation or error), model)
     if isinstance(error, docker.errors.APIError):
         text = str(error.explanation or error)
         if "could not select device driver" in text:
@@ -94,14 +100,18 @@ class DockerBackend:
         return self._client
 
     def _call(self, action: Callable[[], T], model: str | None = None, image: str | None = None) -> T:
+        """`action`'s result, with every SDK error translated, once, into swapctl's."""
         try:
             return action()
-        except docker.errors.NotFound as error:
-            if isinstance(error, docker.errors.ImageNotFound):
-                raise _translate(error, model, image) from None
-            raise
         except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
             raise _translate(error, model, image) from None
+
+    def _unless_gone(self, action: Callable[[], T]) -> T | None:
+        """`action`'s result, or None when the container it asks about does not exist."""
+        try:
+            return self._call(action)
+        except Gone:
+            return None
 
     def list(self, instance: str) -> list[Container]:
         filters = {"label": [f"{MANAGED}=true", f"{INSTANCE}={instance}"]}
@@ -109,10 +119,8 @@ class DockerBackend:
         return [_from_summary(c) for c in self._call(lambda: api.containers(all=True, filters=filters))]
 
     def get(self, container_id: str) -> Container | None:
-        try:
-            return _from_inspect(self._call(lambda: self.client.api.inspect_container(container_id)))
-        except docker.errors.NotFound:
-            return None
+        found = self._unless_gone(lambda: self.client.api.inspect_container(container_id))
+        return _from_inspect(found) if found is not None else None
 
     def start(self, spec: ContainerSpec) -> Container:
         created = self._call(lambda: self._create(spec), spec.model, spec.image)
@@ -162,9 +170,8 @@ class DockerBackend:
                 if error.status_code != 409 or time.monotonic() > deadline:
                     raise
             # the name is taken: by a leftover of ours (remove it), or by someone else (say so)
-            try:
-                holder = self.client.api.inspect_container(spec.name)
-            except docker.errors.NotFound:
+            holder = self._unless_gone(lambda: self.client.api.inspect_container(spec.name))
+            if holder is None:
                 continue  # removed meanwhile
             labels = holder["Config"]["Labels"] or {}
             if labels.get(INSTANCE) != spec.instance or labels.get(MANAGED) != "true":
@@ -176,18 +183,16 @@ class DockerBackend:
 
     def _remove(self, container_id: str) -> None:
         try:
-            self.client.api.remove_container(container_id, force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as error:
+            self._unless_gone(lambda: self.client.api.remove_container(container_id, force=True))
+        except BackendError as error:
             if "is already in progress" not in str(error):
-                raise _translate(error) from None
+                raise
 
     def stop(self, container_id: str, grace: float) -> None:
         try:
             self._call(lambda: self.client.api.stop(container_id, timeout=math.ceil(grace)))
-        except docker.errors.NotFound:
-            return
+        except Gone:
+            return  # removed already: nothing to stop
         self._remove(container_id)
 
     def image_id(self, image: str) -> str | None:
@@ -198,16 +203,12 @@ class DockerBackend:
         return str(found["Id"])
 
     def logs(self, container_id: str, tail: int = 50) -> str:
-        try:
-            raw = self._call(lambda: self.client.api.logs(container_id, tail=tail))
-        except docker.errors.NotFound:
-            return ""
-        return bytes(raw).decode(errors="replace")
+        raw = self._unless_gone(lambda: self.client.api.logs(container_id, tail=tail))
+        return bytes(raw or b"").decode(errors="replace")
 
     def follow(self, container_id: str) -> Iterator[str]:
-        try:
-            stream = self._call(lambda: self.client.api.logs(container_id, stream=True, follow=True))
-        except docker.errors.NotFound:
+        stream = self._unless_gone(lambda: self.client.api.logs(container_id, stream=True, follow=True))
+        if stream is None:
             return
         pending = b""
         for chunk in stream:

@@ -26,11 +26,12 @@ class FakeContainer:
     spec: ContainerSpec
     created: float
     ready_after: float = 0.0
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)
     log: list[str] = field(default_factory=list)
 
     @property
     def ready(self) -> bool:
-        return time.monotonic() >= self.created + self.ready_after
+        return self.clock() >= self.created + self.ready_after
 
 
 async def _sse(model: str) -> AsyncIterator[bytes]:
@@ -81,12 +82,16 @@ class FakeModel:
 
 
 class FakeBackend:
-    def __init__(self, images: set[str] | None = None, gpus: bool = False) -> None:
+    def __init__(
+        self, images: set[str] | None = None, gpus: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.clock = clock  # when containers become ready: a test's manual clock, or real time
         self.images = images  # None: every image exists
         self.gpus = gpus
         self.behaviour: dict[str, FakeModel] = {}
         self.boxes: dict[str, FakeContainer] = {}
         self.starts: dict[str, int] = {}
+        self.started: list[str] = []  # models, in the order their containers started
         self.builds: dict[str, int] = {}  # image name -> times rebuilt
         self._ids = itertools.count(1)
         self.transport = _Transport(self)
@@ -116,11 +121,12 @@ class FakeBackend:
             time.time(),
             self.image_id(spec.image) or "",
         )
-        box = FakeContainer(container, spec, time.monotonic(), behaviour.ready_after)
+        box = FakeContainer(container, spec, self.clock(), behaviour.ready_after, clock=self.clock)
         if behaviour.exit_at_start is not None:
             box.log.append(behaviour.exit_at_start)
         self.boxes[container.id] = box
         self.starts[spec.model] = self.starts.get(spec.model, 0) + 1
+        self.started.append(spec.model)
         return container
 
     def image_id(self, image: str) -> str | None:

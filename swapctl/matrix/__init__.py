@@ -2,7 +2,7 @@
 
 from swapctl.matrix.decision import Candidate, Decision, Policy, allowed_part
 from swapctl.matrix.groups import DEFAULT_GROUP, Group, GroupPolicy
-from swapctl.matrix.program import Program, compile_matrix
+from swapctl.matrix.program import Program, compile_matrix, compile_program, matrix_names
 from swapctl.matrix.solver import MatrixPolicy
 
 __all__ = [
@@ -16,4 +16,6 @@ __all__ = [
     "Program",
     "allowed_part",
     "compile_matrix",
+    "compile_program",
+    "matrix_names",
 ]

@@ -1,17 +1,19 @@
 """Compile the `matrix:` block into a Program: set expressions as trees over model indices.
 
-Names resolve to model IDs (a var wins over a model ID of the same spelling; aliases are
-never accepted), `+ref` inlines another set's tree, and every error names its key path.
+Sets and evict_costs name models by var or model ID, vars by model ID (aliases are the
+clients' names; `swapctl.names` resolves every name); `+ref` inlines another set's tree,
+and every error names its key path.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from swapctl.errors import ConfigError
 from swapctl.matrix import dsl
+from swapctl.names import Kind, Names
 
 VAR_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
 MAX_COST = 10**9
@@ -21,6 +23,7 @@ MAX_DEPTH = 200
 # A set that reuses sets (`+s & +s`, again and again) can name exponentially many models
 # once inlined; this bounds the tree the solver and `combinations_count` walk.
 MAX_NAMES = 100_000
+SET_NAMES = Kind.VAR | Kind.ID  # what sets and evict_costs name models by (once: a Flag's | is slow)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,14 +102,14 @@ class _Compiler:
         self,
         path: str,
         sources: Mapping[str, str],
-        names: Mapping[str, int],
-        aliases: Mapping[str, str],
+        names: Names,
+        index: Mapping[str, int],
         leaves: tuple[Node, ...],
     ) -> None:
         self.path = path
         self.sources = sources
         self.names = names
-        self.aliases = aliases
+        self.index = index
         self.leaves = leaves
         self.done: dict[str, Node] = {}
         self.visiting: list[str] = []
@@ -184,34 +187,19 @@ class _Compiler:
         return _join(op, [self.lower(item, where, source) for item in expr.items])
 
     def resolve(self, name: dsl.Name, where: str, source: str) -> int:
-        if name.text in self.names:
-            return self.names[name.text]
-        at = f"at position {name.position} in {source!r}"
-        if name.text in self.aliases:
-            raise ConfigError(
-                where,
-                f"'{name.text}' {at} is an alias of model '{self.aliases[name.text]}'; "
-                "sets name vars or model IDs",
-            )
-        raise ConfigError(where, f"unknown name '{name.text}' {at} (not a var nor a model ID)")
+        text = (name.position, source)
+        return self.index[self.names.resolve(name.text, SET_NAMES, where=where, text=text)]
 
 
-def _resolve_vars(
-    path: str, variables: Mapping[str, str], models: Collection[str], aliases: Mapping[str, str]
-) -> dict[str, str]:
+def matrix_names(variables: Mapping[str, str], names: Names, path: str = "matrix") -> Names:
+    """`names` with the matrix's vars added, each a valid var name for a model ID."""
     resolved: dict[str, str] = {}
     for var, target in variables.items():
         where = f"{path}.vars.{var}"
         if not isinstance(var, str) or not VAR_NAME.fullmatch(var):
             raise ConfigError(where, "a var name is 1-32 letters, digits, '-', '.' or '_'")
-        if target in aliases:
-            raise ConfigError(
-                where, f"'{target}' is an alias of model '{aliases[target]}'; vars name model IDs"
-            )
-        if not isinstance(target, str) or target not in models:
-            raise ConfigError(where, f"unknown model '{target}' (not in models:)")
-        resolved[var] = target
-    return resolved
+        resolved[var] = names.resolve(target, Kind.ID, where=where)
+    return replace(names, vars=resolved)
 
 
 def compile_matrix(
@@ -222,36 +210,43 @@ def compile_matrix(
     aliases: Mapping[str, str] | None = None,
     path: str = "matrix",
 ) -> Program:
-    """Build a Program; `models` are the configured model IDs, `aliases` maps alias -> ID."""
-    aliases = aliases or {}
-    model_ids = tuple(models)
-    index = {model: i for i, model in enumerate(model_ids)}
-    names = dict(index)
-    names.update({var: index[t] for var, t in _resolve_vars(path, variables, index, aliases).items()})
+    """Build a Program from the `matrix:` block's parts; `models` are the configured model
+    IDs, `aliases` maps alias -> ID. The config calls `compile_program` with its own names."""
+    names = matrix_names(variables, Names(frozenset(models), aliases or {}), path)
+    return compile_program(names, tuple(models), evict_costs, sets, path)
 
-    costs = [1] * len(model_ids)
+
+def compile_program(
+    names: Names,
+    models: tuple[str, ...],
+    evict_costs: Mapping[str, int],
+    sets: Mapping[str, str],
+    path: str = "matrix",
+) -> Program:
+    """Build a Program over `models` (in their configured order), naming them by `names`."""
+    index = {model: i for i, model in enumerate(models)}
+    costs = [1] * len(models)
     for name, cost in evict_costs.items():
         where = f"{path}.evict_costs.{name}"
-        if name not in names:
-            raise ConfigError(where, f"unknown name '{name}' (not a var nor a model ID)")
+        named = names.resolve(name, SET_NAMES, where=where)
         if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
             raise ConfigError(where, f"a cost is a positive integer, got {cost!r}")
         if cost > MAX_COST:
             raise ConfigError(where, f"a cost is at most {MAX_COST}, got {cost!r}")
-        costs[names[name]] = cost
+        costs[index[named]] = cost
 
     if not sets:
         raise ConfigError(f"{path}.sets", "no sets: the matrix needs at least one set")
-    leaves = tuple(Node("model", 1 << i, model=i) for i in range(len(model_ids)))
-    compiler = _Compiler(path, sets, names, aliases, leaves)
+    leaves = tuple(Node("model", 1 << i, model=i) for i in range(len(models)))
+    compiler = _Compiler(path, sets, names, index, leaves)
     compiled = tuple(MatrixSet(name, compiler.compile_set(name)) for name in sets)
 
-    by_model: list[list[int]] = [[] for _ in model_ids]
+    by_model: list[list[int]] = [[] for _ in models]
     for set_index, matrix_set in enumerate(compiled):
         for model in bits(matrix_set.root.mask):
             by_model[model].append(set_index)
     return Program(
-        models=model_ids,
+        models=models,
         costs=tuple(costs),
         sets=compiled,
         sets_by_model=tuple(tuple(s) for s in by_model),

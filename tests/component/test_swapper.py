@@ -12,10 +12,9 @@ import pytest
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import Config, parse_config
 from swapctl.errors import GpuUnavailable, ImageMissing, StartError, StopFailed
+from swapctl.lifecycle import State, Swapper
 from swapctl.matrix import allowed_part
-from swapctl.proxy import preload_models
 from swapctl.spec import build_spec
-from swapctl.swapper import State, Swapper
 
 MATRIX = {
     "vars": {"c": "chat", "k": "code", "B": "big"},
@@ -31,11 +30,17 @@ def make_config(**extra: Any) -> Config:
 
 
 class Clock:
+    """A manual clock: time moves only when a test moves it, or when the code under test sleeps."""
+
     def __init__(self) -> None:
         self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
 
 
 Run = Callable[[Config], Awaitable[tuple[Swapper, FakeBackend]]]
@@ -45,10 +50,12 @@ Run = Callable[[Config], Awaitable[tuple[Swapper, FakeBackend]]]
 async def swapper_for() -> AsyncIterator[Callable[..., Swapper]]:
     clients: list[httpx.AsyncClient] = []
 
-    def build(config: Config, backend: FakeBackend, clock: Callable[[], float] | None = None) -> Swapper:
+    def build(config: Config, backend: FakeBackend, clock: Clock | None = None) -> Swapper:
         client = httpx.AsyncClient(transport=backend.transport)
         clients.append(client)
-        return Swapper(config, backend, client, **({"clock": clock} if clock else {}))
+        if clock is None:
+            return Swapper(config, backend, client)
+        return Swapper(config, backend, client, clock=clock, sleep=clock.sleep)
 
     yield build
     for client in clients:
@@ -69,8 +76,7 @@ def state(swapper: Swapper, model: str) -> State:
 
 
 async def use(swapper: Swapper, model: str) -> None:
-    slot = await swapper.acquire(model)
-    await swapper.release(slot)
+    await (await swapper.acquire(model)).release()
 
 
 async def test_the_matrix_decides_what_runs(swapper_for: Callable[..., Swapper]) -> None:
@@ -110,9 +116,9 @@ async def test_a_busy_model_is_not_evicted_until_its_requests_finish(
     late = asyncio.create_task(use(swapper, "chat"))
     await asyncio.sleep(0.05)
     assert not late.done()
-    await swapper.release(busy)
-    await wanted
-    assert "big" in backend.running_models() or late.done()
+    await busy.release()
+    await asyncio.gather(wanted, late)
+    assert backend.started == ["chat", "big", "chat"]  # the late request waited behind the swap
     await late
     assert backend.running_models() == {"chat"}
     assert backend.starts == {"chat": 2, "big": 1}
@@ -151,10 +157,11 @@ async def test_a_start_that_exits_fails_at_once_quoting_the_log(swapper_for: Cal
 
 
 async def test_health_timeout_leaves_nothing_running(swapper_for: Callable[..., Swapper]) -> None:
-    backend = FakeBackend()
-    backend.behaviour["chat"] = FakeModel(ready_after=60)
-    config = make_config(models={"chat": {"image": "img", "healthCheckTimeout": 1}})
-    swapper = swapper_for(config, backend)
+    clock = Clock()  # the swapper's waits move it: a minute of timeout takes no real time
+    backend = FakeBackend(clock=clock)
+    backend.behaviour["chat"] = FakeModel(ready_after=600)
+    config = make_config(models={"chat": {"image": "img", "healthCheckTimeout": 60}})
+    swapper = swapper_for(config, backend, clock)
     with pytest.raises(StartError, match="within healthCheckTimeout"):
         await use(swapper, "chat")
     assert backend.boxes == {}
@@ -198,7 +205,7 @@ async def test_ttl_counts_from_the_end_of_the_last_request(swapper_for: Callable
     clock.now += 120
     await swapper.check()
     assert backend.running_models() == {"chat", "code"}  # busy: never idle
-    await swapper.release(slot)
+    await slot.release()
     clock.now += 59
     await swapper.check()
     assert backend.running_models() == {"chat", "code"}
@@ -208,6 +215,31 @@ async def test_ttl_counts_from_the_end_of_the_last_request(swapper_for: Callable
     clock.now += 300
     await swapper.check()
     assert backend.running_models() == set()
+
+
+async def test_a_ttl_of_0_never_expires_even_with_a_global_ttl(swapper_for: Callable[..., Swapper]) -> None:
+    backend, clock = FakeBackend(), Clock()
+    config = make_config(models={"chat": {"image": "img", "ttl": 0}}, globalTTL=60)
+    swapper = swapper_for(config, backend, clock)
+    await use(swapper, "chat")
+    await use(swapper, "code")
+    clock.now += 60
+    await swapper.check()
+    assert backend.running_models() == {"chat"}  # code has no ttl of its own: globalTTL
+    clock.now += 30 * 86400
+    await swapper.check()
+    assert backend.running_models() == {"chat"}
+
+
+async def test_an_absent_health_check_timeout_takes_the_global_one(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend, clock = FakeBackend(), Clock()
+    backend.behaviour["chat"] = FakeModel(ready_after=600)
+    swapper = swapper_for(make_config(healthCheckTimeout=2), backend, clock)
+    with pytest.raises(StartError, match=r"within healthCheckTimeout \(2s\)"):
+        await use(swapper, "chat")
+    assert backend.boxes == {}
 
 
 async def test_adoption_keeps_matching_containers_and_replaces_changed_ones(
@@ -241,7 +273,7 @@ async def test_preload_goes_through_the_matrix(swapper_for: Callable[..., Swappe
     backend = FakeBackend()
     config = make_config(hooks={"on_startup": {"preload": ["chat", "code", "big"]}})
     swapper = swapper_for(config, backend)
-    await preload_models(swapper)
+    await swapper.preload()
     assert backend.starts == {"chat": 1, "code": 1, "big": 1}
     assert backend.running_models() == {"big"}  # big runs alone: it evicted the pair
 
@@ -258,7 +290,7 @@ async def test_a_leaving_model_started_again_does_not_deadlock_the_swap_waiting_
     await asyncio.sleep(0.05)
     chat = asyncio.create_task(use(swapper, "chat"))  # its swap waits for big to stop
     await asyncio.sleep(0.05)
-    await swapper.release(held)  # big stops, and the waiting request claims it again at once
+    await held.release()  # big stops, and the waiting request claims it again at once
     await asyncio.wait_for(asyncio.gather(code, big, chat), timeout=10)
     assert backend.starts == {"big": 2, "code": 1, "chat": 1}
 
@@ -329,11 +361,12 @@ async def test_an_adopted_container_is_starting_until_its_health_check_answers(
 async def test_an_adopted_container_that_never_becomes_healthy_is_removed(
     swapper_for: Callable[..., Swapper],
 ) -> None:
-    backend = FakeBackend()
+    clock = Clock()
+    backend = FakeBackend(clock=clock)
     backend.behaviour["chat"] = FakeModel(ready_after=1000)
-    config = make_config(healthCheckTimeout=1)
+    config = make_config(healthCheckTimeout=60)
     backend.start(build_spec(config, "chat"))
-    swapper = swapper_for(config, backend)
+    swapper = swapper_for(config, backend, clock)
     await swapper.adopt()
     with pytest.raises(StartError, match="healthCheckTimeout"):
         await asyncio.wait_for(use(swapper, "chat"), timeout=10)
@@ -385,6 +418,6 @@ async def test_unload_with_a_timeout_stops_a_model_with_requests_in_flight(
     held = await swapper.acquire("chat")  # a long stream, say
     assert await asyncio.wait_for(swapper.unload(timeout=0.1), timeout=5) == ["chat"]
     assert backend.running_models() == set()
-    await swapper.release(held)
+    await held.release()
     assert swapper.slots["chat"].in_flight == 0
     await use(swapper, "chat")  # and it starts again as usual

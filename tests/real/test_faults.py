@@ -20,11 +20,11 @@ import docker.errors
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 from support import (
     MESSAGES,
     Proxy,
     Streamed,
+    chat,
     containers,
     llama_model,
     long_model,
@@ -36,7 +36,7 @@ from support import (
 
 pytestmark = pytest.mark.docker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # With one thread, the tiny model needs tens of seconds for this many tokens (about 38 s
 # on a 2-core machine); nothing here ever waits for such a stream to end.
 LONG_TOKENS = 16000
@@ -95,15 +95,6 @@ def start_proxy(instance: str, models_dir: Path, tmp_path: Path) -> Iterator[Pro
 @pytest.fixture
 def proxy(start_proxy: ProxyFactory) -> Proxy:
     return start_proxy()
-
-
-def chat(client: OpenAI, model: str, max_tokens: int = 8) -> str:
-    answer = client.chat.completions.create(
-        model=model, messages=MESSAGES, temperature=0, max_tokens=max_tokens
-    )
-    text = answer.choices[0].message.content
-    assert text
-    return text
 
 
 def slots(proxy: Proxy, model: str) -> list[dict[str, Any]]:
@@ -501,12 +492,14 @@ def test_the_docker_daemon_restarted_under_a_running_proxy(
     client = proxy.client()
     first = chat(client, "chat")
     before = containers(docker_engine, proxy.instance)["chat"]
+    assert proxy.process is not None
+    serving = proxy.process.pid
 
     engine_restart()
 
     assert proxy.alive(), f"swapctl up died with the daemon:\n{proxy.log()}"
     assert chat(client, "chat") == first
-    assert proxy.alive() and proxy.starts == 1
+    assert proxy.alive() and proxy.process is not None and proxy.process.pid == serving  # the same up
     engine = docker.from_env(timeout=30)  # a fresh client: the session's pooled connections died
     try:
         now = containers(engine, proxy.instance)

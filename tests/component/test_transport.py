@@ -9,7 +9,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from swapctl.transport import AiohttpTransport, no_cookies
+from swapctl.proxy.transport import AiohttpTransport, no_cookies
 
 pytestmark = pytest.mark.anyio
 

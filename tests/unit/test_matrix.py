@@ -11,7 +11,7 @@ from swapctl.errors import ConfigError
 from swapctl.matrix import GroupPolicy, MatrixPolicy, compile_matrix
 from swapctl.matrix.groups import Group
 
-SEED = load_config(Path(__file__).parent / "configs" / "seed.yaml")
+SEED = load_config(Path(__file__).parents[1] / "configs" / "seed.yaml")
 VARS = dict(SEED.vars)
 
 

@@ -10,7 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -20,9 +20,9 @@ from swapctl import cli
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
 from swapctl.errors import ConfigError, SwapctlError
-from swapctl.guard import Guard, host_of, is_loopback
+from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
-from swapctl.swapper import Swapper
+from swapctl.proxy.guard import Guard, host_of, is_loopback
 
 KEY = "sk-swapctl-9f3a1c"  # what must never be printed
 OTHER_KEY = "second-key-7781"
@@ -68,7 +68,8 @@ async def serving(
     backend.behaviour["code"] = FakeModel(handler=echo_headers)
     backend.behaviour["broken"] = FakeModel(exit_at_start="fatal: no model")
     upstream = httpx.AsyncClient(transport=backend.transport)
-    app = build_app(Swapper(parse_config(raw), backend, upstream), listen_host=listen_host)
+    swapper = Swapper(parse_config(raw), backend, upstream)
+    app = build_app(swapper.config, swapper, upstream, swapper.metrics, listen_host=listen_host)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
         yield client, backend
     await upstream.aclose()
@@ -474,9 +475,11 @@ async def test_x_forwarded_for_is_appended(proxy: Proxy) -> None:
 # --- the CLI -------------------------------------------------------------------------------
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+def run_cli(
+    capsys: pytest.CaptureFixture[str], *argv: str, backend: cli.BackendFactory = cli.docker_backend
+) -> tuple[int, str, str]:
     try:
-        cli.main(list(argv))
+        cli.main(list(argv), backend_factory=backend)
         code = 0
     except SystemExit as done:
         code = int(done.code or 0)
@@ -540,20 +543,18 @@ def test_status_sends_the_key(
 def test_up_warns_when_anyone_on_the_network_can_use_it(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     listen: str,
     keys: list[str],
     warned: bool,
 ) -> None:
-    def no_docker() -> None:
+    def no_docker() -> NoReturn:
         raise SwapctlError("no Docker in this test")
 
-    monkeypatch.setattr(cli, "DockerBackend", no_docker)
     caplog.set_level(logging.WARNING, logger="swapctl")
     path = tmp_path / "swapctl.yaml"
     path.write_text(json.dumps(config(apiKeys=keys)))
-    code, _, err = run_cli(capsys, "up", "-c", str(path), "--listen", listen)
+    code, _, err = run_cli(capsys, "up", "-c", str(path), "--listen", listen, backend=no_docker)
     assert (code, err.strip()) == (1, "error: no Docker in this test")
     assert ("anyone on the network can use and stop your models" in caplog.text) == warned
     assert KEY not in caplog.text

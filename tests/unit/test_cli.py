@@ -11,7 +11,7 @@ import pytest
 
 from swapctl.cli import main
 
-SEED = str(Path(__file__).parent / "configs" / "seed.yaml")
+SEED = str(Path(__file__).parents[1] / "configs" / "seed.yaml")
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -22,6 +22,13 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
         code = int(done.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def run_installed(*argv: str) -> subprocess.CompletedProcess[str]:
+    """`python -m swapctl ARGV` as a user runs it. Only here can an error that escapes `main`
+    show: in-process it would propagate into the test instead of printing a traceback."""
+    command = [sys.executable, "-m", "swapctl", *argv]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
 def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
@@ -108,12 +115,12 @@ def test_plan_table_shows_candidates(capsys: pytest.CaptureFixture[str]) -> None
         (["plan", "g", "--running", "v,nope"], "unknown model 'nope'"),
     ],
 )
-def test_plan_unknown_names_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str], named: str) -> None:
-    code, out, err = run(capsys, *argv, "-c", SEED)
-    assert code == 2
-    assert out == ""
-    assert named in err
-    assert "Traceback" not in err
+def test_plan_unknown_names_exit_2(argv: list[str], named: str) -> None:
+    done = run_installed(*argv, "-c", SEED)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("error: ")
+    assert named in done.stderr
 
 
 def test_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,12 +132,7 @@ def test_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_installed_command_shows_no_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  a: {image: x\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "swapctl", "validate", "-c", str(bad)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_installed("validate", "-c", str(bad))
     assert done.returncode == 2
     assert done.stderr.startswith(f"error: {bad}: invalid YAML: line 3")
     assert "Traceback" not in done.stderr
@@ -153,3 +155,27 @@ def test_bad_listen_address(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "up", "-c", SEED, "--listen", "8080")
     assert code == 2
     assert err.strip() == "error: --listen: expected HOST:PORT, got '8080'"
+
+
+HEAVY = {"docker", "httpx", "aiohttp", "starlette", "uvicorn", "prometheus_client", "rich"}
+PROBE = f"""
+import sys
+from swapctl.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({sorted(HEAVY)!r}))
+loaded += sorted(m for m in sys.modules if m.startswith(("swapctl.proxy", "swapctl.lifecycle")))
+print("loaded:", *loaded, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["validate", "-c", SEED], ["plan", "g", "-c", SEED, "--running", "q", "--json"]],
+)
+def test_quick_commands_load_no_heavy_module(argv: list[str]) -> None:
+    """They start fast only while they leave Docker, HTTP, the proxy and rich alone."""
+    done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, check=False)
+    assert done.stderr.splitlines()[-1] == "loaded:", done.stderr

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import docker
 import docker.errors
@@ -18,13 +17,12 @@ import openai
 import pytest
 import yaml
 from openai import OpenAI
-from support import Proxy, containers, poll
+from support import MESSAGES, Proxy, chat, containers, poll
 
 pytestmark = pytest.mark.docker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEEDS = {"chat": 1, "code": 2, "big": 3}
-MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
 
 
 def _llama(seed: int) -> list[str]:
@@ -68,13 +66,6 @@ def proxy(instance: str, models_dir: Path, tmp_path: Path) -> Iterator[Proxy]:
         yield proxy
     finally:
         proxy.close()  # before `instance` removes the containers
-
-
-def chat(client: OpenAI, model: str) -> str:
-    answer = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=8)
-    text = answer.choices[0].message.content
-    assert text
-    return text
 
 
 def chat_streamed(client: OpenAI, model: str) -> str:

@@ -18,8 +18,8 @@ from starlette.types import ASGIApp, Message
 
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
+from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
-from swapctl.swapper import Swapper
 
 pytestmark = pytest.mark.anyio
 
@@ -45,7 +45,7 @@ class Harness:
         self.backend = FakeBackend()
         self.upstream = httpx.AsyncClient(transport=self.backend.transport)
         self.swapper = Swapper(parse_config(CONFIG), self.backend, self.upstream)
-        self.app: ASGIApp = build_app(self.swapper)
+        self.app: ASGIApp = build_app(self.swapper.config, self.swapper, self.upstream, self.swapper.metrics)
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url=BASE)
 
     async def close(self) -> None:

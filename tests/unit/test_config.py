@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,12 @@ import pytest
 import yaml
 
 from swapctl.cli import main
-from swapctl.config import json_schema, load_config, parse_config, parse_duration, parse_listen
+from swapctl.config import Config, Model, json_schema, load_config, parse_config, parse_duration, parse_listen
 from swapctl.errors import ConfigError
 from swapctl.matrix import GroupPolicy, MatrixPolicy
+from swapctl.names import Kind, Names
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def base(**extra: Any) -> dict[str, Any]:
@@ -141,6 +143,98 @@ def test_names_resolve_as_people_and_clients_type_them() -> None:
     assert [config.resolve_any(n) for n in ("x", "a", "bee", "b")] == ["a", "a", "b", "b"]
     assert config.resolve("x") is None  # clients never name vars
     assert config.resolve("bee") == "b"
+
+
+NAMES = Names(frozenset({"a", "b", "x"}), aliases={"bee": "b"}, vars={"x": "a", "v": "b"})
+
+
+@pytest.mark.parametrize(
+    ("name", "accept", "found"),
+    [
+        ("a", Kind.ID | Kind.ALIAS, "a"),
+        ("bee", Kind.ID | Kind.ALIAS, "b"),
+        ("x", Kind.ID | Kind.ALIAS, "x"),  # a request names the model x, never the var
+        ("x", Kind.VAR | Kind.ID, "a"),  # a var wins over a model ID of the same spelling
+        ("x", Kind.VAR | Kind.ID | Kind.ALIAS, "a"),
+        ("v", Kind.VAR | Kind.ID | Kind.ALIAS, "b"),
+        ("bee", Kind.VAR | Kind.ID | Kind.ALIAS, "b"),
+        ("b", Kind.ID, "b"),
+    ],
+)
+def test_one_function_resolves_every_name(name: str, accept: Kind, found: str) -> None:
+    assert NAMES.resolve(name, accept) == found
+
+
+@pytest.mark.parametrize(
+    ("name", "accept", "message"),
+    [
+        ("v", Kind.ID | Kind.ALIAS, "unknown model 'v'"),
+        ("zz", Kind.VAR | Kind.ID, "unknown name 'zz' at position 5 in 'a & zz' (not a var nor a model ID)"),
+        ("bee", Kind.VAR | Kind.ID, "'bee' at position 5 in 'a & zz' is an alias of model 'b'; sets and"),
+        ("v", Kind.ID, "unknown model 'v' at position 5 in 'a & zz' (not in models:)"),
+        ("bee", Kind.ID, "'bee' at position 5 in 'a & zz' is an alias of model 'b'; vars and group"),
+        (5, Kind.ID, "unknown model '5'"),
+    ],
+)
+def test_a_name_refused_says_what_it_is(name: object, accept: Kind, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        NAMES.resolve(name, accept, where="here", text=(5, "a & zz") if name != 5 else None)
+    assert caught.value.path == "here"
+    assert caught.value.message.startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "message"),
+    [
+        (
+            base(hooks={"on_startup": {"preload": ["a", "nope"]}}),
+            "hooks.on_startup.preload.1",
+            "unknown model",
+        ),
+        (
+            base(matrix={"vars": {"x": "a"}, "sets": {"s": "a"}}, hooks={"on_startup": {"preload": ["x"]}}),
+            "hooks.on_startup.preload.0",
+            "unknown model 'x'",  # hooks name models as requests do: no vars
+        ),
+        (base(groups={"g": {"members": ["bee"]}}), "groups.g.members", "'bee' is an alias of model 'b'"),
+        (base(matrix={"evict_costs": {"bee": 2}, "sets": {"s": "a"}}), "matrix.evict_costs.bee", "alias"),
+    ],
+)
+def test_names_in_the_file_resolve_by_where_they_stand(raw: Any, path: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.path == path
+    assert message in caught.value.message
+
+
+def test_preload_takes_ids_and_aliases() -> None:
+    assert parse_config(base(hooks={"on_startup": {"preload": ["bee", "a"]}})).preload == ("b", "a")
+
+
+@pytest.mark.parametrize(
+    ("own", "file", "ttl", "health_check_timeout"),
+    [
+        ({}, {}, 0, 120),
+        ({}, {"globalTTL": 60}, 60, 120),  # an absent ttl takes globalTTL
+        ({"ttl": 0}, {"globalTTL": 60}, 0, 120),  # 0 is the model's own: never, even so
+        ({"ttl": 30}, {"globalTTL": 60}, 30, 120),
+        ({}, {"healthCheckTimeout": 5}, 0, 5),  # an absent healthCheckTimeout takes the global one
+        ({"healthCheckTimeout": 7}, {"healthCheckTimeout": 5}, 0, 7),
+    ],
+)
+def test_each_model_holds_its_resolved_values(
+    own: dict[str, Any], file: dict[str, Any], ttl: int, health_check_timeout: int
+) -> None:
+    model = parse_config({**with_model(**own), **file}).models["a"]
+    assert (model.ttl, model.health_check_timeout) == (ttl, health_check_timeout)
+
+
+def test_defaults_live_only_in_the_file_shape() -> None:
+    for built in (Config, Model):
+        assert all(f.default is MISSING and f.default_factory is MISSING for f in fields(built))
+    schema = json_schema()
+    assert "ttl" not in schema["$defs"]["ModelConfig"].get("required", [])
+    assert schema["properties"]["globalTTL"]["default"] == 0
 
 
 def write(tmp_path: Path, text: str) -> Path:

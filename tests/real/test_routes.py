@@ -29,7 +29,7 @@ from support import Proxy, containers, llama_model, write_yaml
 
 pytestmark = pytest.mark.docker
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def _load_echo_server() -> ModuleType:

@@ -1,0 +1,57 @@
+"""The configuration: one YAML file, parsed into frozen values, every error naming its key path.
+
+    document.py    read_yaml: one YAML document, read safely (distinct keys, bounded aliases)
+    templates.py   template_dirs, load_template, apply_template: Compose files to start from
+    scalars.py     durations, sizes, listen addresses, and the bound of every number
+    file.py        ConfigFile: the file's shape, every default, its JSON Schema
+    resolved.py    Config and Model, what the rest of swapctl reads: parse_config, load_config
+
+Names (model IDs, aliases, matrix vars) resolve through `swapctl.names`, one function for
+requests, commands, hooks and the matrix alike.
+"""
+
+from swapctl.config.document import read_yaml
+from swapctl.config.file import ConfigFile, GroupConfig, MatrixConfig, ModelConfig, json_schema
+from swapctl.config.resolved import Config, Model, load_config, parse_config
+from swapctl.config.scalars import (
+    DEFAULT_GRACE,
+    MAX_CONCURRENCY,
+    MAX_DURATION,
+    MAX_GPUS,
+    MAX_GRACE,
+    MAX_HEALTH_TIMEOUT,
+    MAX_REQUEST_BYTES,
+    MAX_SHM_BYTES,
+    check_size,
+    parse_duration,
+    parse_listen,
+)
+from swapctl.config.templates import TEMPLATE_DIR, load_template, template_dirs, template_name
+
+__all__ = [
+    "DEFAULT_GRACE",
+    "MAX_CONCURRENCY",
+    "MAX_DURATION",
+    "MAX_GPUS",
+    "MAX_GRACE",
+    "MAX_HEALTH_TIMEOUT",
+    "MAX_REQUEST_BYTES",
+    "MAX_SHM_BYTES",
+    "TEMPLATE_DIR",
+    "Config",
+    "ConfigFile",
+    "GroupConfig",
+    "MatrixConfig",
+    "Model",
+    "ModelConfig",
+    "check_size",
+    "json_schema",
+    "load_config",
+    "load_template",
+    "parse_config",
+    "parse_duration",
+    "parse_listen",
+    "read_yaml",
+    "template_dirs",
+    "template_name",
+]

@@ -1,0 +1,366 @@
+"""The file's shape: pydantic validates it, writes its JSON Schema, and holds every default.
+
+The classes here describe the file as written (a model's `ttl` may be absent); the values
+the rest of swapctl reads, every fallback applied, are built from them in `resolved.py`.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictInt,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
+
+from swapctl.config.scalars import (
+    DEFAULT_GRACE,
+    DURATION,
+    MAX_CONCURRENCY,
+    MAX_DURATION,
+    MAX_GPUS,
+    MAX_GRACE,
+    MAX_HEALTH_TIMEOUT,
+    MAX_REQUEST_BYTES,
+    MAX_SHM_BYTES,
+    SIZE,
+    check_size,
+    parse_duration,
+    parse_listen,
+)
+from swapctl.config.templates import TEMPLATE_DIR, TEMPLATE_NAME, apply_template
+from swapctl.errors import ConfigError
+from swapctl.matrix.program import MAX_COST
+
+
+def _listen(text: str) -> str:
+    parse_listen(text)
+    return text
+
+
+# The file accepts more forms than the parsed values hold; the schema describes the file.
+_STRINGS = {"type": "array", "items": {"type": ["string", "number"]}}
+_COMMAND = WithJsonSchema({"anyOf": [{"type": "string"}, _STRINGS, {"type": "null"}]})
+_MAPPING = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean", "null"]}},
+            _STRINGS,
+        ]
+    }
+)
+_GRACE_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "number", "minimum": 0, "maximum": MAX_GRACE},
+            {"type": "string", "minLength": 1, "pattern": f"^{DURATION.pattern}$"},
+        ]
+    }
+)
+_COST = WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_COST})
+_IPV4_PART = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LISTEN = WithJsonSchema(
+    {
+        "type": "string",
+        "pattern": (
+            rf"^(?:(?:{_IPV4_PART}\.){{3}}{_IPV4_PART}"  # IPv4
+            r"|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?\]"  # [IPv6]
+            rf"|(?:{_LABEL}\.)*(?=[A-Za-z0-9-]*[A-Za-z-]){_LABEL})?"  # a host name, its last label not all digits
+            r":(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})$"
+        ),
+    }
+)
+_SHM_SIZE = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": MAX_SHM_BYTES},
+            {"type": "string", "pattern": f"^{SIZE.pattern}$"},
+            {"type": "null"},
+        ]
+    }
+)
+_GPUS = WithJsonSchema(
+    {
+        "anyOf": [
+            {"const": "all"},
+            {"type": "integer", "minimum": 1, "maximum": MAX_GPUS},
+            _STRINGS,
+            {"type": "null"},
+        ]
+    }
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelConfig(_Strict):
+    """One model: a container definition (Compose keys) plus swapctl's own keys."""
+
+    image: str = Field(
+        description="Container image (Compose `image`); required unless a template supplies it."
+    )
+    template: str | None = Field(
+        None,
+        max_length=64,
+        pattern=f"^{TEMPLATE_NAME.pattern}$",
+        description=f"Name of a file in {TEMPLATE_DIR}/ to start from (NAME for NAME.yaml).",
+    )
+    command: Annotated[tuple[str, ...] | None, _COMMAND] = Field(None, description="A string or a list.")
+    entrypoint: Annotated[tuple[str, ...] | None, _COMMAND] = Field(None, description="A string or a list.")
+    environment: Annotated[dict[str, str], _MAPPING] = Field(
+        default_factory=dict, description="A mapping or a list of KEY=VALUE."
+    )
+    volumes: tuple[str, ...] = Field(
+        (),
+        description="Compose short syntax HOST:CONTAINER[:ro]; relative to the config file.",
+    )
+    shm_size: Annotated[str | int | None, _SHM_SIZE] = Field(
+        None, description="Bytes, or a size such as '64m' or '1g' (at most 1 TiB)."
+    )
+    working_dir: str | None = None
+    user: str | None = None
+    ipc: str | None = None
+    devices: tuple[str, ...] = ()
+    labels: Annotated[dict[str, str], _MAPPING] = Field(default_factory=dict)
+    stop_signal: str | None = None
+    stop_grace_period: Annotated[float, _GRACE_SCHEMA] = Field(
+        DEFAULT_GRACE, description="Seconds (or '10s', '1m') between the stop signal and a kill; at most 1h."
+    )
+    port: StrictInt = Field(
+        8080, ge=1, le=65535, description="Port the server listens on inside the container."
+    )
+    health: str = Field("/health", description="Path polled until HTTP 200, or `none`.")
+    gpus: Annotated[Literal["all"] | int | tuple[str, ...] | None, _GPUS] = Field(
+        None, description="`all`, a count, or a list of device IDs; absent means no GPU."
+    )
+    aliases: tuple[str, ...] = ()
+    ttl: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=MAX_DURATION,
+        description="Stop after this many idle seconds; 0 never, even with globalTTL; absent: globalTTL.",
+    )
+    use_model_name: str | None = Field(None, alias="useModelName", description="Model name sent upstream.")
+    health_check_timeout: StrictInt | None = Field(
+        None,
+        alias="healthCheckTimeout",
+        ge=1,
+        le=MAX_HEALTH_TIMEOUT,
+        description="Seconds this model may take to answer its health check; absent: the global one.",
+    )
+    concurrency_limit: StrictInt = Field(10, alias="concurrencyLimit", ge=1, le=MAX_CONCURRENCY)
+
+    @field_validator("command", "entrypoint", mode="before")
+    @classmethod
+    def _split_command(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(shlex.split(value))
+        if isinstance(value, list):
+            return tuple(str(part) if isinstance(part, (int, float)) else part for part in value)
+        return value
+
+    @field_validator("environment", "labels", mode="before")
+    @classmethod
+    def _mapping_or_list(cls, value: object) -> object:
+        if isinstance(value, list):
+            pairs = [str(item).partition("=") for item in value]
+            return {key: val for key, _, val in pairs}
+        if isinstance(value, dict):
+            return {
+                k: "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in value.items()
+            }
+        return value
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _gpu_ids(cls, value: object) -> object:
+        if isinstance(value, list):
+            return tuple(str(device) for device in value)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_GPUS:
+            raise ValueError(f"a GPU count is at most {MAX_GPUS}, got {value!r}")
+        if (
+            value is None
+            or value == "all"
+            or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+        ):
+            return value
+        raise ValueError(f"expected 'all', a count of at least 1 or a list of device IDs, got {value!r}")
+
+    @field_validator("shm_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return value if value is None else check_size(value)
+
+    @field_validator("stop_grace_period", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value, MAX_GRACE)
+
+    @field_validator("health")
+    @classmethod
+    def _health_path(cls, value: str) -> str:
+        if value != "none" and not value.startswith("/"):
+            raise ValueError(f"expected a path starting with '/' or 'none', got {value!r}")
+        return value
+
+
+class MatrixConfig(_Strict):
+    vars: dict[str, str] = Field(default_factory=dict, description="Short names for model IDs.")
+    evict_costs: dict[str, Annotated[StrictInt, _COST]] = Field(
+        default_factory=dict, description="Cost of losing a running model (default 1)."
+    )
+    sets: dict[str, str] = Field(description="Named DSL expressions of models allowed to run together.")
+
+
+class GroupConfig(_Strict):
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+    members: tuple[str, ...]
+
+
+class StartupHooks(_Strict):
+    preload: tuple[str, ...] = Field((), description="Models started when `swapctl up` starts, in order.")
+
+
+class Hooks(_Strict):
+    on_startup: StartupHooks = Field(default_factory=StartupHooks)
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
+_HOST_NAME = re.compile(r"\*|(?:\*\.)?[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")
+
+
+def _origin(value: str) -> str:
+    """An origin as browsers send it (no path, no trailing slash), or `*`; else it would never match."""
+    value = value.lower()
+    if value != "*" and not _ORIGIN.fullmatch(value):
+        raise ValueError(
+            f"expected '*' or an origin such as 'http://localhost:3000' (scheme://host[:port], no path), got {value!r}"
+        )
+    return value
+
+
+def _host_name(value: str) -> str:
+    value = value.lower()
+    if not _HOST_NAME.fullmatch(value):
+        raise ValueError(f"expected a host name (no scheme, no port), '*.example.com' or '*', got {value!r}")
+    return value
+
+
+class ConfigFile(_Strict):
+    """The whole file, every default of every key written here and nowhere else."""
+
+    models: dict[str, ModelConfig]
+    matrix: MatrixConfig | None = None
+    groups: dict[str, GroupConfig] | None = None
+    instance: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="Name of this swapctl instance; labels its containers.",
+    )
+    health_check_timeout: StrictInt = Field(
+        120,
+        alias="healthCheckTimeout",
+        ge=1,
+        le=MAX_HEALTH_TIMEOUT,
+        description="Seconds a model may take to answer its health check, unless it says otherwise.",
+    )
+    global_ttl: StrictInt = Field(
+        0,
+        alias="globalTTL",
+        ge=0,
+        le=MAX_DURATION,
+        description="Stop a model idle this many seconds, unless it has a ttl of its own; 0 never.",
+    )
+    max_request_bytes: StrictInt = Field(
+        100 * 2**20,
+        alias="maxRequestBytes",
+        ge=1,
+        le=MAX_REQUEST_BYTES,
+        description="Largest request body accepted (413 beyond).",
+    )
+    hooks: Hooks = Field(default_factory=Hooks)
+    listen: Annotated[str, AfterValidator(_listen), _LISTEN] = Field(
+        "127.0.0.1:8080",
+        description="HOST:PORT the proxy listens on: an IPv4 address, [IPv6], a host name, or empty for all.",
+    )
+    api_keys: tuple[SecretStr, ...] = Field(
+        (),
+        alias="apiKeys",
+        description="Keys a client must send (`Authorization: Bearer KEY` or `x-api-key: KEY`) on every "
+        "route but GET /health; `${NAME}` reads environment variable NAME at load. None: no key asked.",
+    )
+    cors: tuple[Annotated[str, AfterValidator(_origin)], ...] = Field(
+        (),
+        description="Origins (scheme://host[:port]) whose web pages may call the proxy and read its "
+        "answers, or `*` for any. None: pages of other origins are refused.",
+    )
+    allowed_hosts: tuple[Annotated[str, AfterValidator(_host_name)], ...] = Field(
+        (),
+        alias="allowedHosts",
+        description="Host names the proxy answers to besides the listen host, loopback names and IP "
+        "addresses (a guard against DNS rebinding): `name`, `*.example.com`, or `*` for any.",
+    )
+
+
+def parse_file(raw: object, templates: Mapping[str, Mapping[str, Any]]) -> ConfigFile:
+    """The file's shape, each model's template merged in first (a template may supply any key)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            "", f"the configuration must be a mapping with a 'models:' key, got {type(raw).__name__}"
+        )
+    models = raw.get("models")
+    if isinstance(models, dict):
+        merged = {
+            name: apply_template(name, model, templates) if isinstance(model, dict) else model
+            for name, model in models.items()
+        }
+        raw = {**raw, "models": merged}
+    try:
+        shape = ConfigFile.model_validate(raw)
+    except ValidationError as error:
+        raise _translate(error) from None
+    if not shape.models:
+        raise ConfigError("models", "no models: define at least one")
+    return shape
+
+
+def _translate(error: ValidationError) -> ConfigError:
+    """pydantic's first error (an unknown key first: likely a typo) under its key path."""
+    errors = error.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    path = ".".join(str(part) for part in first["loc"])
+    kind, message = first["type"], first["msg"].removeprefix("Value error, ")
+    message = message[:1].lower() + message[1:]
+    if kind == "extra_forbidden":
+        return ConfigError(path, f"unknown key '{first['loc'][-1]}'")
+    if kind == "missing":
+        return ConfigError(path, "required key is missing")
+    if first["loc"][:1] == ("apiKeys",):  # a key is never shown, not even a malformed one
+        return ConfigError(path, message)
+    return ConfigError(path, f"{message}, got {first['input']!r}" if "got" not in message else message)
+
+
+def json_schema() -> dict[str, Any]:
+    """The file's JSON Schema, for editors (`swapctl config schema`)."""
+    schema = ConfigFile.model_json_schema(by_alias=True)
+    # a template may supply the image, so the file itself need not name one
+    schema["$defs"]["ModelConfig"]["required"].remove("image")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "swapctl configuration"
+    return schema

@@ -1,0 +1,111 @@
+"""A model's place in the lifecycle: its state, written through one function.
+
+    stopped -> starting -> ready -> leaving -> stopping -> stopped
+                  |                              |
+                  +-> stopped (failed)           +-> stop-failed -> stopping (tried again)
+
+`leaving` is derived, as arq derives a job's status: a ready model chosen to stop admits
+no new request and stops once those in flight finish. A starting model may be chosen too:
+it finishes its start (the requests that joined it are served), then leaves.
+`stop-failed`: its container outlived a stop and a kill, so it still counts as running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from swapctl.backend import Container
+
+
+class State(enum.Enum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    LEAVING = "leaving"  # derived: ready, and chosen to stop
+    STOPPING = "stopping"
+    STOP_FAILED = "stop-failed"
+
+
+# The moves `Slot.move` allows, between the states a slot stores (never LEAVING).
+MOVES: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING, State.READY, State.STOP_FAILED}),  # ready: adopted
+    State.STARTING: frozenset({State.READY, State.STOPPED, State.STOP_FAILED}),
+    State.READY: frozenset({State.STOPPING}),
+    State.STOPPING: frozenset({State.STOPPED, State.STOP_FAILED}),
+    State.STOP_FAILED: frozenset({State.STOPPING}),
+}
+
+
+@dataclass
+class Slot:
+    """One configured model. Only `move` writes `phase`, `leaving`, `container` and `stops`."""
+
+    model: str
+    phase: State = State.STOPPED
+    leaving: bool = False
+    container: Container | None = None
+    in_flight: int = 0
+    last_used: float = 0.0
+    ready_since: float | None = None
+    start: asyncio.Future[None] | None = field(default=None, repr=False)
+    stops: int = 0  # times it returned to stopped: a stop awaited is over even if it started again
+
+    @property
+    def state(self) -> State:
+        return State.LEAVING if self.leaving and self.phase is State.READY else self.phase
+
+    @property
+    def running(self) -> bool:
+        """Counted by decisions: its container may run, and it is not already on its way out."""
+        return self.phase is not State.STOPPED and not self.leaving
+
+    def move(
+        self,
+        phase: State | None = None,
+        *,
+        leaving: bool | None = None,
+        container: Container | None = None,
+        now: float = 0.0,
+    ) -> None:
+        """The one writer. Moving to stopped forgets the container and counts a stop;
+        moving to ready records when."""
+        if phase is not None and phase is not self.phase:
+            assert phase in MOVES[self.phase], f"{self.model}: no move from {self.phase} to {phase}"
+            self.phase = phase
+            if phase is State.STOPPED:
+                self.container, self.stops = None, self.stops + 1
+            elif phase is State.READY:
+                self.ready_since = self.last_used = now
+        if container is not None:
+            self.container = container
+        if leaving is not None:
+            self.leaving = leaving
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    model: str
+    state: str
+    container: str | None
+    host_port: int | None
+    in_flight: int
+    ready_seconds: float | None
+    idle_seconds: float | None
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def of(cls, slot: Slot, now: float) -> ModelStatus:
+        ready = slot.phase is State.READY
+        return cls(
+            model=slot.model,
+            state=slot.state.value,
+            container=slot.container.name if slot.container else None,
+            host_port=slot.container.host_port if slot.container else None,
+            in_flight=slot.in_flight,
+            ready_seconds=now - slot.ready_since if ready and slot.ready_since is not None else None,
+            idle_seconds=now - slot.last_used if ready and not slot.in_flight else None,
+        )

@@ -1,0 +1,434 @@
+"""The swapper: decide with the policy, apply through the backend.
+
+Requests for a starting model join that start. A model chosen for eviction is leaving: it
+admits no new request, finishes the ones in flight, then stops; only then does the model
+that evicted it start. Decisions are taken with no await between deciding and marking, so
+swaps run as tasks and swaps of disjoint models overlap.
+
+The matrix is an invariant: a container counts as running for every decision until it is
+gone. One that could not be stopped (nor killed) is stop-failed, not stopped; the upkeep
+check and the next eviction try again. Containers found at start-up are adopted only as far
+as the policy allows them together, and only once their health check answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
+
+import httpx
+
+from swapctl.backend import AsyncBackend, Backend, Container
+from swapctl.config import DEFAULT_GRACE, Config
+from swapctl.errors import BackendError, Busy, StartError, StopFailed, SwapctlError
+from swapctl.lifecycle.health import Clock, HealthCheck
+from swapctl.lifecycle.lease import Lease
+from swapctl.lifecycle.slot import ModelStatus, Slot, State
+from swapctl.matrix import Decision, allowed_part
+from swapctl.metrics import Metrics
+from swapctl.spec import build_spec
+
+log = logging.getLogger("swapctl")
+SETTLED = (State.READY, State.STOPPED, State.STOP_FAILED)  # no start or stop under way
+
+
+class Swapper:
+    def __init__(
+        self,
+        config: Config,
+        backend: Backend,
+        client: httpx.AsyncClient,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.backend = AsyncBackend(backend)
+        self.clock = clock
+        self.health = HealthCheck(self.backend, client, Clock(clock, sleep))
+        self.slots = {model: Slot(model) for model in config.models}
+        self.changed = asyncio.Condition()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.metrics = metrics or Metrics()
+        statuses = lambda: [(s.model, s.state, s.in_flight) for s in self.status()]  # noqa: E731
+        self.metrics.watch(statuses, [state.value for state in State])
+
+    # --- requests -------------------------------------------------------------------------
+
+    async def acquire(self, model: str) -> Lease:
+        """Wait until `model` is ready; the lease counts one request in flight on it."""
+        slot = self.slots[model]
+        async with self.changed:
+            while slot.leaving or slot.phase is State.STOPPING:
+                await self.changed.wait()
+            if slot.phase is State.STOP_FAILED:
+                raise StopFailed(f"its old container {_name(slot)} could not be stopped yet", model)
+            limit = self.config.models[model].concurrency_limit
+            if slot.in_flight >= limit:
+                raise Busy(model, limit)
+            slot.in_flight += 1
+            if slot.phase is State.STOPPED:
+                self._claim(slot)
+        try:
+            if slot.phase is not State.READY:
+                assert slot.start is not None
+                await asyncio.shield(slot.start)  # join the start; leaving it leaves the start alone
+            if slot.container is None:
+                raise BackendError("its container stopped as it became ready", model)
+        except BaseException:
+            await self._release(slot)
+            raise
+        return Lease(model, slot.container, lambda: self._release(slot))
+
+    async def _release(self, slot: Slot) -> None:
+        async with self.changed:
+            slot.in_flight -= 1
+            slot.last_used = self.clock()
+            self.changed.notify_all()
+
+    def running(self) -> list[str]:
+        return sorted(m for m, s in self.slots.items() if s.running)
+
+    def _claim(self, slot: Slot) -> None:
+        """Decide and mark, with no await in between: the next decision sees this one."""
+        began = time.perf_counter()
+        decision = self.config.policy.decide(slot.model, self.running())
+        decided = time.perf_counter() - began
+        keep = set(decision.target_set)
+        leaving_already = [(s, s.stops) for s in self.slots.values() if s.leaving and s.model not in keep]
+        for model in decision.evict:
+            self._move(self.slots[model], leaving=True)
+        self._launch(slot, self._swap(slot, decision, leaving_already, decided))
+
+    def _move(self, slot: Slot, phase: State | None = None, **changes: Any) -> None:
+        """Every change of state goes through here (the condition's lock held): it wakes
+        whoever waits for one."""
+        slot.move(phase, now=self.clock(), **changes)
+        self.changed.notify_all()
+
+    async def _set(self, slot: Slot, phase: State | None = None, **changes: Any) -> None:
+        async with self.changed:
+            self._move(slot, phase, **changes)
+
+    def _launch(self, slot: Slot, start: Coroutine[Any, Any, None]) -> None:
+        """The model is starting: requests wait on `slot.start`, which `start` settles."""
+        self._move(slot, State.STARTING)
+        slot.start = asyncio.get_running_loop().create_future()
+        slot.start.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
+        self._spawn(start)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self.tasks.discard)
+
+    # --- starts ---------------------------------------------------------------------------
+
+    async def _swap(
+        self, slot: Slot, decision: Decision, leaving_already: list[tuple[Slot, int]], decided: float
+    ) -> None:
+        began = self.clock()
+        try:
+            await asyncio.gather(*(self._evict(self.slots[m]) for m in decision.evict))
+            await self._until_gone(slot.model, leaving_already)
+            container = await self._start(slot)
+        except BaseException as error:
+            await self._start_failed(slot, error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        await self._ready(slot, container)
+        took = self.clock() - began
+        self.metrics.start_seconds.labels(slot.model).observe(took)
+        log.info(
+            "swap: %s ready in %.3fs (set %s, evicted %s, cost %d, decided in %.0fus)",
+            slot.model,
+            took,
+            decision.set or "-",
+            ", ".join(decision.evict) or "nothing",
+            decision.cost,
+            decided * 1e6,
+        )
+
+    async def _until_gone(self, model: str, leaving: list[tuple[Slot, int]]) -> None:
+        """Wait for models another swap is evicting. Each has stopped once since the decision;
+        one claimed again since then was decided with this model counted as running, so it
+        waits for us, not we for it. One whose stop failed still runs: this start fails."""
+        gone = (State.STOPPED, State.STOP_FAILED)
+        async with self.changed:
+            await self.changed.wait_for(lambda: all(s.phase in gone or s.stops != n for s, n in leaving))
+        stuck = [s.model for s, n in leaving if s.phase is State.STOP_FAILED and s.stops == n]
+        if stuck:
+            raise BackendError(f"cannot start while {', '.join(stuck)} could not be stopped", model)
+
+    async def _start(self, slot: Slot) -> Container:
+        spec = build_spec(self.config, slot.model)
+        log.info("starting %s (%s)", slot.model, spec.image)
+        container = await self.backend.start(spec)
+        await self._set(slot, container=container)
+        return await self._until_healthy(slot, container)
+
+    async def _until_healthy(self, slot: Slot, container: Container) -> Container:
+        """Wait for its health check; on failure remove the container, or say it would not stop."""
+        model = self.config.models[slot.model]
+        timeout = model.health_check_timeout
+        try:
+            return await self.health.wait(slot.model, container, model.health, timeout)
+        except BaseException:
+            await self._remove(slot.model, container, 0)
+            raise
+
+    async def _ready(self, slot: Slot, container: Container) -> None:
+        await self._set(slot, State.READY, container=container)
+        self.metrics.starts.labels(slot.model, "ready").inc()
+        assert slot.start is not None
+        slot.start.set_result(None)
+
+    async def _start_failed(self, slot: Slot, error: BaseException) -> None:
+        failure = error if isinstance(error, SwapctlError) else StartError(slot.model, repr(error))
+        if isinstance(error, StopFailed) and error.model == slot.model:
+            await self._stuck(slot)  # its own unhealthy container would not stop
+        else:
+            await self._set(slot, State.STOPPED)  # `leaving`, if set, is the evicting swap's to end
+        log.error("%s", failure)
+        self.metrics.starts.labels(slot.model, "failed").inc()
+        assert slot.start is not None
+        slot.start.set_exception(failure)
+
+    # --- stops ----------------------------------------------------------------------------
+
+    async def _remove(self, model: str, container: Container, grace: float) -> None:
+        """Stop gracefully, else kill; StopFailed only while the container still runs."""
+        try:
+            await self.backend.stop(container.id, grace)
+            return
+        except Exception as error:
+            log.warning("%s: stopping %s failed (%s); killing it", model, container.name, error)
+        try:
+            await self.backend.stop(container.id, 0)
+            return
+        except Exception as error:
+            current = await self.backend.get(container.id)
+            if current is None or not current.running:
+                return  # dead; the upkeep check removes its remains
+            raise StopFailed(f"its container {container.name} could not be stopped: {error}", model) from None
+
+    async def _evict(self, slot: Slot, patience: float | None = None) -> None:
+        """Stop the model once its requests in flight finish, or after `patience` seconds
+        regardless of them (a start under way always finishes first)."""
+        async with self.changed:
+            self._move(slot, leaving=True)
+            try:
+                async with asyncio.timeout(patience):
+                    await self.changed.wait_for(lambda: slot.phase in SETTLED and slot.in_flight == 0)
+            except TimeoutError:
+                await self.changed.wait_for(lambda: slot.phase in SETTLED)
+            if slot.phase is State.STOPPED or slot.container is None:
+                self._move(slot, leaving=False)
+                return
+            container = slot.container
+            self._move(slot, State.STOPPING)
+        self.metrics.evictions.labels(slot.model).inc()
+        try:
+            await self._remove(slot.model, container, self.config.models[slot.model].stop_grace_period)
+        except BaseException:
+            await self._stuck(slot)
+            raise
+        await self._set(slot, State.STOPPED, leaving=False)
+        log.info("stopped %s", slot.model)
+
+    async def _stuck(self, slot: Slot) -> None:
+        """Its container would not stop: it keeps counting as running until it is gone."""
+        await self._set(slot, State.STOP_FAILED, leaving=False)
+        log.error("%s: its container %s could not be stopped; it counts as running", slot.model, _name(slot))
+
+    async def mark_crashed(self, slot: Slot) -> bool:
+        """The container died: remove its remains; the model is stopped. False if already handled."""
+        async with self.changed:
+            if slot.phase is not State.READY or slot.container is None:
+                return False
+            container = slot.container
+            self._move(slot, State.STOPPING)
+        log.warning("%s: its container %s stopped unexpectedly", slot.model, container.name)
+        self.metrics.crashes.labels(slot.model).inc()
+        try:
+            await self.backend.stop(container.id, 0)
+        except BackendError as error:
+            log.warning("could not remove %s: %s", container.name, error)
+        finally:
+            await self._set(slot, State.STOPPED)  # `leaving`, if set, is the evicting swap's to end
+        return True
+
+    async def confirm_alive(self, lease: Lease) -> bool:
+        """After a failed forward: False (and the model stopped) if its container is gone."""
+        slot = self.slots[lease.model]
+        if slot.container is None or slot.container.id != lease.container.id:
+            return False
+        current = await self.backend.get(lease.container.id)
+        if current is None or not current.running:
+            await self.mark_crashed(slot)
+            return False
+        return True
+
+    async def unload(self, model: str | None = None, timeout: float | None = None) -> list[str]:
+        """Stop one model or all, once their requests in flight finish, or after `timeout`
+        seconds regardless of them. The models that were running."""
+        targets = [self.slots[model]] if model else list(self.slots.values())
+        busy = [s for s in targets if s.phase is not State.STOPPED]
+        await asyncio.gather(*(self._evict(s, timeout) for s in busy))
+        return [s.model for s in busy]
+
+    # --- the engine as the database ---------------------------------------------------------
+
+    async def adopt(self) -> list[str]:
+        """Take over this instance's containers whose spec and image still match, as far as
+        the policy allows them together; stop the rest."""
+        matching: dict[str, Container] = {}
+        for container in await self.backend.list(self.config.instance):
+            why = await self._unadoptable(container, matching)
+            if why is None:
+                matching[container.model] = container
+            else:
+                log.info("removing %s: %s", container.name, why)
+                await self._discard(container)
+        allowed = allowed_part(self.config.policy, matching)
+        for model, container in matching.items():
+            if model not in allowed:
+                log.info("stopping %s: the policy does not allow it beside %s", model, ", ".join(allowed))
+                await self._discard(container)
+        for model in allowed:
+            await self._take_over(self.slots[model], matching[model])
+        return list(allowed)
+
+    async def _unadoptable(self, container: Container, adopted: Mapping[str, Container]) -> str | None:
+        """Why `container` cannot be adopted; None when it can."""
+        if container.model not in self.slots or container.model in adopted:
+            return "left over"
+        if not container.running:
+            return container.state
+        if container.host_port is None:
+            return "it publishes no port"
+        spec = build_spec(self.config, container.model)
+        image = await self.backend.image_id(spec.image)
+        if container.spec_hash != spec.spec_hash or (image is not None and container.image_id != image):
+            return "its spec or image changed"  # an image may be rebuilt under its name
+        return None
+
+    async def _discard(self, container: Container) -> None:
+        """Remove a container found at start-up; one that would not stop counts as running."""
+        try:
+            await self._remove(container.model, container, self._grace(container.model))
+        except StopFailed:
+            slot = self.slots.get(container.model)
+            if slot is None or slot.container is not None:
+                raise  # nothing could keep counting it
+            await self._set(slot, container=container)
+            await self._stuck(slot)
+
+    async def _take_over(self, slot: Slot, container: Container) -> None:
+        """Ready at once if its health check answers now; else starting, as after a start of
+        its own (it may still be loading), with its healthCheckTimeout."""
+        if await self.health.answers(container, self.config.models[slot.model].health):
+            await self._set(slot, State.READY, container=container)
+            log.info("adopted %s (%s)", slot.model, container.name)
+            return
+        log.info("adopting %s (%s): waiting for its health check", slot.model, container.name)
+        async with self.changed:
+            self._launch(slot, self._resume(slot, container))
+            self._move(slot, container=container)
+
+    async def _resume(self, slot: Slot, container: Container) -> None:
+        began = self.clock()
+        try:
+            healthy = await self._until_healthy(slot, container)
+        except BaseException as error:
+            await self._start_failed(slot, error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        await self._ready(slot, healthy)
+        log.info("adopted %s (%s), healthy after %.3fs", slot.model, container.name, self.clock() - began)
+
+    def _grace(self, model: str) -> float:
+        found = self.config.models.get(model)
+        return found.stop_grace_period if found else DEFAULT_GRACE
+
+    # --- upkeep -----------------------------------------------------------------------------
+
+    async def upkeep(self, interval: float) -> None:
+        """Run `check` every `interval` seconds, for as long as the proxy serves."""
+        while True:
+            await self.health.clock.sleep(interval)
+            try:
+                await self.check()
+            except SwapctlError as error:
+                log.warning("checking containers: %s", error)
+
+    async def check(self) -> None:
+        """The upkeep duties: crashed containers, idle models past their ttl, containers that
+        would not stop, and remains of dead ones."""
+        present = {c.id: c for c in await self.backend.list(self.config.instance)}
+        await self._check_crashes(present)
+        await self._check_ttl()
+        await self._retry_stuck()
+        await self._remove_remains(present)
+
+    async def _check_crashes(self, present: Mapping[str, Container]) -> None:
+        for slot in self.slots.values():
+            if slot.state is State.READY and slot.container is not None:
+                current = present.get(slot.container.id)
+                if current is None or not current.running:
+                    await self.mark_crashed(slot)
+
+    async def _check_ttl(self) -> None:
+        now = self.clock()
+        for slot in self.slots.values():
+            ttl = self.config.models[slot.model].ttl
+            if ttl and slot.state is State.READY and slot.in_flight == 0 and now - slot.last_used >= ttl:
+                log.info("ttl: %s idle for %.0fs", slot.model, now - slot.last_used)
+                await self._evict(slot)
+
+    async def _retry_stuck(self) -> None:
+        for slot in self.slots.values():
+            if slot.state is State.STOP_FAILED and not slot.leaving:
+                with contextlib.suppress(StopFailed):  # said by _stuck; tried again next time
+                    await self._evict(slot)
+
+    async def _remove_remains(self, present: Mapping[str, Container]) -> None:
+        """Remains that could not be removed earlier (say, while the daemon was down)."""
+        tracked = {s.container.id for s in self.slots.values() if s.container is not None}
+        for container in present.values():
+            owner = self.slots.get(container.model)
+            if container.id in tracked or container.running or (owner and owner.phase is not State.STOPPED):
+                continue
+            log.info("removing %s: %s", container.name, container.state)
+            await self.backend.stop(container.id, 0)
+
+    async def preload(self) -> None:
+        """Start the configured models one by one, as requests would: the matrix still decides."""
+        for model in self.config.preload:
+            try:
+                await (await self.acquire(model)).release()
+            except SwapctlError as error:
+                log.error("preload: %s", error)
+
+    # --- what people see --------------------------------------------------------------------
+
+    def status(self) -> list[ModelStatus]:
+        now = self.clock()
+        return [ModelStatus.of(slot, now) for slot in self.slots.values()]
+
+    async def logs(self, model: str, tail: int) -> str:
+        """The last lines of the model's container: the one it runs, else any left of it."""
+        found = self.slots[model].container or next(
+            (c for c in await self.backend.list(self.config.instance) if c.model == model), None
+        )
+        return await self.backend.logs(found.id, tail) if found else ""
+
+
+def _name(slot: Slot) -> str:
+    return slot.container.name if slot.container else "-"

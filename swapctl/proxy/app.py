@@ -1,0 +1,96 @@
+"""The proxy app: it only assembles. Forwarding, swapctl's own routes, the guard and the
+error answers live in their own modules; the objects they share are built by the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+
+from swapctl.config import Config
+from swapctl.lifecycle import Swapper
+from swapctl.metrics import Metrics
+from swapctl.proxy import admin
+from swapctl.proxy.errors import handlers
+from swapctl.proxy.forwarding import MODEL_ROUTES, Forwarder
+from swapctl.proxy.guard import Guard
+
+log = logging.getLogger("swapctl")
+ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+
+def build_app(
+    config: Config,
+    swapper: Swapper,
+    client: httpx.AsyncClient,
+    metrics: Metrics,
+    *,
+    check_interval: float = 1.0,
+    stop_on_exit: bool = False,
+    preload: bool = True,
+    listen_host: str | None = None,
+) -> Starlette:
+    """`client` reaches the models' servers (its owner closes it); `listen_host` (default:
+    the config's `listen`) is the name the Host check accepts besides loopback names, IP
+    addresses and `allowedHosts`."""
+    recent = admin.RecentLines()
+    forwarder = Forwarder(config, swapper, client, metrics, known=admin.PATHS)
+    own = admin.Admin(config, swapper, metrics, recent, forwarder.resolve)
+    routes = [Route(path, forwarder.model_route, methods=["POST"]) for path in MODEL_ROUTES]
+    routes += own.routes()
+    routes += [
+        Route("/upstream/{rest:path}", forwarder.upstream, methods=ANY_METHOD),
+        Route("/{path:path}", forwarder.by_query, methods=ANY_METHOD),
+    ]
+    guard = Middleware(
+        Guard,
+        listen_host=config.listen.rpartition(":")[0] if listen_host is None else listen_host,
+        allowed_hosts=config.allowed_hosts,
+        cors=config.cors,
+        api_keys=config.api_keys,
+    )
+    duties = Duties(swapper, recent, check_interval, preload=preload, stop_on_exit=stop_on_exit)
+    return Starlette(
+        routes=routes,
+        middleware=[guard],
+        lifespan=duties.lifespan,
+        exception_handlers=handlers(metrics, config.models),
+    )
+
+
+class Duties:
+    """What runs beside the routes while the app serves: the swapper's upkeep, the preload,
+    the log lines kept for /logs; and, on the way out, the models stopped if asked."""
+
+    def __init__(
+        self,
+        swapper: Swapper,
+        recent: admin.RecentLines,
+        interval: float,
+        *,
+        preload: bool,
+        stop_on_exit: bool,
+    ) -> None:
+        self.swapper, self.recent, self.interval = swapper, recent, interval
+        self.preload, self.stop_on_exit = preload, stop_on_exit
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        log.addHandler(self.recent)
+        tasks = [asyncio.create_task(self.swapper.upkeep(self.interval))]
+        if self.preload:
+            tasks.append(asyncio.create_task(self.swapper.preload()))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            if self.stop_on_exit:
+                await self.swapper.unload()
+            log.removeHandler(self.recent)

@@ -1,0 +1,88 @@
+"""Errors into HTTP answers, in one place: a table from error type to status and OpenAI
+error JSON, and the app's exception handlers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from swapctl.errors import BackendError, Busy, RequestError, StartError, SwapctlError, UnknownModelError
+from swapctl.metrics import Metrics
+
+log = logging.getLogger("swapctl")
+
+# error type -> (HTTP status, OpenAI error type, OpenAI error code); the first match in the
+# error's class hierarchy wins, so a subclass of BackendError is a 503 like its parent
+ANSWERS: Mapping[type[SwapctlError], tuple[int, str, str]] = {
+    UnknownModelError: (404, "invalid_request_error", "model_not_found"),
+    Busy: (429, "rate_limit_error", "model_busy"),
+    StartError: (502, "server_error", "model_start_failed"),
+    BackendError: (503, "server_error", "backend_error"),
+}
+RETRY_AFTER = {429: {"retry-after": "1"}}
+
+
+class ClientGone(Exception):
+    """The client went away before its answer was ready."""
+
+    def __init__(self, model: str | None = None) -> None:
+        super().__init__(model)
+        self.model = model
+
+
+def error_body(message: str, kind: str, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def error_response(error: Exception) -> JSONResponse:
+    if isinstance(error, RequestError):
+        return JSONResponse(error_body(str(error), "invalid_request_error", error.code), error.status)
+    found = next((ANSWERS[k] for k in type(error).__mro__ if k in ANSWERS), None)
+    if found is None:
+        log.error("unexpected error: %r", error, exc_info=error)
+        return JSONResponse(error_body(f"internal error: {error!r}", "server_error", "internal_error"), 500)
+    status, kind, code = found
+    return JSONResponse(error_body(str(error), kind, code), status, headers=RETRY_AFTER.get(status))
+
+
+Handler = Callable[[Request, Exception], Any]
+
+
+def handlers(metrics: Metrics, models: Collection[str]) -> dict[Any, Handler]:
+    """The app's exception handlers: routing misses, clients gone, and every other error."""
+
+    def count(model: object, status: int) -> None:
+        if isinstance(model, str) and model in models:
+            metrics.requests.labels(model, str(status)).inc()
+
+    async def not_found(request: Request, error: Exception) -> Response:
+        status = getattr(error, "status_code", 404)
+        message = f"no route {request.method} {request.url.path}"
+        kind = "method_not_allowed" if status == 405 else "not_found"
+        return JSONResponse(error_body(message, "invalid_request_error", kind), status)
+
+    async def gone(request: Request, error: Exception) -> Response:
+        """The client left (mid-body, or before its answer): one line, and nothing to send."""
+        model = error.model if isinstance(error, ClientGone) else None
+        named = f" ({model})" if model else ""
+        log.info("%s %s: the client went away%s", request.method, request.url.path, named)
+        count(model, 499)
+        return Response(status_code=499)
+
+    async def failed(request: Request, error: Exception) -> Response:
+        response = error_response(error)
+        count(getattr(error, "model", None), response.status_code)
+        return response
+
+    return {
+        404: not_found,
+        405: not_found,
+        ClientGone: gone,
+        ClientDisconnect: gone,
+        SwapctlError: failed,
+        Exception: failed,
+    }
