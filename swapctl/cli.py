@@ -24,6 +24,7 @@ from swapctl.errors import ConfigError, SwapctlError, UnknownModelError
 from swapctl.owner import Ownership, find_owner, state_dir
 
 if TYPE_CHECKING:
+    import uvicorn
     from rich.console import Console
 
     from swapctl.backend import Backend
@@ -196,6 +197,14 @@ def up(
         ),
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every HTTP request.")] = False,
+    watch_config: Annotated[
+        bool,
+        typer.Option(
+            "--watch-config",
+            help="Reload the config when its file (or a template beside it) changes; SIGHUP and "
+            "POST /reload always reload it.",
+        ),
+    ] = False,
 ) -> None:
     """Run the proxy in the foreground: requests start and stop model containers."""
     import asyncio
@@ -215,7 +224,9 @@ def up(
         )
     backend = _engine(ctx)()
     ownership = Ownership(loaded.instance, _url_of(host, port), state_dir())
-    serving = _serve(loaded, backend, host, port, stop_on_exit=stop_on_exit, verbose=verbose)
+    serving = _serve(
+        loaded, backend, host, port, config, stop_on_exit=stop_on_exit, verbose=verbose, watch=watch_config
+    )
     try:
         import uvloop  # optional: a faster event loop where installed
 
@@ -227,25 +238,35 @@ def up(
 
 
 async def _serve(
-    loaded: Config, backend: Backend, host: str, port: int, *, stop_on_exit: bool, verbose: bool
+    loaded: Config,
+    backend: Backend,
+    host: str,
+    port: int,
+    path: Path,
+    *,
+    stop_on_exit: bool,
+    verbose: bool,
+    watch: bool,
 ) -> None:
-    """Adopt what runs, then serve until interrupted; the objects the app shares are built here."""
+    """Adopt what runs, then serve until interrupted; the objects the app shares are built
+    here. SIGHUP, POST /reload and, with `watch`, a change of the file reload `path`."""
     import asyncio
     import logging
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
-    import uvicorn
 
-    from swapctl.lifecycle import Swapper
+    from swapctl.lifecycle import Reloader, Swapper
     from swapctl.metrics import Metrics
     from swapctl.proxy import build_app
     from swapctl.proxy.transport import AiohttpTransport, no_cookies
+    from swapctl.proxy.upstream import AiohttpUpstream
 
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
     timeout = httpx.Timeout(None, connect=10.0)
     metrics = Metrics()
-    async with httpx.AsyncClient(
+    upstream = AiohttpUpstream()  # forwarding: aiohttp, no layer over it
+    async with httpx.AsyncClient(  # health checks
         timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
     ) as client:
         swapper = Swapper(loaded, backend, client, metrics=metrics)
@@ -259,16 +280,35 @@ async def _serve(
             host,
             port,
         )
-        app_ = build_app(loaded, swapper, client, metrics, stop_on_exit=stop_on_exit, listen_host=host)
-        server_config = uvicorn.Config(
-            app_,
-            host=host,
-            port=port,
-            log_level="info" if verbose else "warning",
-            access_log=verbose,
-            timeout_graceful_shutdown=10,  # on Ctrl-C, requests in flight get 10 s to finish
+        reloader = Reloader(path, swapper)
+        app_ = build_app(
+            loaded,
+            swapper,
+            upstream,
+            metrics,
+            stop_on_exit=stop_on_exit,
+            listen_host=host,
+            reload=reloader.reload,
         )
-        await uvicorn.Server(server_config).serve()
+        try:
+            async with reloader.serving(watch):
+                await _server(app_, host, port, verbose).serve()
+        finally:
+            await upstream.aclose()
+
+
+def _server(app_: Any, host: str, port: int, verbose: bool) -> uvicorn.Server:
+    import uvicorn
+
+    server_config = uvicorn.Config(
+        app_,
+        host=host,
+        port=port,
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        timeout_graceful_shutdown=10,  # on Ctrl-C, requests in flight get 10 s to finish
+    )
+    return uvicorn.Server(server_config)
 
 
 def _url_of(host: str, port: int) -> str:

@@ -60,10 +60,10 @@ def write_yaml(path: Path, config: dict[str, Any]) -> Path:
 
 
 class Proxy:
-    """`swapctl up` as a subprocess; each start logs to its own file."""
+    """`swapctl up` as a subprocess, with `args` after its own; each start logs to its own file."""
 
-    def __init__(self, config: Path, instance: str, workdir: Path) -> None:
-        self.config, self.instance, self.workdir = config, instance, workdir
+    def __init__(self, config: Path, instance: str, workdir: Path, args: tuple[str, ...] = ()) -> None:
+        self.config, self.instance, self.workdir, self.args = config, instance, workdir, args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -84,6 +84,7 @@ class Proxy:
             str(self.config),
             "--listen",
             f"127.0.0.1:{self.port}",
+            *self.args,
         ]
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(

@@ -8,6 +8,7 @@ and `Model` have no defaults of their own, and `load_config` is the only file I/
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -84,6 +85,12 @@ class Config:
     @property
     def vars(self) -> Mapping[str, str]:
         return self.names.vars
+
+    @functools.cached_property
+    def longest_names(self) -> tuple[str, ...]:
+        """Model IDs and aliases, longest first: where `/upstream/<model>/<path>` splits (an
+        ID may hold '/'). Sorted once per config, not per request."""
+        return tuple(sorted({*self.models, *self.aliases}, key=len, reverse=True))
 
     def resolve(self, name: str) -> str | None:
         """A model ID from a model ID or an alias (as API requests name models); else None."""

@@ -9,6 +9,11 @@ The matrix is an invariant: a container counts as running for every decision unt
 gone. One that could not be stopped (nor killed) is stop-failed, not stopped; the upkeep
 check and the next eviction try again. Containers found at start-up are adopted only as far
 as the policy allows them together, and only once their health check answers.
+
+A reload swaps `config` between two decisions. Models whose container changed, models
+removed, and models the new policy forbids beside the rest are evicted the usual way (their
+requests in flight finish first); a removed model's slot goes once it has stopped, and until
+then it runs under `retiring`, the last config that named it.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import httpx
 
 from swapctl.backend import AsyncBackend, Backend, Container
 from swapctl.config import DEFAULT_GRACE, Config
-from swapctl.errors import BackendError, Busy, StartError, StopFailed, SwapctlError
+from swapctl.errors import BackendError, Busy, StartError, StopFailed, SwapctlError, UnknownModelError
+from swapctl.lifecycle.changes import Changes, keep_fixed
 from swapctl.lifecycle.health import Clock, HealthCheck
 from swapctl.lifecycle.lease import Lease
 from swapctl.lifecycle.slot import ModelStatus, Slot, State
-from swapctl.matrix import Decision, allowed_part
+from swapctl.matrix import Decision, Policy, allowed_part
 from swapctl.metrics import Metrics
 from swapctl.spec import build_spec
 
@@ -51,6 +57,7 @@ class Swapper:
         self.clock = clock
         self.health = HealthCheck(self.backend, client, Clock(clock, sleep))
         self.slots = {model: Slot(model) for model in config.models}
+        self.retiring: dict[str, Config] = {}  # removed by a reload, not yet stopped: their config
         self.changed = asyncio.Condition()
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
@@ -61,10 +68,11 @@ class Swapper:
 
     async def acquire(self, model: str) -> Lease:
         """Wait until `model` is ready; the lease counts one request in flight on it."""
-        slot = self.slots[model]
         async with self.changed:
+            slot = self._slot(model)
             while slot.leaving or slot.phase is State.STOPPING:
                 await self.changed.wait()
+                slot = self._slot(model)  # a reload may have removed it meanwhile
             if slot.phase is State.STOP_FAILED:
                 raise StopFailed(f"its old container {_name(slot)} could not be stopped yet", model)
             limit = self.config.models[model].concurrency_limit
@@ -92,6 +100,18 @@ class Swapper:
 
     def running(self) -> list[str]:
         return sorted(m for m, s in self.slots.items() if s.running)
+
+    def _slot(self, model: str) -> Slot:
+        """The slot of a configured model: one a reload removed is unknown at once."""
+        slot = self.slots.get(model)
+        if slot is None or model not in self.config.models:
+            raise UnknownModelError(model)
+        return slot
+
+    def _config_for(self, model: str) -> Config:
+        """The config `model` runs under: the current one, or, for a model a reload removed
+        that has yet to stop, the last one that named it."""
+        return self.config if model in self.config.models else self.retiring[model]
 
     def _claim(self, slot: Slot) -> None:
         """Decide and mark, with no await in between: the next decision sees this one."""
@@ -166,7 +186,7 @@ class Swapper:
             raise BackendError(f"cannot start while {', '.join(stuck)} could not be stopped", model)
 
     async def _start(self, slot: Slot) -> Container:
-        spec = build_spec(self.config, slot.model)
+        spec = build_spec(self._config_for(slot.model), slot.model)
         log.info("starting %s (%s)", slot.model, spec.image)
         container = await self.backend.start(spec)
         await self._set(slot, container=container)
@@ -174,7 +194,7 @@ class Swapper:
 
     async def _until_healthy(self, slot: Slot, container: Container) -> Container:
         """Wait for its health check; on failure remove the container, or say it would not stop."""
-        model = self.config.models[slot.model]
+        model = self._config_for(slot.model).models[slot.model]
         timeout = model.health_check_timeout
         try:
             return await self.health.wait(slot.model, container, model.health, timeout)
@@ -234,7 +254,7 @@ class Swapper:
             self._move(slot, State.STOPPING)
         self.metrics.evictions.labels(slot.model).inc()
         try:
-            await self._remove(slot.model, container, self.config.models[slot.model].stop_grace_period)
+            await self._remove(slot.model, container, self._grace(slot.model))
         except BaseException:
             await self._stuck(slot)
             raise
@@ -265,8 +285,8 @@ class Swapper:
 
     async def confirm_alive(self, lease: Lease) -> bool:
         """After a failed forward: False (and the model stopped) if its container is gone."""
-        slot = self.slots[lease.model]
-        if slot.container is None or slot.container.id != lease.container.id:
+        slot = self.slots.get(lease.model)
+        if slot is None or slot.container is None or slot.container.id != lease.container.id:
             return False
         current = await self.backend.get(lease.container.id)
         if current is None or not current.running:
@@ -277,10 +297,103 @@ class Swapper:
     async def unload(self, model: str | None = None, timeout: float | None = None) -> list[str]:
         """Stop one model or all, once their requests in flight finish, or after `timeout`
         seconds regardless of them. The models that were running."""
-        targets = [self.slots[model]] if model else list(self.slots.values())
+        targets = [self._slot(model)] if model else list(self.slots.values())
         busy = [s for s in targets if s.phase is not State.STOPPED]
         await asyncio.gather(*(self._evict(s, timeout) for s in busy))
         return [s.model for s in busy]
+
+    # --- reload -----------------------------------------------------------------------------
+
+    async def reload(self, config: Config) -> Changes:
+        """Take `config` from the next decision on. Models whose container spec and image are
+        unchanged keep running untouched; changed and removed ones, and those the new policy
+        forbids beside the rest (the cheapest to lose), are evicted as a swap evicts: their
+        requests in flight finish first, and a changed model's next request starts its new
+        spec. The keys a running proxy cannot change keep their old value (`needs_restart`)."""
+        images = await self._image_ids(config)
+        async with self.changed:  # no await from here on: every decision sees one config whole
+            config, needs_restart = keep_fixed(self.config, config)
+            old, self.config = self.config, config
+            added = tuple(m for m in config.models if m not in old.models)
+            removed = tuple(m for m in old.models if m not in config.models)
+            kept = [m for m in config.models if m in old.models]
+            replaced = tuple(m for m in kept if self._outdated(m, old, images))
+            self._take(old, removed)
+            for model in (*removed, *replaced):
+                self._retire(self.slots[model])
+            forbidden = self._enforce(config.policy)
+        unchanged = tuple(m for m in kept if m not in replaced)
+        return Changes(added, removed, replaced, unchanged, forbidden, needs_restart)
+
+    async def _image_ids(self, config: Config) -> dict[str, str | None]:
+        """The ID each image of a model that has a container has now, so that an image rebuilt
+        under its name counts as a change (as at adoption); None where the engine cannot say."""
+        names = {config.models[m].image for m, s in self.slots.items() if s.container and m in config.models}
+        ids: dict[str, str | None] = {}
+        for name in sorted(names):
+            try:
+                ids[name] = await self.backend.image_id(name)
+            except BackendError:
+                ids[name] = None
+        return ids
+
+    def _outdated(self, model: str, old: Config, images: Mapping[str, str | None]) -> bool:
+        """Whether what `model` runs (its container, else what `old` would start) differs from
+        what the current config starts: another spec hash, or an image rebuilt under its name."""
+        spec = build_spec(self.config, model)
+        container = self.slots[model].container
+        if container is None:
+            return build_spec(old, model).spec_hash != spec.spec_hash
+        image = images.get(spec.image)
+        return container.spec_hash != spec.spec_hash or (image is not None and container.image_id != image)
+
+    def _take(self, old: Config, removed: tuple[str, ...]) -> None:
+        """Slots for the added models (one a reload removed and that still drains keeps its
+        own); the removed ones run under `old` until they are gone."""
+        for model in removed:
+            self.retiring[model] = old
+        for model in self.config.models:
+            self.retiring.pop(model, None)
+            if model not in self.slots:
+                self.slots[model] = Slot(model)
+
+    def _enforce(self, policy: Policy) -> tuple[str, ...]:
+        """Evict what the policy does not allow together, keeping the costliest to lose (as
+        adoption does); the models evicted."""
+        running = [m for m, s in self.slots.items() if s.running and m in self.config.models]
+        forbidden = tuple(sorted(set(running) - set(allowed_part(policy, running))))
+        for model in forbidden:
+            log.info("reload: stopping %s: the new policy does not allow it beside the rest", model)
+            self._retire(self.slots[model])
+        return forbidden
+
+    def _retire(self, slot: Slot) -> None:
+        """Evict `slot` in a task, as a swap does (its lock held): leaving from now on, it
+        admits no new request and stops once those in flight finish."""
+        if slot.phase is State.STOPPED:
+            self._forget(slot)
+            return
+        self._move(slot, leaving=True)
+        self._spawn(self._retired(slot, slot.stops))
+
+    async def _retired(self, slot: Slot, stops: int) -> None:
+        try:
+            if slot.stops == stops:  # else another eviction stopped it since, and it may be new
+                await self._evict(slot)
+        except SwapctlError as error:  # a failed stop is logged and tried again by the upkeep
+            log.warning("reload: stopping %s: %s", slot.model, error)
+        async with self.changed:
+            self._forget(slot)
+
+    def _forget(self, slot: Slot) -> None:
+        """Drop the slot of a model no config names any more, once it is stopped and idle
+        (its lock held): it leaves /running and the metrics' gauges."""
+        model = slot.model
+        idle = slot.phase is State.STOPPED and not slot.leaving and not slot.in_flight
+        if idle and model not in self.config.models and self.slots.get(model) is slot:
+            del self.slots[model]
+            self.retiring.pop(model, None)
+            self.changed.notify_all()  # requests waiting for it learn that it is gone
 
     # --- the engine as the database ---------------------------------------------------------
 
@@ -354,7 +467,10 @@ class Swapper:
         log.info("adopted %s (%s), healthy after %.3fs", slot.model, container.name, self.clock() - began)
 
     def _grace(self, model: str) -> float:
-        found = self.config.models.get(model)
+        """Its stop grace period; the default for a leftover of a model no config names."""
+        found = self.config.models.get(model) or (
+            self.retiring[model].models[model] if model in self.retiring else None
+        )
         return found.stop_grace_period if found else DEFAULT_GRACE
 
     # --- upkeep -----------------------------------------------------------------------------
@@ -376,9 +492,12 @@ class Swapper:
         await self._check_ttl()
         await self._retry_stuck()
         await self._remove_remains(present)
+        async with self.changed:
+            for slot in list(self.slots.values()):
+                self._forget(slot)  # removed by a reload, and stopped since
 
     async def _check_crashes(self, present: Mapping[str, Container]) -> None:
-        for slot in self.slots.values():
+        for slot in list(self.slots.values()):  # a reload may add or drop slots meanwhile
             if slot.state is State.READY and slot.container is not None:
                 current = present.get(slot.container.id)
                 if current is None or not current.running:
@@ -386,14 +505,16 @@ class Swapper:
 
     async def _check_ttl(self) -> None:
         now = self.clock()
-        for slot in self.slots.values():
-            ttl = self.config.models[slot.model].ttl
-            if ttl and slot.state is State.READY and slot.in_flight == 0 and now - slot.last_used >= ttl:
+        for slot in list(self.slots.values()):
+            if slot.state is not State.READY or slot.in_flight:
+                continue
+            ttl = self._config_for(slot.model).models[slot.model].ttl
+            if ttl and now - slot.last_used >= ttl:
                 log.info("ttl: %s idle for %.0fs", slot.model, now - slot.last_used)
                 await self._evict(slot)
 
     async def _retry_stuck(self) -> None:
-        for slot in self.slots.values():
+        for slot in list(self.slots.values()):
             if slot.state is State.STOP_FAILED and not slot.leaving:
                 with contextlib.suppress(StopFailed):  # said by _stuck; tried again next time
                     await self._evict(slot)
@@ -424,7 +545,7 @@ class Swapper:
 
     async def logs(self, model: str, tail: int) -> str:
         """The last lines of the model's container: the one it runs, else any left of it."""
-        found = self.slots[model].container or next(
+        found = self._slot(model).container or next(
             (c for c in await self.backend.list(self.config.instance) if c.model == model), None
         )
         return await self.backend.logs(found.id, tail) if found else ""

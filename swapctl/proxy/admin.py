@@ -1,4 +1,6 @@
-"""swapctl's own routes: the model list, health, what runs, unload, metrics and logs."""
+"""swapctl's own routes: the model list, health, what runs, unload, reload, metrics and logs.
+
+They read the config through the swapper, whose `config` a reload replaces."""
 
 from __future__ import annotations
 
@@ -11,13 +13,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from swapctl.config import Config
-from swapctl.errors import RequestError
-from swapctl.lifecycle import Swapper
+from swapctl.errors import ConfigError, RequestError
+from swapctl.lifecycle import Reload, Swapper
 from swapctl.metrics import Metrics
+from swapctl.proxy.errors import error_body
 
 # paths answered here (a request to one with another method is a 405, not a 404)
-PATHS = ("/v1/models", "/health", "/running", "/unload", "/metrics", "/logs")
+PATHS = ("/v1/models", "/health", "/running", "/unload", "/reload", "/metrics", "/logs")
 PREFIXES = ("/unload/", "/logs/")
 
 
@@ -34,16 +36,18 @@ class RecentLines(logging.Handler):
 
 
 class Admin:
+    """`reload` reads the config file again and applies it (None: the app has no file)."""
+
     def __init__(
         self,
-        config: Config,
         swapper: Swapper,
         metrics: Metrics,
         recent: RecentLines,
         resolve: Callable[[str], str],
+        reload: Reload | None = None,
     ) -> None:
-        self.config, self.swapper, self.metrics, self.recent = config, swapper, metrics, recent
-        self.resolve = resolve
+        self.swapper, self.metrics, self.recent = swapper, metrics, recent
+        self.resolve, self.reload_file = resolve, reload
         self.created = int(time.time())
 
     def routes(self) -> list[Route]:
@@ -57,6 +61,7 @@ class Admin:
             # never GET: a link or an <img> must not stop models
             Route("/unload", self.unload, methods=["POST"]),
             Route("/unload/{model:path}", self.unload, methods=["POST"]),
+            Route("/reload", self.reload, methods=["POST"]),
         ]
 
     async def models(self, request: Request) -> Response:
@@ -68,7 +73,7 @@ class Admin:
                 "owned_by": "swapctl",
                 "aliases": list(c.aliases),
             }
-            for m, c in self.config.models.items()
+            for m, c in self.swapper.config.models.items()
         ]
         return JSONResponse({"object": "list", "data": data})
 
@@ -85,6 +90,20 @@ class Admin:
         timeout = seconds(request.query_params.get("timeout"), "timeout")
         unloaded = await self.swapper.unload(self.resolve(name) if name else None, timeout)
         return JSONResponse({"unloaded": unloaded})
+
+    async def reload(self, request: Request) -> Response:
+        """Read the config file again and apply it: what changed, or a 400 naming the key path
+        of the error (the old config keeps serving)."""
+        if self.reload_file is None:
+            raise RequestError(404, "this proxy was not started from a config file", "not_found")
+        try:
+            changes = await self.reload_file("POST /reload")
+        except ConfigError as error:
+            message = f"the new config was refused, the old one keeps serving: {error}"
+            body = error_body(message, "invalid_request_error", "invalid_config")
+            body["error"]["param"] = error.path
+            return JSONResponse(body, 400)
+        return JSONResponse(changes.to_json())
 
     async def render_metrics(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")

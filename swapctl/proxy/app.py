@@ -8,18 +8,18 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from swapctl.config import Config
-from swapctl.lifecycle import Swapper
+from swapctl.lifecycle import Reload, Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy import admin
 from swapctl.proxy.errors import handlers
 from swapctl.proxy.forwarding import MODEL_ROUTES, Forwarder
 from swapctl.proxy.guard import Guard
+from swapctl.proxy.upstream import Upstream
 
 log = logging.getLogger("swapctl")
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
@@ -28,20 +28,22 @@ ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 def build_app(
     config: Config,
     swapper: Swapper,
-    client: httpx.AsyncClient,
+    upstream: Upstream,
     metrics: Metrics,
     *,
     check_interval: float = 1.0,
     stop_on_exit: bool = False,
     preload: bool = True,
     listen_host: str | None = None,
+    reload: Reload | None = None,
 ) -> Starlette:
-    """`client` reaches the models' servers (its owner closes it); `listen_host` (default:
+    """`upstream` reaches the models' servers (its owner closes it); `listen_host` (default:
     the config's `listen`) is the name the Host check accepts besides loopback names, IP
-    addresses and `allowedHosts`."""
+    addresses and `allowedHosts`; `reload` reads the config file again for POST /reload.
+    Routes read the config through `swapper.config`, which a reload replaces."""
     recent = admin.RecentLines()
-    forwarder = Forwarder(config, swapper, client, metrics, known=admin.PATHS)
-    own = admin.Admin(config, swapper, metrics, recent, forwarder.resolve)
+    forwarder = Forwarder(swapper, upstream, metrics, known=admin.PATHS)
+    own = admin.Admin(swapper, metrics, recent, forwarder.resolve, reload)
     routes = [Route(path, forwarder.model_route, methods=["POST"]) for path in MODEL_ROUTES]
     routes += own.routes()
     routes += [
@@ -60,7 +62,7 @@ def build_app(
         routes=routes,
         middleware=[guard],
         lifespan=duties.lifespan,
-        exception_handlers=handlers(metrics, config.models),
+        exception_handlers=handlers(metrics, swapper.slots),  # live: a reload adds and drops slots
     )
 
 

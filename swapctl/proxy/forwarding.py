@@ -14,11 +14,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Collection
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -29,6 +28,7 @@ from swapctl.lifecycle import Lease, Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy.errors import ClientGone, error_body
 from swapctl.proxy.forms import ModelField, boundary_of, replace_model
+from swapctl.proxy.upstream import Answer, BrokeOff, Dropped, RawHeaders, Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("swapctl")
 
@@ -50,43 +50,58 @@ MODEL_ROUTES = (
 )
 HOP_BY_HOP = frozenset(
     {
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "proxy-connection",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"proxy-connection",
     }
-)  # and `connection`, with every header it names
+)  # and every header that `Connection` names
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar: a path keeps them as they are
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 SMALL = 2**20  # answers of a known length up to this are read whole and sent in one piece
 
 
-def end_to_end(headers: Mapping[str, str]) -> dict[str, str]:
-    """The end-to-end headers: without the hop-by-hop ones, nor those that `Connection` names
-    (RFC 9110 7.6.1) so that no header meant for one hop goes further. One pass; `Connection`
-    is read from the result (Starlette's and httpx's names are lower-case) as a lookup there
-    is cheaper than one in `headers`."""
-    kept = {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
-    named = kept.pop("connection", None)
-    if named:
-        for token in named.split(","):
-            kept.pop(token.strip().lower(), None)
-    return kept
+def end_to_end(raw: RawHeaders) -> list[tuple[bytes, bytes]]:
+    """The end-to-end headers, names lower-cased, repeats kept: without the hop-by-hop ones,
+    nor those that `Connection` names (RFC 9110 7.6.1), so that no header meant for one hop
+    goes further. One pass; a second only when a `Connection` header names others."""
+    kept: list[tuple[bytes, bytes]] = []
+    named: list[bytes] = []
+    for name, value in raw:
+        name = name.lower()
+        if name not in HOP_BY_HOP:
+            kept.append((name, value))
+        elif name == b"connection":
+            named.extend(token.strip().lower() for token in value.split(b","))
+    return [(n, v) for n, v in kept if n not in named] if named else kept
 
 
-def upstream_headers(request: Request) -> dict[str, str]:
-    """What a request sends on: its end-to-end headers, and its client's address appended to
-    `X-Forwarded-For` (only passed on: swapctl trusts it for nothing)."""
-    headers = end_to_end(request.headers)
-    if request.client is not None:
-        prior = headers.get("x-forwarded-for")
-        headers["x-forwarded-for"] = f"{prior}, {request.client.host}" if prior else request.client.host
+def header(raw: RawHeaders, name: bytes) -> bytes | None:
+    """The first value of a header (`name` lower-case) in lower-cased raw headers."""
+    return next((value for key, value in raw if key == name), None)
+
+
+def upstream_headers(scope: Scope, length: int | None) -> list[tuple[str, str]]:
+    """What a request sends on: its end-to-end headers, its body's length, and its client's
+    address appended to `X-Forwarded-For` (only passed on: swapctl trusts it for nothing)."""
+    kept = end_to_end(scope["headers"])
+    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept if n != b"x-forwarded-for"]
+    if length is not None:
+        headers.append(("content-length", str(length)))
+    prior = header(kept, b"x-forwarded-for")
+    client = scope.get("client")
+    if client:
+        forwarded = f"{prior.decode('latin-1')}, {client[0]}" if prior else client[0]
+        headers.append(("x-forwarded-for", forwarded))
+    elif prior:
+        headers.append(("x-forwarded-for", prior.decode("latin-1")))
     return headers
 
 
@@ -141,37 +156,58 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def unless_gone(receive: Receive, work: Coroutine[Any, Any, Response]) -> Response:
+async def unless_gone(receive: Receive, work: Awaitable[Response]) -> Response:
     """`work`'s answer; or, if the client leaves first, `work` cancelled (which cancels the
-    wait for a start or the upstream request, and ends the lease) and ClientGone."""
-    task = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
+    wait for a start or the upstream request, and ends the lease) and ClientGone.
+
+    The work runs in the request's own task; one watcher task cancels that task if the
+    client goes away, and never after the work is over."""
+    task = asyncio.current_task()
+    assert task is not None
+    over = False
+
+    def cancel(watcher: asyncio.Task[None]) -> None:
+        if not over and not watcher.cancelled() and watcher.exception() is None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
 
-
-async def _send_once(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    watcher = asyncio.get_running_loop().create_task(_disconnected(receive))
+    watcher.add_done_callback(cancel)
     try:
-        return await client.send(request, stream=True)
-    except (httpx.RemoteProtocolError, httpx.ReadError):
+        return await work
+    except asyncio.CancelledError:
+        if not watcher.done() or watcher.cancelled() or task.uncancel() > 0:
+            raise  # cancelled from elsewhere (shutdown): not ours to turn into an answer
+        raise ClientGone from None
+    finally:
+        over = True
+        watcher.cancel()
+
+
+async def _send_once(
+    upstream: Upstream, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None
+) -> Answer:
+    try:
+        return await upstream.send(method, url, headers, body)
+    except Dropped:
         # a kept-alive connection the server had already closed or reset (llama-server does
         # so after streamed responses) before any answer: send the request once more
-        return await client.send(request, stream=True)
+        return await upstream.send(method, url, headers, body)
 
 
-def _small(response: httpx.Response) -> bool:
+def _small(answer: Answer) -> bool:
     """A known, small length and not an event stream: read it whole rather than stream it."""
-    length = response.headers.get("content-length", "")
-    events = response.headers.get("content-type", "").startswith("text/event-stream")
+    raw = [(n.lower(), v) for n, v in answer.raw_headers]
+    length = header(raw, b"content-length") or b""
+    events = (header(raw, b"content-type") or b"").startswith(b"text/event-stream")
     return length.isdigit() and int(length) <= SMALL and not events
+
+
+class Whole(Response):
+    """A complete answer sent in one write, its headers as the server gave them."""
+
+    def __init__(self, status: int, raw_headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status_code, self.body, self.background = status, body, None
+        self.raw_headers = [*raw_headers, (b"content-length", str(len(body)).encode())]
 
 
 class Forwarder:
@@ -179,15 +215,22 @@ class Forwarder:
 
     def __init__(
         self,
-        config: Config,
         swapper: Swapper,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         metrics: Metrics,
         known: Collection[str] = (),
     ) -> None:
-        self.config, self.swapper, self.client, self.metrics = config, swapper, client, metrics
+        self.swapper, self.servers, self.metrics = swapper, upstream, metrics
         self.known = frozenset({*MODEL_ROUTES, *known})
-        self.longest_first = sorted({*config.models, *config.aliases}, key=len, reverse=True)  # IDs hold '/'
+
+    @property
+    def config(self) -> Config:
+        """The config now: a reload replaces the swapper's, so requests read it here."""
+        return self.swapper.config
+
+    @property
+    def longest_first(self) -> tuple[str, ...]:
+        return self.config.longest_names
 
     def resolve(self, name: str) -> str:
         model = self.config.resolve(name)
@@ -249,37 +292,44 @@ class Forwarder:
             raise ClientGone(model) from None
 
     async def _exchange(self, model: str, request: Request, path: str, content: bytes) -> Response:
-        headers = upstream_headers(request)
-        if content or "content-length" in request.headers or "transfer-encoding" in request.headers:
-            headers["content-length"] = str(len(content))
-        target = path + (f"?{request.url.query}" if request.url.query else "")
+        declared = "content-length" in request.headers or "transfer-encoding" in request.headers
+        sized = content or declared
+        headers = upstream_headers(request.scope, len(content) if sized else None)
+        query = request.scope["query_string"]
+        target = f"{path}?{query.decode('latin-1')}" if query else path
         began = time.perf_counter()
         for attempt in (1, 2):
             async with await self.swapper.acquire(model) as lease:
                 try:
-                    return await self._answer(lease, request.method, target, headers, content, began)
-                except httpx.TransportError as error:
+                    return await self._answer(
+                        lease, request.method, target, headers, content if sized else None, began
+                    )
+                except UpstreamError as error:
                     # the container died before this request reached it: start it again, once
                     alive = await self.swapper.confirm_alive(lease)
-                    if alive or attempt == 2 or not isinstance(error, httpx.ConnectError):
-                        raise BackendError(f"the model's server did not answer: {error!r}", model) from None
+                    if alive or attempt == 2 or not isinstance(error, Unreachable):
+                        raise BackendError(f"the model's server did not answer: {error}", model) from None
             log.info("%s: its container had died; starting it again for this request", model)
         raise AssertionError("unreachable")
 
     async def _answer(
-        self, lease: Lease, method: str, target: str, headers: dict[str, str], content: bytes, began: float
+        self,
+        lease: Lease,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        began: float,
     ) -> Response:
-        request = self.client.build_request(method, lease.url + target, headers=headers, content=content)
-        upstream = await _send_once(self.client, request)
-        if not _small(upstream):
-            return Forwarded(upstream, lease.hand_over(), self, began)
+        answer = await _send_once(self.servers, method, lease.url + target, headers, body)
+        if not _small(answer):
+            return Forwarded(answer, lease.hand_over(), self, began)
         try:  # a small, complete answer: one write, none of a stream's machinery
-            # raw, as a stream is: aread() would undo a Content-Encoding that is passed on
-            body = b"".join([chunk async for chunk in upstream.aiter_raw()])
+            whole = await answer.read()
         finally:
-            await upstream.aclose()
-        self.record(lease.model, upstream.status_code, began)
-        return Response(body, upstream.status_code, headers=end_to_end(upstream.headers))
+            await answer.close()
+        self.record(lease.model, answer.status, began)
+        return Whole(answer.status, end_to_end(answer.raw_headers), whole)
 
     def record(self, model: str, code: int, began: float) -> None:
         self.metrics.requests.labels(model, str(code)).inc()
@@ -290,21 +340,21 @@ class Forwarded(StreamingResponse):
     """A streamed upstream answer that always closes upstream and ends its lease, whether
     the stream ends, fails, or the client goes away first."""
 
-    def __init__(self, upstream: httpx.Response, lease: Lease, forwarder: Forwarder, began: float) -> None:
-        self.upstream, self.lease, self.forwarder, self.began = upstream, lease, forwarder, began
-        headers = end_to_end(upstream.headers)
-        if "content-length" in upstream.headers:
-            headers["content-length"] = upstream.headers["content-length"]
+    def __init__(self, answer: Answer, lease: Lease, forwarder: Forwarder, began: float) -> None:
+        self.answer, self.lease, self.forwarder, self.began = answer, lease, forwarder, began
+        raw = end_to_end(answer.raw_headers)
+        length = header([(n.lower(), v) for n, v in answer.raw_headers], b"content-length")
         # plain event streams are passed on whole events at a time, so a break can be reported
-        self.events = upstream.headers.get("content-type", "").startswith("text/event-stream") and (
-            "content-encoding" not in upstream.headers
+        self.events = (header(raw, b"content-type") or b"").startswith(b"text/event-stream") and (
+            header(raw, b"content-encoding") is None
         )
-        super().__init__(self._chunks(), status_code=upstream.status_code, headers=headers)
+        super().__init__(self._chunks(), status_code=answer.status)
+        self.raw_headers = [*raw, (b"content-length", length)] if length is not None else raw
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         pending = b""
         try:
-            async for chunk in self.upstream.aiter_raw():
+            async for chunk in self.answer.chunks():
                 if not self.events:
                     yield chunk
                     continue
@@ -315,15 +365,15 @@ class Forwarded(StreamingResponse):
                     pending = pending[end:]
             if pending:
                 yield pending
-        except httpx.TransportError as error:
+        except BrokeOff as error:
             model = self.lease.model
-            log.warning("%s: upstream broke off mid-response: %r", model, error)
+            log.warning("%s: upstream broke off mid-response: %s", model, error)
             await self.forwarder.swapper.confirm_alive(self.lease)
             if not self.events:
                 raise  # abort the response: the client sees it cut, not complete
             # an event stream can still say why it ends, after its last whole event (the
             # broken one is dropped): OpenAI clients raise on an error event
-            message = f"model '{model}': its server broke off mid-response ({error!r})"
+            message = f"model '{model}': its server broke off mid-response ({error})"
             event = error_body(message, "server_error", "upstream_broke_off")
             yield f"data: {json.dumps(event)}\n\n".encode()
 
@@ -331,6 +381,6 @@ class Forwarded(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.upstream.aclose()
+            await self.answer.close()
             await self.lease.release()
             self.forwarder.record(self.lease.model, self.status_code, self.began)

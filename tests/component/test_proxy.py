@@ -15,6 +15,7 @@ from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
 from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
+from swapctl.proxy.upstream import HttpxUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -40,7 +41,7 @@ async def proxy() -> AsyncIterator[tuple[httpx.AsyncClient, FakeBackend]]:
     backend.behaviour["broken"] = FakeModel(exit_at_start="fatal: no such file /models/x.gguf")
     upstream = httpx.AsyncClient(transport=backend.transport)
     swapper = Swapper(parse_config(CONFIG), backend, upstream)
-    app = build_app(swapper.config, swapper, upstream, swapper.metrics)
+    app = build_app(swapper.config, swapper, HttpxUpstream(upstream), swapper.metrics)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://localhost"
     ) as client:

@@ -20,6 +20,7 @@ from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
 from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
+from swapctl.proxy.upstream import HttpxUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -45,7 +46,9 @@ class Harness:
         self.backend = FakeBackend()
         self.upstream = httpx.AsyncClient(transport=self.backend.transport)
         self.swapper = Swapper(parse_config(CONFIG), self.backend, self.upstream)
-        self.app: ASGIApp = build_app(self.swapper.config, self.swapper, self.upstream, self.swapper.metrics)
+        self.app: ASGIApp = build_app(
+            self.swapper.config, self.swapper, HttpxUpstream(self.upstream), self.swapper.metrics
+        )
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url=BASE)
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ from swapctl.errors import ConfigError, SwapctlError
 from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
 from swapctl.proxy.guard import Guard, host_of, is_loopback
+from swapctl.proxy.upstream import HttpxUpstream
 
 KEY = "sk-swapctl-9f3a1c"  # what must never be printed
 OTHER_KEY = "second-key-7781"
@@ -69,7 +70,9 @@ async def serving(
     backend.behaviour["broken"] = FakeModel(exit_at_start="fatal: no model")
     upstream = httpx.AsyncClient(transport=backend.transport)
     swapper = Swapper(parse_config(raw), backend, upstream)
-    app = build_app(swapper.config, swapper, upstream, swapper.metrics, listen_host=listen_host)
+    app = build_app(
+        swapper.config, swapper, HttpxUpstream(upstream), swapper.metrics, listen_host=listen_host
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url) as client:
         yield client, backend
     await upstream.aclose()
