@@ -68,6 +68,10 @@ config_app = typer.Typer(
     help="Inspect the configuration format.", no_args_is_help=True, rich_markup_mode=None
 )
 app.add_typer(config_app, name="config")
+templates_app = typer.Typer(
+    help="The Compose templates a model can start from (template: NAME).", rich_markup_mode=None
+)
+app.add_typer(templates_app, name="templates")
 
 ConfigOption = Annotated[
     Path,
@@ -107,6 +111,8 @@ def validate(config: ConfigOption = DEFAULT_CONFIG) -> None:
     """Check the configuration; exit 2 with the key path of the first error."""
     loaded = _load(config)
     models = len(loaded.models)
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {config}: {models} model{'s' * (models != 1)}, {loaded.policy.summary()}")
 
 
@@ -216,6 +222,8 @@ def up(
     host, port = _split_listen(listen or loaded.listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    for warning in loaded.warnings:
+        logging.getLogger("swapctl").warning("warning: %s", warning)
     if not loaded.api_keys and not is_loopback(host):
         logging.getLogger("swapctl").warning(
             "warning: listening on %s with no apiKeys: anyone on the network can use and stop your "
@@ -493,6 +501,39 @@ def logs(
             print(line, flush=True)
     except KeyboardInterrupt:
         pass
+
+
+@templates_app.callback(invoke_without_command=True)
+def templates(ctx: typer.Context, config: ConfigOption = DEFAULT_CONFIG) -> None:
+    """List the templates: those in compose-templates/ beside the config, then swapctl's own."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.table import Table
+
+    from swapctl.config import list_templates
+
+    table = Table(title="templates (template: NAME)", title_justify="left")
+    for column in ("name", "engine", "image", "port", "health", "serves"):
+        table.add_column(column, overflow="fold", no_wrap=column == "name")
+    for found in list_templates(config.resolve().parent):
+        port = "-" if found.port is None else str(found.port)
+        table.add_row(found.name, found.engine, found.image, port, found.health, ", ".join(found.serves))
+    _stdout().print(table)
+
+
+@templates_app.command("show")
+def show_template(
+    name: Annotated[str, typer.Argument(help="The template's name, as `swapctl templates` lists it.")],
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Print a template's Compose file."""
+    from swapctl.config import template_file
+    from swapctl.config.templates import TEMPLATE_NAME
+
+    path = template_file(name, config.resolve().parent) if TEMPLATE_NAME.fullmatch(name) else None
+    if path is None:
+        raise ConfigError("", f"no template '{name}' (swapctl templates lists them)")
+    sys.stdout.write(path.read_text(encoding="utf-8"))
 
 
 @config_app.command("schema")

@@ -2,6 +2,8 @@
 
 The daemon is the database: labels say which instance and model a container belongs to,
 and the hash says whether it still matches the configuration (adopt it) or not (replace it).
+A key added to the spec later enters the hash only when it is set, so adding one leaves
+the hash of every container that does not use it unchanged (and running, after an upgrade).
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
-from swapctl.config import Config
+from swapctl.config import Config, DeviceRequest, Network, Ulimit
 
 MANAGED = "swapctl.managed"
 MODEL = "swapctl.model"
@@ -41,6 +44,22 @@ class ContainerSpec:
     stop_signal: str | None = None
     stop_grace_period: float = 10.0
     labels: Mapping[str, str] = field(default_factory=dict)
+    # keys added after the first release: in the hash only when set (see the docstring)
+    ulimits: tuple[Ulimit, ...] = field(default=(), metadata={"hash": "when set"})
+    runtime: str | None = field(default=None, metadata={"hash": "when set"})
+    group_add: tuple[str, ...] = field(default=(), metadata={"hash": "when set"})
+    security_opt: tuple[str, ...] = field(default=(), metadata={"hash": "when set"})
+    cap_add: tuple[str, ...] = field(default=(), metadata={"hash": "when set"})
+    cap_drop: tuple[str, ...] = field(default=(), metadata={"hash": "when set"})
+    tmpfs: tuple[str, ...] = field(default=(), metadata={"hash": "when set"})
+    mem_limit: int | None = field(default=None, metadata={"hash": "when set"})
+    cpus: float | None = field(default=None, metadata={"hash": "when set"})
+    device_requests: tuple[DeviceRequest, ...] = field(default=(), metadata={"hash": "when set"})
+    extra_hosts: tuple[str, ...] = field(default=(), metadata={"hash": "when set"})
+    network_mode: str | None = field(default=None, metadata={"hash": "when set"})
+    networks: tuple[Network, ...] = field(default=(), metadata={"hash": "when set"})
+    # how to get the image, not what runs: changing it replaces no container
+    pull_policy: str = field(default="missing", metadata={"hash": "never"})
 
     @property
     def spec_hash(self) -> str:
@@ -82,14 +101,46 @@ def build_spec(config: Config, model: str) -> ContainerSpec:
         stop_signal=m.stop_signal,
         stop_grace_period=m.stop_grace_period,
         labels=dict(m.labels),
+        ulimits=m.ulimits,
+        runtime=m.runtime,
+        group_add=m.group_add,
+        security_opt=m.security_opt,
+        cap_add=m.cap_add,
+        cap_drop=m.cap_drop,
+        tmpfs=m.tmpfs,
+        mem_limit=m.mem_limit,
+        cpus=m.cpus,
+        device_requests=m.device_requests,
+        extra_hosts=m.extra_hosts,
+        network_mode=m.network_mode,
+        networks=m.networks,
+        pull_policy=m.pull_policy,
     )
-    digest = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True, default=list).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(_hashed(spec), sort_keys=True, default=list).encode()).hexdigest()
     labels = {**m.labels, MANAGED: "true", MODEL: model, INSTANCE: config.instance, SPEC_HASH: digest[:16]}
-    return ContainerSpec(**{**asdict(spec), "labels": labels})
+    return replace(spec, labels=labels)
 
 
-def device_requests(gpus: str | int | tuple[str, ...] | None) -> list[dict[str, object]]:
-    """Compose's `gpus` as Docker device requests (the SDK's DeviceRequest keywords)."""
+def _hashed(spec: ContainerSpec) -> dict[str, Any]:
+    """What the spec hash covers: every key, but those added later while unset and those
+    that do not change the container."""
+    values = asdict(spec)
+    for key in fields(spec):
+        rule = key.metadata.get("hash")
+        if rule == "never" or (rule == "when set" and getattr(spec, key.name) == key.default):
+            del values[key.name]
+    return values
+
+
+def device_requests(spec: ContainerSpec) -> list[dict[str, object]]:
+    """The spec's device requests (`gpus:`, or Compose's `deploy.resources.reservations.devices`,
+    never both) as the SDK's DeviceRequest keywords: one AND-list of capabilities each, as
+    Compose sends them (https://github.com/docker/compose/blob/main/pkg/compose/create.go)."""
+    return [*_gpus(spec.gpus), *(_request(device) for device in spec.device_requests)]
+
+
+def _gpus(gpus: str | int | tuple[str, ...] | None) -> list[dict[str, object]]:
+    """Compose's `gpus` (as `docker run --gpus`)."""
     if gpus is None:
         return []
     request: dict[str, object] = {"driver": "", "capabilities": [["gpu"]]}
@@ -100,3 +151,14 @@ def device_requests(gpus: str | int | tuple[str, ...] | None) -> list[dict[str, 
     else:
         request["device_ids"] = list(gpus)
     return [request]
+
+
+def _request(device: DeviceRequest) -> dict[str, object]:
+    request: dict[str, object] = {"driver": device.driver, "capabilities": [list(device.capabilities)]}
+    if device.device_ids:
+        request["device_ids"] = list(device.device_ids)
+    else:
+        request["count"] = device.count
+    if device.options:
+        request["options"] = dict(device.options)
+    return request

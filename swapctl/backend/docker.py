@@ -1,15 +1,19 @@
 """The Docker engine through the Docker SDK: the only module that imports `docker`.
 
 Every SDK error is translated once, in `_translate`, into swapctl's error tree.
+`create_arguments` (pure) turns a ContainerSpec into the SDK's `containers.create` keywords
+(https://docker-py.readthedocs.io/en/stable/containers.html), the form Compose's keys take
+in Docker's API (https://docs.docker.com/reference/api/engine/version/v1.41/#tag/Container/operation/ContainerCreate).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import docker
 import docker.errors
@@ -18,6 +22,9 @@ import requests.exceptions
 from swapctl.backend.base import Container
 from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing
 from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests
+
+if TYPE_CHECKING:
+    from swapctl.config import Network
 
 T = TypeVar("T")
 NAME_WAIT = 10.0  # seconds a start waits for a leftover's name to be freed
@@ -34,6 +41,12 @@ def _translate(error: Exception, model: str | None = None, image: str | None = N
             "or pull it (docker pull)",
             model,
         )
+    if isinstance(error, docker.errors.NotFound) and "network" in str(error.explanation):
+        return BackendError(
+            f"Docker refused: {error.explanation}: create it (docker network create NAME) or remove it "
+            "from `networks`/`network_mode`",
+            model,
+        )
     if isinstance(error, docker.errors.NotFound):
         return Gone(str(error.explanation or error), model)
     if isinstance(error, docker.errors.APIError):
@@ -41,7 +54,7 @@ def _translate(error: Exception, model: str | None = None, image: str | None = N
         if "could not select device driver" in text:
             return GpuUnavailable(
                 "it asks for GPUs (gpus:) but Docker has no GPU runtime: install the NVIDIA Container "
-                f"Toolkit, or remove gpus: from this model ({text})",
+                f"Toolkit, or remove gpus: (or deploy.resources.reservations.devices) from this model ({text})",
                 model,
             )
         return BackendError(f"Docker refused: {text}", model)
@@ -50,6 +63,51 @@ def _translate(error: Exception, model: str | None = None, image: str | None = N
             f"cannot reach the Docker daemon ({error}); is it running? (`make docker` starts one here)", model
         )
     return BackendError(f"{type(error).__name__}: {error}", model)
+
+
+def create_arguments(spec: ContainerSpec) -> dict[str, Any]:
+    """The keywords of `containers.create` for `spec`, unset ones left out. The container
+    joins its first network (`networks:`) at creation; `start` connects it to the others."""
+    arguments: dict[str, Any] = {
+        "image": spec.image,
+        "name": spec.name,
+        "command": list(spec.command) if spec.command is not None else None,
+        "entrypoint": list(spec.entrypoint) if spec.entrypoint is not None else None,
+        "environment": dict(spec.environment),
+        "volumes": list(spec.volumes),
+        "labels": dict(spec.labels),
+        "ports": {f"{spec.port}/tcp": ("127.0.0.1", None)},  # swapctl's way in, whatever the network
+        "init": True,
+        "detach": True,
+        "stop_signal": spec.stop_signal,
+        "shm_size": spec.shm_size,
+        "working_dir": spec.working_dir,
+        "user": spec.user,
+        "ipc_mode": spec.ipc,
+        "devices": list(spec.devices) or None,
+        "device_requests": [docker.types.DeviceRequest(**r) for r in device_requests(spec)] or None,
+        "ulimits": [docker.types.Ulimit(name=u.name, soft=u.soft, hard=u.hard) for u in spec.ulimits] or None,
+        "runtime": spec.runtime,
+        "group_add": list(spec.group_add) or None,
+        "security_opt": list(spec.security_opt) or None,
+        "cap_add": list(spec.cap_add) or None,
+        "cap_drop": list(spec.cap_drop) or None,
+        "tmpfs": dict(entry.partition(":")[::2] for entry in spec.tmpfs) or None,
+        "mem_limit": spec.mem_limit,
+        "nano_cpus": round(spec.cpus * 1e9) if spec.cpus is not None else None,
+        "extra_hosts": list(spec.extra_hosts) or None,
+        "network_mode": spec.network_mode,
+        **_first_network(spec.networks[:1]),
+    }
+    return {key: value for key, value in arguments.items() if value is not None}
+
+
+def _first_network(networks: tuple[Network, ...]) -> dict[str, Any]:
+    if not networks:
+        return {}
+    [network] = networks
+    endpoint = {"Aliases": list(network.aliases)} if network.aliases else None
+    return {"network": network.name, "networking_config": {network.name: endpoint} if endpoint else None}
 
 
 def _epoch(text: str | None) -> float | None:
@@ -125,6 +183,7 @@ class DockerBackend:
     def start(self, spec: ContainerSpec) -> Container:
         created = self._call(lambda: self._create(spec), spec.model, spec.image)
         try:
+            self._join_networks(created.id, spec)
             self._call(created.start, spec.model, spec.image)
             for _ in range(50):  # the published port can lag the start by a moment
                 found = self.get(created.id)
@@ -138,27 +197,19 @@ class DockerBackend:
             raise BackendError("the container vanished as it started", spec.model)
         return found
 
+    def _join_networks(self, container_id: str, spec: ContainerSpec) -> None:
+        """The networks past the first: Docker's API before 1.44 takes one at creation."""
+        for network in spec.networks[1:]:
+            join = functools.partial(
+                self.client.api.connect_container_to_network,
+                container_id,
+                network.name,
+                aliases=list(network.aliases) or None,
+            )
+            self._call(join, spec.model)
+
     def _create(self, spec: ContainerSpec) -> Any:
-        arguments: dict[str, Any] = {
-            "image": spec.image,
-            "name": spec.name,
-            "command": list(spec.command) if spec.command is not None else None,
-            "entrypoint": list(spec.entrypoint) if spec.entrypoint is not None else None,
-            "environment": dict(spec.environment),
-            "volumes": list(spec.volumes),
-            "labels": dict(spec.labels),
-            "ports": {f"{spec.port}/tcp": ("127.0.0.1", None)},
-            "init": True,
-            "detach": True,
-            "stop_signal": spec.stop_signal,
-            "shm_size": spec.shm_size,
-            "working_dir": spec.working_dir,
-            "user": spec.user,
-            "ipc_mode": spec.ipc,
-            "devices": list(spec.devices) or None,
-            "device_requests": [docker.types.DeviceRequest(**r) for r in device_requests(spec.gpus)] or None,
-        }
-        arguments = {key: value for key, value in arguments.items() if value is not None}
+        arguments = create_arguments(spec)
         deadline, attempts = time.monotonic() + NAME_WAIT, 0
         while True:
             attempts += 1

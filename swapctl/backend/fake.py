@@ -103,7 +103,7 @@ class FakeBackend:
     def start(self, spec: ContainerSpec) -> Container:
         if self.images is not None and spec.image not in self.images:
             raise ImageMissing(f"image '{spec.image}' is not on this machine", spec.model)
-        if spec.gpus is not None and not self.gpus:
+        if (spec.gpus is not None or spec.device_requests) and not self.gpus:
             raise GpuUnavailable("it asks for GPUs but there is no GPU runtime", spec.model)
         for box in [b for b in list(self.boxes.values()) if b.container.name == spec.name]:
             self.boxes.pop(box.container.id, None)  # a leftover of ours with the same name

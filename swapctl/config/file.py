@@ -8,37 +8,62 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     SecretStr,
+    StrictBool,
     StrictInt,
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
+from swapctl.config.compose import env_file_entries, unsupported_key
 from swapctl.config.scalars import (
     DEFAULT_GRACE,
     DURATION,
     MAX_CONCURRENCY,
+    MAX_CPUS,
     MAX_DURATION,
     MAX_GPUS,
     MAX_GRACE,
     MAX_HEALTH_TIMEOUT,
+    MAX_MEMORY,
     MAX_REQUEST_BYTES,
     MAX_SHM_BYTES,
+    MIN_MEMORY,
     SIZE,
     check_size,
+    parse_cpus,
     parse_duration,
     parse_listen,
+    parse_size,
 )
-from swapctl.config.templates import TEMPLATE_DIR, TEMPLATE_NAME, apply_template
+from swapctl.config.service import (
+    PULL_POLICIES,
+    ULIMIT_NAMES,
+    Network,
+    Ulimit,
+    parse_capabilities,
+    parse_extra_hosts,
+    parse_names,
+    parse_network_mode,
+    parse_networks,
+    parse_pull_policy,
+    parse_tmpfs,
+    parse_ulimits,
+)
+from swapctl.config.templates import TEMPLATE_DIR, TEMPLATE_NAME
 from swapctl.errors import ConfigError
 from swapctl.matrix.program import MAX_COST
 
@@ -106,6 +131,168 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _read_by(parse: Callable[[object], object]) -> PlainValidator:
+    """A key read by `parse` (whose ValueError is the key's error); null stays null."""
+    return PlainValidator(lambda value: None if value is None else parse(value))
+
+
+_NAMES = {"type": "array", "items": {"type": "string"}}
+_NAMES_OR_MAPPING = {"anyOf": [_NAMES, {"type": "object"}]}
+_LIMIT = {"type": ["integer", "string"]}
+_ULIMITS = {
+    "type": "object",
+    "propertyNames": {"enum": sorted(ULIMIT_NAMES)},
+    "additionalProperties": {
+        "anyOf": [
+            _LIMIT,
+            {
+                "type": "object",
+                "properties": {"soft": _LIMIT, "hard": _LIMIT},
+                "required": ["soft", "hard"],
+                "additionalProperties": False,
+            },
+        ]
+    },
+}
+_ENV_FILE_ENTRY = {
+    "type": "object",
+    "properties": {"path": {"type": "string"}, "required": {"type": "boolean"}},
+    "required": ["path"],
+    "additionalProperties": False,
+}
+_SECURITY_OPTION = re.compile(r"[a-z-]+(?:[=:].+)?")
+Cpus = Annotated[
+    float | None,
+    _read_by(parse_cpus),
+    WithJsonSchema(
+        {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": MAX_CPUS}, {"type": "string"}]}
+    ),
+]
+Memory = Annotated[
+    int | None,
+    _read_by(lambda value: parse_size(value, MIN_MEMORY, MAX_MEMORY)),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": MIN_MEMORY, "maximum": MAX_MEMORY},
+                {"type": "string", "pattern": f"^{SIZE.pattern}$"},
+            ]
+        }
+    ),
+]
+EnvFiles = Annotated[
+    tuple[str, ...],
+    _read_by(lambda value: tuple(path for path, _ in env_file_entries(value))),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"anyOf": [{"type": "string"}, _ENV_FILE_ENTRY]}},
+            ]
+        }
+    ),
+]
+Ulimits = Annotated[tuple[Ulimit, ...], _read_by(parse_ulimits), WithJsonSchema(_ULIMITS)]
+Groups = Annotated[
+    tuple[str, ...],
+    _read_by(lambda value: parse_names(value, "group names or IDs")),
+    WithJsonSchema({"type": "array", "items": {"type": ["string", "integer"]}}),
+]
+SecurityOptions = Annotated[
+    tuple[str, ...],
+    _read_by(lambda value: parse_names(value, "options such as seccomp=unconfined", _SECURITY_OPTION)),
+    WithJsonSchema(_NAMES),
+]
+Capabilities = Annotated[tuple[str, ...], _read_by(parse_capabilities), WithJsonSchema(_NAMES)]
+Tmpfs = Annotated[
+    tuple[str, ...], _read_by(parse_tmpfs), WithJsonSchema({"anyOf": [{"type": "string"}, _NAMES]})
+]
+ExtraHosts = Annotated[tuple[str, ...], _read_by(parse_extra_hosts), WithJsonSchema(_NAMES_OR_MAPPING)]
+NetworkMode = Annotated[
+    str | None,
+    _read_by(parse_network_mode),
+    WithJsonSchema({"type": "string", "not": {"enum": ["host", "none"]}}),
+]
+Networks = Annotated[tuple[Network, ...], _read_by(parse_networks), WithJsonSchema(_NAMES_OR_MAPPING)]
+PullPolicy = Annotated[str, _read_by(parse_pull_policy), WithJsonSchema({"enum": list(PULL_POLICIES)})]
+
+
+def _conflict(message: str) -> PydanticCustomError:
+    """Two keys that disagree: the error names them, not the whole model as its input."""
+    return PydanticCustomError("conflict", message)
+
+
+def _count_or_all(value: object) -> object:
+    """Compose's device count: `all` (-1, as compose-go reads it) or a number, maybe a string."""
+    if value == "all":
+        return -1
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+def _device_ids(value: object) -> object:
+    return tuple(str(device) for device in value) if isinstance(value, list) else value
+
+
+class DeviceReservation(_Strict):
+    """Compose's GPU form, `deploy.resources.reservations.devices[]`: the same device request as
+    `gpus:` (https://docs.docker.com/compose/how-tos/gpu-support/)."""
+
+    capabilities: tuple[str, ...] = Field(min_length=1, description="Such as [gpu].")
+    driver: str = Field("", description="Such as nvidia; empty: Docker's choice.")
+    count: Annotated[
+        int | None,
+        BeforeValidator(_count_or_all),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"const": "all"},
+                    {"type": "integer", "minimum": 1, "maximum": MAX_GPUS},
+                    {"type": "string"},
+                ]
+            }
+        ),
+    ] = Field(None, description="A number of devices or `all`; absent (and no device_ids): all.")
+    device_ids: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_device_ids),
+        WithJsonSchema({"type": "array", "items": {"type": ["string", "integer"]}}),
+    ] = ()
+    options: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("count")
+    @classmethod
+    def _count(cls, value: int | None) -> int | None:
+        if value is not None and not (value == -1 or 1 <= value <= MAX_GPUS):
+            raise ValueError(f"expected `all` or a count from 1 to {MAX_GPUS}, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> DeviceReservation:
+        if self.count is not None and self.device_ids:
+            raise _conflict("'count' and 'device_ids' cannot be used together")
+        return self
+
+
+class ResourceLimits(_Strict):
+    cpus: Cpus = None
+    memory: Memory = None
+
+
+class ResourceReservations(_Strict):
+    devices: tuple[DeviceReservation, ...] = ()
+
+
+class Resources(_Strict):
+    limits: ResourceLimits = Field(default_factory=ResourceLimits)
+    reservations: ResourceReservations = Field(default_factory=ResourceReservations)
+
+
+class Deploy(_Strict):
+    """The part of Compose's `deploy` a single container has: `resources`."""
+
+    resources: Resources = Field(default_factory=Resources)
+
+
 class ModelConfig(_Strict):
     """One model: a container definition (Compose keys) plus swapctl's own keys."""
 
@@ -146,6 +333,36 @@ class ModelConfig(_Strict):
     gpus: Annotated[Literal["all"] | int | tuple[str, ...] | None, _GPUS] = Field(
         None, description="`all`, a count, or a list of device IDs; absent means no GPU."
     )
+    # Compose keys for a model server's container (parsed in service.py), all in the spec hash
+    env_file: EnvFiles = Field(
+        (), description="KEY=VALUE files merged under `environment` at load; relative to the config file."
+    )
+    ulimits: Ulimits = Field(
+        (), description="{nofile: {soft: N, hard: N}} or {memlock: -1}; -1 is unlimited."
+    )
+    runtime: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="A Docker runtime, such as nvidia."
+    )
+    group_add: Groups = ()
+    security_opt: SecurityOptions = ()
+    cap_add: Capabilities = ()
+    cap_drop: Capabilities = ()
+    tmpfs: Tmpfs = Field((), description="/path[:options], or a list of them.")
+    mem_limit: Memory = Field(None, description="Bytes, or a size such as '16g'.")
+    cpus: Cpus = Field(None, description="How many CPUs the container may use, such as 1.5.")
+    deploy: Deploy | None = Field(
+        None, description="Only `resources`: limits (cpus, memory) and reservations.devices (GPUs)."
+    )
+    extra_hosts: ExtraHosts = Field((), description="['name:IP'] or {name: IP}; IP may be host-gateway.")
+    network_mode: NetworkMode = Field(None, description="bridge, default or a network of yours; never host.")
+    networks: Networks = Field(
+        (),
+        description="Networks of yours to join ([name] or {name: {aliases: [...]}}); the port is still "
+        "published on 127.0.0.1.",
+    )
+    pull_policy: PullPolicy = Field(
+        "missing", description="missing (the default) or never; swapctl does not pull images yet."
+    )
     aliases: tuple[str, ...] = ()
     ttl: StrictInt | None = Field(
         None,
@@ -162,6 +379,11 @@ class ModelConfig(_Strict):
         description="Seconds this model may take to answer its health check; absent: the global one.",
     )
     concurrency_limit: StrictInt = Field(10, alias="concurrencyLimit", ge=1, le=MAX_CONCURRENCY)
+    send_loading_state: StrictBool | None = Field(
+        None,
+        alias="sendLoadingState",
+        description="While it starts, tell streamed chat requests how it goes; absent: the global one.",
+    )
 
     @field_validator("command", "entrypoint", mode="before")
     @classmethod
@@ -216,6 +438,20 @@ class ModelConfig(_Strict):
         if value != "none" and not value.startswith("/"):
             raise ValueError(f"expected a path starting with '/' or 'none', got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _one_value_each(self) -> ModelConfig:
+        """A setting written twice must say one thing (Compose refuses distinct values too)."""
+        limits = self.deploy.resources.limits if self.deploy else ResourceLimits()
+        if None not in (self.cpus, limits.cpus) and self.cpus != limits.cpus:
+            raise _conflict("'cpus' and 'deploy.resources.limits.cpus' differ: keep one")
+        if None not in (self.mem_limit, limits.memory) and self.mem_limit != limits.memory:
+            raise _conflict("'mem_limit' and 'deploy.resources.limits.memory' differ: keep one")
+        if self.gpus is not None and self.deploy and self.deploy.resources.reservations.devices:
+            raise _conflict("'gpus' and 'deploy.resources.reservations.devices' both ask for GPUs: keep one")
+        if self.network_mode is not None and self.networks:
+            raise _conflict("'network_mode' and 'networks' cannot be used together")
+        return self
 
 
 class MatrixConfig(_Strict):
@@ -294,6 +530,12 @@ class ConfigFile(_Strict):
         le=MAX_REQUEST_BYTES,
         description="Largest request body accepted (413 beyond).",
     )
+    send_loading_state: StrictBool = Field(
+        False,
+        alias="sendLoadingState",
+        description="While a model starts, streamed chat completions get its progress as "
+        "`reasoning_content` deltas (other streams get SSE comments), unless the model says otherwise.",
+    )
     hooks: Hooks = Field(default_factory=Hooks)
     listen: Annotated[str, AfterValidator(_listen), _LISTEN] = Field(
         "127.0.0.1:8080",
@@ -318,21 +560,11 @@ class ConfigFile(_Strict):
     )
 
 
-def parse_file(raw: object, templates: Mapping[str, Mapping[str, Any]]) -> ConfigFile:
-    """The file's shape, each model's template merged in first (a template may supply any key)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            "", f"the configuration must be a mapping with a 'models:' key, got {type(raw).__name__}"
-        )
-    models = raw.get("models")
-    if isinstance(models, dict):
-        merged = {
-            name: apply_template(name, model, templates) if isinstance(model, dict) else model
-            for name, model in models.items()
-        }
-        raw = {**raw, "models": merged}
+def parse_file(document: object) -> ConfigFile:
+    """The file's shape, from the document `compose.compose_document` made of it (templates
+    merged in already: a template may supply any key)."""
     try:
-        shape = ConfigFile.model_validate(raw)
+        shape = ConfigFile.model_validate(document)
     except ValidationError as error:
         raise _translate(error) from None
     if not shape.models:
@@ -347,10 +579,12 @@ def _translate(error: ValidationError) -> ConfigError:
     path = ".".join(str(part) for part in first["loc"])
     kind, message = first["type"], first["msg"].removeprefix("Value error, ")
     message = message[:1].lower() + message[1:]
-    if kind == "extra_forbidden":
-        return ConfigError(path, f"unknown key '{first['loc'][-1]}'")
+    if kind == "extra_forbidden":  # a Compose key swapctl does not support, or a typo
+        return ConfigError(path, unsupported_key(first["loc"]) or f"unknown key '{first['loc'][-1]}'")
     if kind == "missing":
         return ConfigError(path, "required key is missing")
+    if kind == "conflict":
+        return ConfigError(path, message)
     if first["loc"][:1] == ("apiKeys",):  # a key is never shown, not even a malformed one
         return ConfigError(path, message)
     return ConfigError(path, f"{message}, got {first['input']!r}" if "got" not in message else message)
@@ -361,6 +595,8 @@ def json_schema() -> dict[str, Any]:
     schema = ConfigFile.model_json_schema(by_alias=True)
     # a template may supply the image, so the file itself need not name one
     schema["$defs"]["ModelConfig"]["required"].remove("image")
+    # Compose's extension fields, where anchors live: allowed at the top and in a model
+    schema["patternProperties"] = schema["$defs"]["ModelConfig"]["patternProperties"] = {"^x-": {}}
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "swapctl configuration"
     return schema

@@ -2,8 +2,13 @@
 
 `parse_config` turns the file's shape (`ConfigFile`, which holds every default) into a
 `Config` of `Model`s whose values are final: a model's `ttl` is its own or `globalTTL`, its
-`health_check_timeout` its own or the global one, so no reader combines fallbacks. `Config`
-and `Model` have no defaults of their own, and `load_config` is the only file I/O.
+`health_check_timeout` its own or the global one, its `cpus` its own or its
+`deploy.resources.limits`, so no reader combines fallbacks. `Config` and `Model` have no
+defaults of their own.
+
+Reading a file goes: YAML (`document.py`), `.env` and the templates, Compose's reading
+(`compose.py`: templates merged, interpolation), the env files, then the shape (`file.py`).
+`load_config` does the file I/O; `parse_config` is the rest, pure, for a document in hand.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ from typing import Any, Literal
 
 from pydantic import SecretStr
 
+from swapctl.config.compose import Composed, apply_env_files, compose_document, env_files
 from swapctl.config.document import read_yaml
+from swapctl.config.envfile import load_dotenv, read_env_text
 from swapctl.config.file import ConfigFile, GroupConfig, ModelConfig, parse_file
+from swapctl.config.service import DeviceRequest, Network, Ulimit
 from swapctl.config.templates import load_template, template_name
 from swapctl.errors import ConfigError, UnknownModelError
 from swapctl.matrix import Group, GroupPolicy, MatrixPolicy, Policy, compile_program, matrix_names
 from swapctl.names import Kind, Names
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # the names a request (or a hook, which starts models as requests do) and a person may use;
 # computed once, as a request resolves its model on every call
 REQUEST_NAMES = Kind.ID | Kind.ALIAS
@@ -52,11 +59,26 @@ class Model:
     port: int
     health: str  # a path, or "none"
     gpus: Literal["all"] | int | tuple[str, ...] | None
+    ulimits: tuple[Ulimit, ...]
+    runtime: str | None
+    group_add: tuple[str, ...]
+    security_opt: tuple[str, ...]
+    cap_add: tuple[str, ...]
+    cap_drop: tuple[str, ...]
+    tmpfs: tuple[str, ...]
+    extra_hosts: tuple[str, ...]  # Docker's name:IP
+    network_mode: str | None
+    networks: tuple[Network, ...]
+    pull_policy: str  # missing or never
+    mem_limit: int | None  # bytes: its own, else deploy.resources.limits.memory
+    cpus: float | None  # its own, else deploy.resources.limits.cpus
+    device_requests: tuple[DeviceRequest, ...]  # deploy.resources.reservations.devices (gpus: is apart)
     aliases: tuple[str, ...]
     use_model_name: str | None
     concurrency_limit: int
     ttl: int  # idle seconds before it stops, 0 never: its own ttl, else globalTTL
     health_check_timeout: int  # seconds: its own, else the global healthCheckTimeout
+    send_loading_state: bool  # its own, else the global sendLoadingState
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,7 @@ class Config:
     api_keys: tuple[SecretStr, ...] = field(repr=False)  # SecretStr: masked even so
     cors: tuple[str, ...]
     allowed_hosts: tuple[str, ...]
+    warnings: tuple[str, ...]  # what the file says that is likely a mistake: unset variables
 
     @property
     def aliases(self) -> Mapping[str, str]:
@@ -111,15 +134,46 @@ def _model(own: ModelConfig, shape: ConfigFile) -> Model:
     """A model's final values. Its own `ttl` wins even when it is 0 (never), so a model can
     be exempt from globalTTL; only an absent one takes it."""
     # every other key as written: Model and ModelConfig name the same keys, so a key added
-    # to one and not the other fails every parse at once
-    keys = own.model_dump(exclude={"template", "ttl", "health_check_timeout"})
+    # to one and not the other fails every parse at once. Read as attributes, not dumped:
+    # a dump would turn the frozen values (Ulimit, Network...) into dicts.
+    resolved = {"template", "ttl", "health_check_timeout", "send_loading_state", *_LIMITS}
+    keys = {name: getattr(own, name) for name in type(own).model_fields if name not in resolved}
     return Model(
         **keys,
+        **_limits(own),
         ttl=shape.global_ttl if own.ttl is None else own.ttl,
         health_check_timeout=(
             shape.health_check_timeout if own.health_check_timeout is None else own.health_check_timeout
         ),
+        send_loading_state=(
+            shape.send_loading_state if own.send_loading_state is None else own.send_loading_state
+        ),
     )
+
+
+_LIMITS = ("env_file", "deploy", "cpus", "mem_limit")  # ModelConfig keys _limits resolves
+
+
+def _limits(own: ModelConfig) -> dict[str, Any]:
+    """Compose's two ways to say a limit (`cpus` or `deploy.resources.limits.cpus`...) as one
+    value (the file checked they agree), and its GPU form as device requests. `env_file` is
+    in `environment` already."""
+    limits = own.deploy.resources.limits if own.deploy else None
+    devices = own.deploy.resources.reservations.devices if own.deploy else ()
+    return {
+        "cpus": own.cpus if own.cpus is not None else limits.cpus if limits else None,
+        "mem_limit": own.mem_limit if own.mem_limit is not None else limits.memory if limits else None,
+        "device_requests": tuple(
+            DeviceRequest(
+                driver=device.driver,
+                count=-1 if device.count is None and not device.device_ids else device.count,
+                device_ids=device.device_ids,
+                capabilities=device.capabilities,
+                options=dict(device.options),
+            )
+            for device in devices
+        ),
+    }
 
 
 def _aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
@@ -136,21 +190,12 @@ def _aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
 
 
 def _api_keys(keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
-    """The keys, each `${NAME}` read from the environment now; errors never show a key."""
-    resolved = []
+    """The keys, each already interpolated (`${NAME}`, with an unset or empty NAME refused, in
+    compose.py); errors never show a key."""
     for i, key in enumerate(keys):
-        value = key.get_secret_value()
-        reference = _ENV_REF.fullmatch(value)
-        if reference:
-            value = os.environ.get(reference[1], "")
-            if not value:
-                raise ConfigError(f"apiKeys.{i}", f"environment variable {reference[1]} is not set or empty")
-        elif value.startswith("${"):
-            raise ConfigError(f"apiKeys.{i}", "expected ${NAME}, NAME of letters, digits and '_'")
-        if not re.fullmatch(r"[!-~]+", value):
+        if not re.fullmatch(r"[!-~]+", key.get_secret_value()):
             raise ConfigError(f"apiKeys.{i}", "a key must be printable ASCII with no spaces, and not empty")
-        resolved.append(SecretStr(value))
-    return tuple(resolved)
+    return keys
 
 
 def _group_policy(groups: Mapping[str, GroupConfig], names: Names, models: tuple[str, ...]) -> GroupPolicy:
@@ -183,9 +228,18 @@ def parse_config(
     raw: object,
     templates: Mapping[str, Mapping[str, Any]] | None = None,
     base_dir: Path = Path("."),
+    environ: Mapping[str, str] | None = None,
+    env_file_texts: Mapping[Path, str] | None = None,
 ) -> Config:
-    """Validate a mapping (as read from YAML) into a Config, or raise ConfigError."""
-    shape = parse_file(raw, templates or {})
+    """Validate a mapping (as read from YAML) into a Config, or raise ConfigError. Strings are
+    interpolated from `environ` (the process's environment when None); `env_file_texts` holds
+    the text of each env file the models name, by path (one missing is a missing file)."""
+    composed = compose_document(raw, templates or {}, os.environ if environ is None else environ)
+    return _parse(composed, base_dir, env_file_texts or {})
+
+
+def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str]) -> Config:
+    shape = parse_file(apply_env_files(composed, env_files(composed.document, base_dir), env_file_texts))
     policy, names = _policy(shape, Names(frozenset(shape.models), _aliases(shape.models)))
     preload = tuple(
         names.resolve(name, REQUEST_NAMES, where=f"hooks.on_startup.preload.{i}")
@@ -205,11 +259,14 @@ def parse_config(
         api_keys=_api_keys(shape.api_keys),
         cors=shape.cors,
         allowed_hosts=shape.allowed_hosts,
+        warnings=composed.warnings,
     )
 
 
-def load_config(path: Path) -> Config:
-    """The Config in the file at `path`, with the templates its models name."""
+def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:
+    """The Config in the file at `path`, with the templates its models name, interpolated
+    from `environ` over the `.env` beside it (the environment wins, as in Compose), its
+    models' env files read."""
     raw = read_yaml(path)
     base_dir = path.resolve().parent
     templates: dict[str, dict[str, Any]] = {}
@@ -220,4 +277,10 @@ def load_config(path: Path) -> Config:
             found = load_template(name, base_dir)
             if found:
                 templates[name] = found
-    return parse_config(raw, templates, base_dir)
+    composed = compose_document(raw, templates, {**load_dotenv(base_dir, environ), **environ})
+    texts = {
+        entry.path: read_env_text(entry.path, entry.where)
+        for entry in env_files(composed.document, base_dir)
+        if entry.path.is_file()
+    }
+    return _parse(composed, base_dir, texts)

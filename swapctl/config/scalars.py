@@ -21,6 +21,9 @@ MAX_CONCURRENCY = 100_000
 MAX_REQUEST_BYTES = 16 * 2**30
 MAX_SHM_BYTES = 2**40
 MAX_GPUS = 1024
+MAX_CPUS = 4096  # `cpus`: a fraction of the machine's cores, as many as the biggest machines have
+MIN_MEMORY = 6 * 2**20  # Docker refuses a memory limit under 6 MiB
+MAX_MEMORY = 2**48  # 256 TiB
 
 
 def parse_duration(value: object, maximum: float = MAX_DURATION) -> float:
@@ -55,6 +58,27 @@ def check_size(value: object, maximum: int = MAX_SHM_BYTES) -> str | int:
     raise ValueError(
         f"expected a size in bytes, or such as '64m' or '1g', from 0 to {maximum}, got {value!r}"
     )
+
+
+def parse_size(value: object, minimum: int, maximum: int) -> int:
+    """Bytes from a byte count or a size Docker reads (`512m`, `1.5g`), from minimum to maximum."""
+    checked = check_size(value, maximum)
+    if isinstance(checked, str):
+        match = SIZE.fullmatch(checked)
+        assert match is not None  # check_size matched it
+        checked = int(float(match[1]) * _UNITS[(match[2] or "b").lower()])
+    if checked < minimum:
+        raise ValueError(f"expected a size of at least {minimum} bytes, got {value!r}")
+    return checked
+
+
+def parse_cpus(value: object) -> float:
+    """Compose's `cpus`: how many of the machine's CPUs the container may use (`1.5`, "0.5")."""
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", value.strip()):
+        value = float(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_CPUS:
+        return float(value)
+    raise ValueError(f"expected a number of CPUs above 0 and at most {MAX_CPUS}, such as 1.5, got {value!r}")
 
 
 _PORT = re.compile(r"[1-9][0-9]{0,4}")

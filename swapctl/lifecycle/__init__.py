@@ -1,12 +1,25 @@
-"""The lifecycle of model containers: each model's state (`slot`), a request's hold on a
-ready model (`lease`), waiting for health (`health`), the swapper that decides with the
-policy and applies its decisions through the backend (`swapper`), and reloading the config
-while serving: what a reload changes (`changes`) and when it reads the file (`reloader`)."""
+"""The lifecycle of model containers: each model's state and how far its start has come
+(`slot`), a request's hold on a model (`lease`: a ticket, then a lease once it is ready),
+waiting for health (`health`), the swapper that decides with the policy and applies its
+decisions through the backend (`swapper`), and reloading the config while serving: what a
+reload changes (`changes`) and when it reads the file (`reloader`)."""
 
 from swapctl.lifecycle.changes import Changes, Reload
-from swapctl.lifecycle.lease import Lease
+from swapctl.lifecycle.lease import Lease, Ticket
 from swapctl.lifecycle.reloader import Reloader
-from swapctl.lifecycle.slot import ModelStatus, Slot, State
+from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
 from swapctl.lifecycle.swapper import Swapper
 
-__all__ = ["Changes", "Lease", "ModelStatus", "Reload", "Reloader", "Slot", "State", "Swapper"]
+__all__ = [
+    "Changes",
+    "Lease",
+    "ModelStatus",
+    "Progress",
+    "Reload",
+    "Reloader",
+    "Slot",
+    "State",
+    "Step",
+    "Swapper",
+    "Ticket",
+]

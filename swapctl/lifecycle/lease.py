@@ -1,4 +1,5 @@
-"""A request's hold on a ready model: counted in flight until released, exactly once."""
+"""A request's hold on a model: a ticket from its admission (counted in flight, the model
+perhaps still starting), then a lease on the ready model; either releases exactly once."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ from types import TracebackType
 
 from swapctl.backend import Container
 
+Release = Callable[[], Awaitable[None]]
+
 
 class Lease:
-    """Use it as `async with`: leaving the block releases it, unless the hold was handed over
-    (to a streamed response, say), whose new holder then releases it."""
+    """A hold on a ready model. Use it as `async with`, or call `release` (once is enough)."""
 
-    def __init__(self, model: str, container: Container, release: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, model: str, container: Container, release: Release) -> None:
         self.model = model
         self.container = container
-        self._release: Callable[[], Awaitable[None]] | None = release
-        self._handed_over = False
+        self._release: Release | None = release
 
     @property
     def url(self) -> str:
@@ -27,13 +28,6 @@ class Lease:
         if release is not None:
             await release()
 
-    def hand_over(self) -> Lease:
-        """A lease for a new holder; this one's `async with` no longer releases."""
-        self._handed_over = True
-        taken = Lease(self.model, self.container, self._release or _nothing)
-        self._release = None
-        return taken
-
     async def __aenter__(self) -> Lease:
         return self
 
@@ -43,5 +37,44 @@ class Lease:
         await self.release()
 
 
-async def _nothing() -> None:
-    return None
+class Ticket:
+    """A request admitted on a model: counted in flight from now on, so that it can be refused
+    at once (busy) and its wait for a start can happen elsewhere (after a response's head).
+    `lease` waits until the model is ready and hands the hold over to a Lease; `release`
+    gives it up, and does nothing once the hold is handed over."""
+
+    def __init__(
+        self,
+        model: str,
+        ready: Container | None,
+        join: Callable[[], Awaitable[Container]],
+        release: Release,
+    ) -> None:
+        self.model = model
+        self._ready = ready  # its container, if the model was ready at admission
+        self._join = join
+        self._release: Release | None = release
+
+    @property
+    def ready(self) -> bool:
+        """The model was ready at admission: `lease` does not wait."""
+        return self._ready is not None
+
+    async def lease(self) -> Lease:
+        """The lease, once the model is ready; if its start fails (or the wait is cancelled),
+        the hold is released and the error raised."""
+        container = self._ready
+        if container is None:
+            try:
+                container = await self._join()
+            except BaseException:
+                await self.release()
+                raise
+        release, self._release = self._release, None
+        assert release is not None, "a ticket is turned into one lease"
+        return Lease(self.model, container, release)
+
+    async def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            await release()

@@ -8,12 +8,16 @@
 no new request and stops once those in flight finish. A starting model may be chosen too:
 it finishes its start (the requests that joined it are served), then leaves.
 `stop-failed`: its container outlived a stop and a kill, so it still counts as running.
+A start goes through steps (`Step`): evicting what is in its way, creating the container,
+then loading until the health check answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from swapctl.backend import Container
@@ -28,6 +32,15 @@ class State(enum.Enum):
     STOP_FAILED = "stop-failed"
 
 
+class Step(enum.Enum):
+    """Where a start stands."""
+
+    EVICTING = "evicting"  # the models in its way finish their requests and stop
+    STARTING = "starting"  # its container is being created and started
+    LOADING = "loading"  # its container runs; its server does not answer its health check yet
+
+
+RECENT_STARTS = 5  # measured starts kept per model, for estimates
 # The moves `Slot.move` allows, between the states a slot stores (never LEAVING).
 MOVES: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.STARTING, State.READY, State.STOP_FAILED}),  # ready: adopted
@@ -40,7 +53,8 @@ MOVES: dict[State, frozenset[State]] = {
 
 @dataclass
 class Slot:
-    """One configured model. Only `move` writes `phase`, `leaving`, `container` and `stops`."""
+    """One configured model. Only `move` writes `phase`, `leaving`, `container`, `stops` and
+    the start's `step` and `evicting`; the swapper appends each measured start to `durations`."""
 
     model: str
     phase: State = State.STOPPED
@@ -51,6 +65,10 @@ class Slot:
     ready_since: float | None = None
     start: asyncio.Future[None] | None = field(default=None, repr=False)
     stops: int = 0  # times it returned to stopped: a stop awaited is over even if it started again
+    step: Step | None = None  # while starting
+    evicting: tuple[str, ...] = ()  # while starting: the models stopped to make room
+    starting_since: float = 0.0
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STARTS), repr=False)
 
     @property
     def state(self) -> State:
@@ -67,21 +85,54 @@ class Slot:
         *,
         leaving: bool | None = None,
         container: Container | None = None,
+        step: Step | None = None,
+        evicting: tuple[str, ...] | None = None,
         now: float = 0.0,
     ) -> None:
         """The one writer. Moving to stopped forgets the container and counts a stop;
-        moving to ready records when."""
+        moving to ready records when; moving to starting, when it began (a start's step
+        and evictions hold only while it starts)."""
         if phase is not None and phase is not self.phase:
             assert phase in MOVES[self.phase], f"{self.model}: no move from {self.phase} to {phase}"
+            if self.phase is State.STARTING:
+                self.step, self.evicting = None, ()
             self.phase = phase
             if phase is State.STOPPED:
                 self.container, self.stops = None, self.stops + 1
             elif phase is State.READY:
                 self.ready_since = self.last_used = now
+            elif phase is State.STARTING:
+                self.starting_since = now
         if container is not None:
             self.container = container
         if leaving is not None:
             self.leaving = leaving
+        if step is not None and self.phase is State.STARTING:
+            self.step = step
+        if evicting is not None and self.phase is State.STARTING:
+            self.evicting = evicting
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a model's start has come, for those who wait on it."""
+
+    model: str
+    step: Step
+    evicting: tuple[str, ...]  # the models stopped to make room for it
+    elapsed: float  # seconds since its start was decided
+    last_starts: tuple[float, ...]  # its last measured starts, in seconds, oldest first
+
+    @property
+    def estimate(self) -> float | None:
+        """How long a start of this model takes, from its last ones; None before its first."""
+        return statistics.median(self.last_starts) if self.last_starts else None
+
+    @classmethod
+    def of(cls, slot: Slot, now: float) -> Progress | None:
+        if slot.phase is not State.STARTING or slot.step is None:
+            return None
+        return cls(slot.model, slot.step, slot.evicting, now - slot.starting_since, tuple(slot.durations))
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from swapctl.config import DEFAULT_GRACE, Config
 from swapctl.errors import BackendError, Busy, StartError, StopFailed, SwapctlError, UnknownModelError
 from swapctl.lifecycle.changes import Changes, keep_fixed
 from swapctl.lifecycle.health import Clock, HealthCheck
-from swapctl.lifecycle.lease import Lease
-from swapctl.lifecycle.slot import ModelStatus, Slot, State
+from swapctl.lifecycle.lease import Lease, Ticket
+from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
 from swapctl.matrix import Decision, Policy, allowed_part
 from swapctl.metrics import Metrics
 from swapctl.spec import build_spec
@@ -68,6 +68,12 @@ class Swapper:
 
     async def acquire(self, model: str) -> Lease:
         """Wait until `model` is ready; the lease counts one request in flight on it."""
+        return await (await self.admit(model)).lease()
+
+    async def admit(self, model: str) -> Ticket:
+        """Count one request in flight on `model`, starting it if it is stopped (after waiting
+        for a stop under way), or refuse it now (busy, stop-failed, unknown). The wait for
+        the start is the ticket's `lease()`."""
         async with self.changed:
             slot = self._slot(model)
             while slot.leaving or slot.phase is State.STOPPING:
@@ -81,16 +87,17 @@ class Swapper:
             slot.in_flight += 1
             if slot.phase is State.STOPPED:
                 self._claim(slot)
-        try:
-            if slot.phase is not State.READY:
-                assert slot.start is not None
-                await asyncio.shield(slot.start)  # join the start; leaving it leaves the start alone
-            if slot.container is None:
-                raise BackendError("its container stopped as it became ready", model)
-        except BaseException:
-            await self._release(slot)
-            raise
-        return Lease(model, slot.container, lambda: self._release(slot))
+            ready = slot.container if slot.phase is State.READY else None
+        return Ticket(model, ready, lambda: self._join(slot), lambda: self._release(slot))
+
+    async def _join(self, slot: Slot) -> Container:
+        """The container of an admitted request's model, once ready."""
+        if slot.phase is not State.READY:
+            assert slot.start is not None
+            await asyncio.shield(slot.start)  # join the start; leaving it leaves the start alone
+        if slot.container is None:
+            raise BackendError("its container stopped as it became ready", slot.model)
+        return slot.container
 
     async def _release(self, slot: Slot) -> None:
         async with self.changed:
@@ -122,7 +129,9 @@ class Swapper:
         leaving_already = [(s, s.stops) for s in self.slots.values() if s.leaving and s.model not in keep]
         for model in decision.evict:
             self._move(self.slots[model], leaving=True)
-        self._launch(slot, self._swap(slot, decision, leaving_already, decided))
+        evicting = (*decision.evict, *(s.model for s, _ in leaving_already))
+        step = Step.EVICTING if evicting else Step.STARTING
+        self._launch(slot, self._swap(slot, decision, leaving_already, decided), step, evicting)
 
     def _move(self, slot: Slot, phase: State | None = None, **changes: Any) -> None:
         """Every change of state goes through here (the condition's lock held): it wakes
@@ -134,9 +143,11 @@ class Swapper:
         async with self.changed:
             self._move(slot, phase, **changes)
 
-    def _launch(self, slot: Slot, start: Coroutine[Any, Any, None]) -> None:
+    def _launch(
+        self, slot: Slot, start: Coroutine[Any, Any, None], step: Step, evicting: tuple[str, ...] = ()
+    ) -> None:
         """The model is starting: requests wait on `slot.start`, which `start` settles."""
-        self._move(slot, State.STARTING)
+        self._move(slot, State.STARTING, step=step, evicting=evicting)
         slot.start = asyncio.get_running_loop().create_future()
         slot.start.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
         self._spawn(start)
@@ -161,8 +172,9 @@ class Swapper:
             if not isinstance(error, Exception):
                 raise
             return
-        await self._ready(slot, container)
         took = self.clock() - began
+        slot.durations.append(took)  # before the model is ready: whoever it wakes sees it
+        await self._ready(slot, container)
         self.metrics.start_seconds.labels(slot.model).observe(took)
         log.info(
             "swap: %s ready in %.3fs (set %s, evicted %s, cost %d, decided in %.0fus)",
@@ -188,8 +200,9 @@ class Swapper:
     async def _start(self, slot: Slot) -> Container:
         spec = build_spec(self._config_for(slot.model), slot.model)
         log.info("starting %s (%s)", slot.model, spec.image)
+        await self._set(slot, step=Step.STARTING)
         container = await self.backend.start(spec)
-        await self._set(slot, container=container)
+        await self._set(slot, container=container, step=Step.LOADING)
         return await self._until_healthy(slot, container)
 
     async def _until_healthy(self, slot: Slot, container: Container) -> Container:
@@ -451,7 +464,7 @@ class Swapper:
             return
         log.info("adopting %s (%s): waiting for its health check", slot.model, container.name)
         async with self.changed:
-            self._launch(slot, self._resume(slot, container))
+            self._launch(slot, self._resume(slot, container), Step.LOADING)
             self._move(slot, container=container)
 
     async def _resume(self, slot: Slot, container: Container) -> None:
@@ -542,6 +555,16 @@ class Swapper:
     def status(self) -> list[ModelStatus]:
         now = self.clock()
         return [ModelStatus.of(slot, now) for slot in self.slots.values()]
+
+    def progress(self, model: str) -> Progress | None:
+        """How far the start of `model` has come; None unless it is starting."""
+        slot = self.slots.get(model)
+        return Progress.of(slot, self.clock()) if slot is not None else None
+
+    def last_starts(self, model: str) -> tuple[float, ...]:
+        """The durations of its last measured starts, in seconds, oldest first."""
+        slot = self.slots.get(model)
+        return tuple(slot.durations) if slot is not None else ()
 
     async def logs(self, model: str, tail: int) -> str:
         """The last lines of the model's container: the one it runs, else any left of it."""

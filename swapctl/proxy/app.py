@@ -36,13 +36,15 @@ def build_app(
     preload: bool = True,
     listen_host: str | None = None,
     reload: Reload | None = None,
+    tick: float = 1.0,
 ) -> Starlette:
     """`upstream` reaches the models' servers (its owner closes it); `listen_host` (default:
     the config's `listen`) is the name the Host check accepts besides loopback names, IP
-    addresses and `allowedHosts`; `reload` reads the config file again for POST /reload.
+    addresses and `allowedHosts`; `reload` reads the config file again for POST /reload;
+    `tick` is the seconds between notes of progress to a streamed request that waits.
     Routes read the config through `swapper.config`, which a reload replaces."""
     recent = admin.RecentLines()
-    forwarder = Forwarder(swapper, upstream, metrics, known=admin.PATHS)
+    forwarder = Forwarder(swapper, upstream, metrics, known=admin.PATHS, tick=tick)
     own = admin.Admin(swapper, metrics, recent, forwarder.resolve, reload)
     routes = [Route(path, forwarder.model_route, methods=["POST"]) for path in MODEL_ROUTES]
     routes += own.routes()

@@ -38,15 +38,22 @@ def error_body(message: str, kind: str, code: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def error_response(error: Exception) -> JSONResponse:
+def error_answer(error: Exception) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI error JSON of an error: a response's, or an event's once a
+    stream has begun."""
     if isinstance(error, RequestError):
-        return JSONResponse(error_body(str(error), "invalid_request_error", error.code), error.status)
+        return error.status, error_body(str(error), "invalid_request_error", error.code)
     found = next((ANSWERS[k] for k in type(error).__mro__ if k in ANSWERS), None)
     if found is None:
         log.error("unexpected error: %r", error, exc_info=error)
-        return JSONResponse(error_body(f"internal error: {error!r}", "server_error", "internal_error"), 500)
+        return 500, error_body(f"internal error: {error!r}", "server_error", "internal_error")
     status, kind, code = found
-    return JSONResponse(error_body(str(error), kind, code), status, headers=RETRY_AFTER.get(status))
+    return status, error_body(str(error), kind, code)
+
+
+def error_response(error: Exception) -> JSONResponse:
+    status, body = error_answer(error)
+    return JSONResponse(body, status, headers=RETRY_AFTER.get(status))
 
 
 Handler = Callable[[Request, Exception], Any]

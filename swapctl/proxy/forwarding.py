@@ -4,7 +4,8 @@ request on and its answer back.
 The model comes from the JSON body's `model`, a multipart form's `model` field (the file is
 forwarded untouched), `?model=` on any other route, or the path of
 `/upstream/<model>/<path>`. Bodies are read whole, with a bound, before any model is
-touched; a client that leaves is forgotten quietly.
+touched; a client that leaves is forgotten quietly. A streamed request whose model is not
+ready waits after its response's head (`loading.py`); every other request before it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Collection
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
@@ -24,10 +26,11 @@ from starlette.types import Receive, Scope, Send
 
 from swapctl.config import Config
 from swapctl.errors import BackendError, RequestError, UnknownModelError
-from swapctl.lifecycle import Lease, Swapper
+from swapctl.lifecycle import Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
 from swapctl.proxy.errors import ClientGone, error_body
 from swapctl.proxy.forms import ModelField, boundary_of, replace_model
+from swapctl.proxy.loading import Loading
 from swapctl.proxy.upstream import Answer, BrokeOff, Dropped, RawHeaders, Unreachable, Upstream, UpstreamError
 
 log = logging.getLogger("swapctl")
@@ -66,6 +69,7 @@ HOP_BY_HOP = frozenset(
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar: a path keeps them as they are
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 SMALL = 2**20  # answers of a known length up to this are read whole and sent in one piece
+NO_BUFFERING = (b"x-accel-buffering", b"no")  # reverse proxies (nginx) pass each event at once
 
 
 def end_to_end(raw: RawHeaders) -> list[tuple[bytes, bytes]]:
@@ -103,6 +107,21 @@ def upstream_headers(scope: Scope, length: int | None) -> list[tuple[str, str]]:
     elif prior:
         headers.append(("x-forwarded-for", prior.decode("latin-1")))
     return headers
+
+
+def events(raw: RawHeaders) -> bool:
+    """Whether lower-cased headers announce an event stream."""
+    return (header(raw, b"content-type") or b"").startswith(b"text/event-stream")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """The request to send to the model's server, but for the server's address."""
+
+    method: str
+    target: str  # path and query
+    headers: list[tuple[str, str]]
+    body: bytes | None
 
 
 def _too_large(limit: int) -> RequestError:
@@ -183,23 +202,21 @@ async def unless_gone(receive: Receive, work: Awaitable[Response]) -> Response:
         watcher.cancel()
 
 
-async def _send_once(
-    upstream: Upstream, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None
-) -> Answer:
+async def _send_once(upstream: Upstream, call: Call, base: str) -> Answer:
+    url = base + call.target
     try:
-        return await upstream.send(method, url, headers, body)
+        return await upstream.send(call.method, url, call.headers, call.body)
     except Dropped:
         # a kept-alive connection the server had already closed or reset (llama-server does
         # so after streamed responses) before any answer: send the request once more
-        return await upstream.send(method, url, headers, body)
+        return await upstream.send(call.method, url, call.headers, call.body)
 
 
 def _small(answer: Answer) -> bool:
     """A known, small length and not an event stream: read it whole rather than stream it."""
     raw = [(n.lower(), v) for n, v in answer.raw_headers]
     length = header(raw, b"content-length") or b""
-    events = (header(raw, b"content-type") or b"").startswith(b"text/event-stream")
-    return length.isdigit() and int(length) <= SMALL and not events
+    return length.isdigit() and int(length) <= SMALL and not events(raw)
 
 
 class Whole(Response):
@@ -219,9 +236,12 @@ class Forwarder:
         upstream: Upstream,
         metrics: Metrics,
         known: Collection[str] = (),
+        tick: float = 1.0,
     ) -> None:
+        """`tick`: seconds between two notes of progress to a streamed request that waits."""
         self.swapper, self.servers, self.metrics = swapper, upstream, metrics
         self.known = frozenset({*MODEL_ROUTES, *known})
+        self.tick = tick
 
     @property
     def config(self) -> Config:
@@ -253,13 +273,15 @@ class Forwarder:
             upstream_name = self.config.models[model].use_model_name
             if upstream_name:
                 raw = replace_model(raw, boundary, name, upstream_name.encode())
+            streamed = False
         else:
             text, payload = json_model(raw)
             model = self.resolve(text)
             upstream_name = self.config.models[model].use_model_name
             if upstream_name:
                 raw = json.dumps({**payload, "model": upstream_name}).encode()
-        return await self._send(model, request, request.url.path, raw)
+            streamed = payload.get("stream") is True
+        return await self._send(model, request, request.url.path, raw, streamed)
 
     async def upstream(self, request: Request) -> Response:
         """`/upstream/<model>/<path>`: any method, untouched, for a model's own UI or API."""
@@ -284,52 +306,104 @@ class Forwarder:
         raw = await read_body(request, self.config.max_request_bytes)
         return await self._send(model, request, quote(path, safe=_PATH_SAFE), raw)
 
-    async def _send(self, model: str, request: Request, path: str, content: bytes) -> Response:
+    async def _send(
+        self, model: str, request: Request, path: str, content: bytes, streamed: bool = False
+    ) -> Response:
         """Forward a request whose body is read; nothing more is done once its client leaves."""
         try:
-            return await unless_gone(request.receive, self._exchange(model, request, path, content))
+            return await unless_gone(request.receive, self._exchange(model, request, path, content, streamed))
         except ClientGone:
             raise ClientGone(model) from None
 
-    async def _exchange(self, model: str, request: Request, path: str, content: bytes) -> Response:
+    async def _exchange(
+        self, model: str, request: Request, path: str, content: bytes, streamed: bool
+    ) -> Response:
         declared = "content-length" in request.headers or "transfer-encoding" in request.headers
         sized = content or declared
         headers = upstream_headers(request.scope, len(content) if sized else None)
         query = request.scope["query_string"]
         target = f"{path}?{query.decode('latin-1')}" if query else path
+        call = Call(request.method, target, headers, content if sized else None)
         began = time.perf_counter()
+        ticket = await self.swapper.admit(model)  # busy, unknown, stop-failed: a plain answer
+        if streamed and not ticket.ready:
+            return self._loading(ticket, call, path, began)
+        lease, answer = await self.open(ticket, call)
+        return await self._answer(lease, answer, began)
+
+    def _loading(self, ticket: Ticket, call: Call, path: str, began: float) -> Response:
+        """The head now; the wait, its progress, then the answer in the body. Asked for an
+        identity body: the head, sent before the answer, says no Content-Encoding."""
+        plain = replace(call, headers=[(n, v) for n, v in call.headers if n != "accept-encoding"])
+        chat = path == "/v1/chat/completions" and self.config.models[ticket.model].send_loading_state
+        return Loading(self, ticket, plain, began, tick=self.tick, reasoning=chat)
+
+    async def open(self, ticket: Ticket, call: Call) -> tuple[Lease, Answer]:
+        """The head of the model's answer, and the lease that holds the model for it: once
+        ready, the request is sent; a container found dead before the request reached it is
+        started again, once. Released on any failure."""
+        lease = await ticket.lease()
         for attempt in (1, 2):
-            async with await self.swapper.acquire(model) as lease:
+            try:
+                answer = await _send_once(self.servers, call, lease.url)
+            except UpstreamError as error:
                 try:
-                    return await self._answer(
-                        lease, request.method, target, headers, content if sized else None, began
-                    )
-                except UpstreamError as error:
-                    # the container died before this request reached it: start it again, once
                     alive = await self.swapper.confirm_alive(lease)
-                    if alive or attempt == 2 or not isinstance(error, Unreachable):
-                        raise BackendError(f"the model's server did not answer: {error}", model) from None
-            log.info("%s: its container had died; starting it again for this request", model)
+                finally:
+                    await lease.release()
+                if alive or attempt == 2 or not isinstance(error, Unreachable):
+                    raise BackendError(f"the model's server did not answer: {error}", lease.model) from None
+                log.info("%s: its container had died; starting it again for this request", lease.model)
+                lease = await self.swapper.acquire(lease.model)
+            except BaseException:
+                await lease.release()
+                raise
+            else:
+                return lease, answer
         raise AssertionError("unreachable")
 
-    async def _answer(
-        self,
-        lease: Lease,
-        method: str,
-        target: str,
-        headers: list[tuple[str, str]],
-        body: bytes | None,
-        began: float,
-    ) -> Response:
-        answer = await _send_once(self.servers, method, lease.url + target, headers, body)
+    async def _answer(self, lease: Lease, answer: Answer, began: float) -> Response:
         if not _small(answer):
-            return Forwarded(answer, lease.hand_over(), self, began)
+            return Forwarded(answer, lease, self, began)
         try:  # a small, complete answer: one write, none of a stream's machinery
             whole = await answer.read()
+        except UpstreamError as error:
+            await self.swapper.confirm_alive(lease)
+            raise BackendError(f"the model's server did not answer: {error}", lease.model) from None
         finally:
             await answer.close()
+            await lease.release()
         self.record(lease.model, answer.status, began)
         return Whole(answer.status, end_to_end(answer.raw_headers), whole)
+
+    async def relay(self, answer: Answer, lease: Lease) -> AsyncIterator[bytes]:
+        """The answer's body as it arrives; a plain event stream whole events at a time, so
+        that a break can be reported after the last one: OpenAI clients raise on an error event."""
+        raw = [(n.lower(), v) for n, v in answer.raw_headers]
+        whole_events = events(raw) and header(raw, b"content-encoding") is None
+        pending = b""
+        try:
+            async for chunk in answer.chunks():
+                if not whole_events:
+                    yield chunk
+                    continue
+                pending += chunk
+                end = max((m.end() for m in _EVENT_END.finditer(pending)), default=0)
+                if end:
+                    yield pending[:end]
+                    pending = pending[end:]
+            if pending:
+                yield pending
+        except BrokeOff as error:
+            model = lease.model
+            log.warning("%s: upstream broke off mid-response: %s", model, error)
+            await self.swapper.confirm_alive(lease)
+            if not whole_events:
+                raise  # abort the response: the client sees it cut, not complete
+            # the broken event is dropped
+            message = f"model '{model}': its server broke off mid-response ({error})"
+            event = error_body(message, "server_error", "upstream_broke_off")
+            yield f"data: {json.dumps(event)}\n\n".encode()
 
     def record(self, model: str, code: int, began: float) -> None:
         self.metrics.requests.labels(model, str(code)).inc()
@@ -344,38 +418,10 @@ class Forwarded(StreamingResponse):
         self.answer, self.lease, self.forwarder, self.began = answer, lease, forwarder, began
         raw = end_to_end(answer.raw_headers)
         length = header([(n.lower(), v) for n, v in answer.raw_headers], b"content-length")
-        # plain event streams are passed on whole events at a time, so a break can be reported
-        self.events = (header(raw, b"content-type") or b"").startswith(b"text/event-stream") and (
-            header(raw, b"content-encoding") is None
-        )
-        super().__init__(self._chunks(), status_code=answer.status)
+        if events(raw) and header(raw, NO_BUFFERING[0]) is None:
+            raw.append(NO_BUFFERING)
+        super().__init__(forwarder.relay(answer, lease), status_code=answer.status)
         self.raw_headers = [*raw, (b"content-length", length)] if length is not None else raw
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        pending = b""
-        try:
-            async for chunk in self.answer.chunks():
-                if not self.events:
-                    yield chunk
-                    continue
-                pending += chunk
-                end = max((m.end() for m in _EVENT_END.finditer(pending)), default=0)
-                if end:
-                    yield pending[:end]
-                    pending = pending[end:]
-            if pending:
-                yield pending
-        except BrokeOff as error:
-            model = self.lease.model
-            log.warning("%s: upstream broke off mid-response: %s", model, error)
-            await self.forwarder.swapper.confirm_alive(self.lease)
-            if not self.events:
-                raise  # abort the response: the client sees it cut, not complete
-            # an event stream can still say why it ends, after its last whole event (the
-            # broken one is dropped): OpenAI clients raise on an error event
-            message = f"model '{model}': its server broke off mid-response ({error})"
-            event = error_body(message, "server_error", "upstream_broke_off")
-            yield f"data: {json.dumps(event)}\n\n".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:

@@ -79,3 +79,15 @@ def test_the_installed_wheel_finds_its_templates(tmp_path: Path) -> None:
 
     out = run(venv / "bin" / "swapctl", "validate", "-c", "swapctl.yaml", cwd=elsewhere)
     assert out.startswith("ok: swapctl.yaml: 3 models")
+
+    # every template ships, and `swapctl templates show` finds it inside the package
+    listed = run(
+        venv / "bin" / "python",
+        "-c",
+        "from pathlib import Path; from swapctl.config import list_templates\n"
+        "print(*(t.name for t in list_templates(Path('.'))))",
+        cwd=elsewhere,
+    ).split()
+    assert listed == sorted(path.stem for path in (ROOT / "compose-templates").glob("*.yaml"))
+    shown = run(venv / "bin" / "swapctl", "templates", "show", "vllm", cwd=elsewhere)
+    assert shown == (ROOT / "compose-templates" / "vllm.yaml").read_text()

@@ -416,8 +416,8 @@ def test_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             parse_config(config(apiKeys=[KEY, f"${{{name}}}"]))
         assert caught.value.path == "apiKeys.1"
         assert name in caught.value.message
-    with pytest.raises(ConfigError) as caught:
-        parse_config(config(apiKeys=["${not-a-name}"]))
+    with pytest.raises(ConfigError) as caught:  # (`${not-a-name}` is Compose's `${not-default}`)
+        parse_config(config(apiKeys=["${not a name}"]))
     assert caught.value.path == "apiKeys.0"
 
 

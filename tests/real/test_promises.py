@@ -107,7 +107,7 @@ def test_a_model_still_loading_when_up_was_killed_is_adopted_as_starting(
 ) -> None:
     slow = {
         **llama_model(models_dir, 3),
-        "entrypoint": ["sh", "-c", 'sleep 3 && exec llama-server "$@"', "llama-server"],
+        "entrypoint": ["sh", "-c", 'sleep 3 && exec llama-server "$$@"', "llama-server"],
     }
     path = write_yaml(tmp_path / "swapctl.yaml", config(instance, models_dir, {"pair": "a & b"}, slow=slow))
     proxy = Proxy(path, instance, tmp_path)

@@ -173,7 +173,12 @@ print("loaded:", *loaded, file=sys.stderr)
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["validate", "-c", SEED], ["plan", "g", "-c", SEED, "--running", "q", "--json"]],
+    [
+        ["--help"],
+        ["validate", "-c", SEED],
+        ["plan", "g", "-c", SEED, "--running", "q", "--json"],
+        ["templates", "show", "vllm"],
+    ],
 )
 def test_quick_commands_load_no_heavy_module(argv: list[str]) -> None:
     """They start fast only while they leave Docker, HTTP, the proxy and rich alone."""

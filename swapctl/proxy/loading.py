@@ -1,0 +1,232 @@
+"""Loading feedback: a streamed request whose model is not ready gets its response at once.
+
+The head goes out before the wait (200, an event stream), then a note of progress every
+`tick` seconds while the model starts, then the model's own events in the same body:
+
+- by default an SSE comment, `: loading MODEL 3.2s`, which clients ignore and which keeps
+  reverse proxies from timing out an idle response;
+- with `sendLoadingState`, on /v1/chat/completions, `reasoning_content` deltas of chat
+  completion chunks, which chat UIs show as thinking: what is evicted, the container
+  starting, the seconds as they pass, an estimate from the model's last starts.
+
+The status is sent before the wait, so what goes wrong after it (a failed start, an upstream
+answer other than 200) ends the stream with an OpenAI error event, which OpenAI clients
+raise. A client that leaves cancels the wait and releases its place in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from starlette.requests import ClientDisconnect
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from swapctl.lifecycle import Lease, Progress, Step, Ticket
+from swapctl.proxy.errors import error_answer, error_body
+from swapctl.proxy.upstream import Answer, UpstreamError
+
+if TYPE_CHECKING:
+    from swapctl.proxy.forwarding import Call, Forwarder
+
+log = logging.getLogger("swapctl")
+HEAD = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx: pass each note at once
+]
+GONE = 499  # counted for a client that left before its answer began
+REFUSAL_BYTES = 4096  # of an upstream's error body: read, and quoted in the error event
+
+
+class Voice(Protocol):
+    """How a stream tells its client about the wait."""
+
+    def waiting(self, progress: Progress | None, waited: float) -> bytes: ...
+
+    def ready(self, waited: float) -> bytes: ...
+
+
+class Comments:
+    """SSE comment lines: every client ignores them; proxies see bytes flow."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    def waiting(self, progress: Progress | None, waited: float) -> bytes:
+        elapsed = progress.elapsed if progress else waited
+        return f": loading {self.model} {elapsed:.1f}s\n\n".encode()
+
+    def ready(self, waited: float) -> bytes:
+        return b""
+
+
+STEPS = {
+    Step.STARTING: "Starting its container…",
+    Step.LOADING: "Its container runs; waiting for the model to load…",
+}
+ORDER = list(Step)  # a start goes through its steps in this order
+
+
+def estimate(progress: Progress) -> str:
+    """`about 4s (last starts 3.8s, 4.1s)`, from the model's last measured starts."""
+    if progress.estimate is None:
+        return "no start of it measured yet, so no estimate"
+    last = ", ".join(f"{seconds:.1f}s" for seconds in progress.last_starts)
+    return f"about {progress.estimate:.0f}s (last starts {last})"
+
+
+class Reasoning:
+    """`reasoning_content` deltas of chat completion chunks: a line for each step of the
+    start, the seconds appended to it as they pass (a delta can only add text)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = f"chatcmpl-swapctl-{secrets.token_hex(8)}"
+        self.created = int(time.time())
+        self.step: Step | None = None
+        self.said = False
+
+    def waiting(self, progress: Progress | None, waited: float) -> bytes:
+        text = ""
+        if not self.said:
+            self.said = True
+            text = f"Loading {self.model}" + (f": {estimate(progress)}." if progress else ".")
+        if progress is not None and progress.step is not self.step:
+            # every step since the last note, even one too short for a note of its own
+            passed = ORDER[ORDER.index(self.step) + 1 : ORDER.index(progress.step) + 1] if self.step else []
+            text += "".join("\n" + self._line(progress, step) for step in passed or [progress.step])
+            self.step = progress.step
+        elapsed = progress.elapsed if progress else waited
+        return self._chunk(f"{text} {elapsed:.1f}s")
+
+    def ready(self, waited: float) -> bytes:
+        return self._chunk(f"\n{self.model} is ready after {waited:.1f}s.\n\n")
+
+    def _line(self, progress: Progress, step: Step) -> str:
+        if step is Step.EVICTING:
+            return f"Stopping {', '.join(progress.evicting)} to make room…"
+        return STEPS[step]
+
+    def _chunk(self, text: str) -> bytes:
+        delta = {"role": "assistant", "reasoning_content": text}
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
+
+
+def error_event(body: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def refusal(model: str, status: int, body: bytes) -> dict[str, Any]:
+    """The OpenAI error event for an upstream answer other than 200: its status and message."""
+    message = body[:REFUSAL_BYTES].decode(errors="replace").strip()
+    try:
+        found = json.loads(body)
+    except (ValueError, RecursionError):
+        found = None
+    error = found.get("error") if isinstance(found, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        message = error["message"]
+    elif isinstance(error, str):
+        message = error
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    event = error_body(
+        f"model '{model}': its server answered {status}: {message}", kind, f"upstream_{status}"
+    )
+    event["error"]["status"] = status
+    return event
+
+
+class Loading(StreamingResponse):
+    """The response of a streamed request that waits for its model: the head at once, notes
+    of progress every `tick` seconds, then the upstream's answer. Whatever ends it (the
+    answer, an error, the client leaving), the wait is cancelled, the upstream answer
+    closed, the request's hold released, and its final status counted."""
+
+    def __init__(
+        self, forwarder: Forwarder, ticket: Ticket, call: Call, began: float, *, tick: float, reasoning: bool
+    ) -> None:
+        self.forwarder, self.ticket, self.call, self.began, self.tick = forwarder, ticket, call, began, tick
+        self.model = ticket.model
+        self.voice: Voice = Reasoning(self.model) if reasoning else Comments(self.model)
+        self.opening: asyncio.Task[tuple[Lease, Answer]] | None = None
+        self.outcome: int | None = None  # the status to count; None while it waits
+        super().__init__(self._body())
+        self.raw_headers = list(HEAD)
+
+    async def _body(self) -> AsyncIterator[bytes]:
+        opening = self.opening = asyncio.get_running_loop().create_task(
+            self.forwarder.open(self.ticket, self.call)
+        )
+        try:
+            while True:
+                yield self.voice.waiting(self.forwarder.swapper.progress(self.model), self._waited())
+                await asyncio.wait({opening}, timeout=self.tick)
+                if opening.done():
+                    break
+            try:
+                lease, answer = opening.result()
+            except Exception as error:  # the start failed, or the model's server did not answer
+                self.outcome, body = error_answer(error)
+                yield error_event(body)
+                return
+            self.outcome = answer.status
+            if answer.status != 200:
+                yield error_event(await self._refusal(answer))
+                return
+            ready = self.voice.ready(self._waited())
+            if ready:
+                yield ready
+            async for chunk in self.forwarder.relay(answer, lease):
+                yield chunk
+        finally:
+            opening.cancel()  # no await here: a cancelled stream may not wait; __call__ settles
+
+    def _waited(self) -> float:
+        return time.perf_counter() - self.began
+
+    async def _refusal(self, answer: Answer) -> dict[str, Any]:
+        body = b""
+        with contextlib.suppress(UpstreamError):  # a refusal cut short is quoted as far as it came
+            async for chunk in answer.chunks():
+                body += chunk
+                if len(body) >= REFUSAL_BYTES:
+                    break
+        return refusal(self.model, answer.status, body)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:  # an ASGI 2.4 server says so at the next write
+            pass
+        finally:
+            await self._settle()
+            if self.outcome is None:
+                log.info("%s %s: the client went away (%s)", scope["method"], scope["path"], self.model)
+            self.forwarder.record(self.model, GONE if self.outcome is None else self.outcome, self.began)
+
+    async def _settle(self) -> None:
+        """The wait over (cancelled if it still ran), the answer closed, every hold released."""
+        opening = self.opening
+        if opening is not None:
+            opening.cancel()
+            await asyncio.wait({opening})
+            if not opening.cancelled() and opening.exception() is None:
+                lease, answer = opening.result()
+                await answer.close()
+                await lease.release()
+        await self.ticket.release()  # nothing once it became a lease
