@@ -3,15 +3,18 @@ llama-server model definitions, Docker read by labels, and polling."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,54 @@ import yaml
 from openai import OpenAI
 
 from swapctl.spec import INSTANCE, MODEL
+
+
+def asgi_scope(path: str = "/v1/chat/completions", method: str = "POST") -> dict[str, Any]:
+    """A request's ASGI scope as uvicorn builds it: JSON, from 127.0.0.1 to 127.0.0.1:8080."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn says
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8080),
+    }
+
+
+@contextlib.contextmanager
+def json_server(answer: Callable[[BaseHTTPRequestHandler], object]) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 (posing as a proxy) whose every GET and POST gets
+    `answer(request)` as JSON; yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self) -> None:
+            body = json.dumps(answer(self)).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = reply
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 def free_port() -> int:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import json_server
 
 from swapctl.backend import Backend
 from swapctl.backend.fake import FakeBackend
@@ -186,34 +185,14 @@ def test_logs_of_a_model_without_a_container(capsys: pytest.CaptureFixture[str],
 # --- from a proxy ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def fake_proxy(answers: dict[str, Any], seen: list[str]) -> Iterator[str]:
+def fake_proxy(answers: dict[str, Any], seen: list[str]) -> contextlib.AbstractContextManager[str]:
     """An HTTP server on 127.0.0.1 that answers `METHOD PATH` from `answers` and records each."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def answer(self) -> None:
-            seen.append(f"{self.command} {self.path}")
-            body = json.dumps(answers[f"{self.command} {self.path}"]).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(request: BaseHTTPRequestHandler) -> object:
+        seen.append(f"{request.command} {request.path}")
+        return answers[f"{request.command} {request.path}"]
 
-        do_GET = do_POST = answer
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    return json_server(answer)
 
 
 def test_status_from_the_proxy(capsys: pytest.CaptureFixture[str], world: World) -> None:

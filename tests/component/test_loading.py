@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from starlette.types import ASGIApp, Message
+from support import asgi_scope
 
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
@@ -125,20 +126,7 @@ async def drive(
     """Send one chat completion as a server would; the client leaves after `leave_after`
     seconds if given, else once the answer is over."""
     path = "/v1/chat/completions"
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},  # as uvicorn says
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8080),
-    }
+    scope = asgi_scope(path)
     request = {"type": "http.request", "body": body or chat_body(model), "more_body": False}
     pending = [request]
     sent = Sent()

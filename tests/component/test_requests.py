@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.types import ASGIApp, Message
+from support import asgi_scope
 
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
@@ -122,20 +123,7 @@ async def call(
 ) -> list[Message]:
     """Drive the app as a server would: `messages` as the request, then (after `leave_after`
     seconds) the client goes away. What the app sent back."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8080"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8080),
-    }
+    scope = asgi_scope(path)
     pending = list(messages)
     sent: list[Message] = []
 

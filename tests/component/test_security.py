@@ -6,15 +6,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, NoReturn
 
 import httpx
 import pytest
 from starlette.types import Message, Receive, Scope, Send
+from support import json_server
 
 from swapctl import cli
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
@@ -490,34 +490,16 @@ def run_cli(
     return code, out, err
 
 
-@contextlib.contextmanager
-def fake_proxy(seen: list[str | None]) -> Iterator[str]:
+def fake_proxy(seen: list[str | None]) -> contextlib.AbstractContextManager[str]:
     """An HTTP server on 127.0.0.1 that answers /running and records each Authorization."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            seen.append(self.headers.get("authorization"))
-            model = {"model": "a", "state": "stopped", "container": None, "host_port": None}
-            model |= {"in_flight": None, "ready_seconds": None, "idle_seconds": None}
-            body = json.dumps({"running": [], "models": [model]}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(request: BaseHTTPRequestHandler) -> object:
+        seen.append(request.headers.get("authorization"))
+        model = {"model": "a", "state": "stopped", "container": None, "host_port": None}
+        model |= {"in_flight": None, "ready_seconds": None, "idle_seconds": None}
+        return {"running": [], "models": [model]}
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    return json_server(answer)
 
 
 def test_status_sends_the_key(
