@@ -65,7 +65,9 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 config_app = typer.Typer(
-    help="Inspect the configuration format.", no_args_is_help=True, rich_markup_mode=None
+    help="Inspect the configuration format, or make one from a Compose file.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(config_app, name="config")
 templates_app = typer.Typer(
@@ -542,6 +544,32 @@ def schema() -> None:
     from swapctl.config import json_schema
 
     print(json.dumps(json_schema(), indent=2))
+
+
+@config_app.command("from-compose")
+def from_compose(
+    compose_file: Annotated[Path, typer.Argument(help="The Compose file (docker-compose.yml).")],
+    output: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--output", "-o", help="Write the config here [default: print it]."),
+    ] = None,
+) -> None:
+    """Print a swapctl config with one model per Compose service, ready to add a matrix to.
+    Relative paths are rewritten to hold from the output file's folder (the Compose file's
+    when printed)."""
+    from swapctl.config.from_compose import from_compose as convert
+
+    if not compose_file.is_file():
+        raise ConfigError(str(compose_file), "no such file")
+    text = convert(compose_file, output.resolve().parent if output else None)
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(str(output), f"cannot write: {error.strerror or error}") from None
+    print(f"wrote {output}", file=sys.stderr)
 
 
 def exit_code(error: SwapctlError) -> int:

@@ -9,6 +9,7 @@
     scalars.py        durations, sizes, listen addresses, and the bound of every number
     file.py           ConfigFile: the file's shape, every default, its JSON Schema
     resolved.py       Config and Model, what the rest of swapctl reads: parse_config, load_config
+    from_compose.py   a Compose file -> a swapctl config (`swapctl config from-compose`)
 
 Names (model IDs, aliases, matrix vars) resolve through `swapctl.names`, one function for
 requests, commands, hooks and the matrix alike.

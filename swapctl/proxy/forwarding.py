@@ -214,9 +214,8 @@ async def _send_once(upstream: Upstream, call: Call, base: str) -> Answer:
 
 def _small(answer: Answer) -> bool:
     """A known, small length and not an event stream: read it whole rather than stream it."""
-    raw = [(n.lower(), v) for n, v in answer.raw_headers]
-    length = header(raw, b"content-length") or b""
-    return length.isdigit() and int(length) <= SMALL and not events(raw)
+    length = header(answer.raw_headers, b"content-length") or b""
+    return length.isdigit() and int(length) <= SMALL and not events(answer.raw_headers)
 
 
 class Whole(Response):
@@ -379,7 +378,7 @@ class Forwarder:
     async def relay(self, answer: Answer, lease: Lease) -> AsyncIterator[bytes]:
         """The answer's body as it arrives; a plain event stream whole events at a time, so
         that a break can be reported after the last one: OpenAI clients raise on an error event."""
-        raw = [(n.lower(), v) for n, v in answer.raw_headers]
+        raw = answer.raw_headers
         whole_events = events(raw) and header(raw, b"content-encoding") is None
         pending = b""
         try:
@@ -417,7 +416,7 @@ class Forwarded(StreamingResponse):
     def __init__(self, answer: Answer, lease: Lease, forwarder: Forwarder, began: float) -> None:
         self.answer, self.lease, self.forwarder, self.began = answer, lease, forwarder, began
         raw = end_to_end(answer.raw_headers)
-        length = header([(n.lower(), v) for n, v in answer.raw_headers], b"content-length")
+        length = header(answer.raw_headers, b"content-length")
         if events(raw) and header(raw, NO_BUFFERING[0]) is None:
             raw.append(NO_BUFFERING)
         super().__init__(forwarder.relay(answer, lease), status_code=answer.status)

@@ -41,7 +41,7 @@ class BrokeOff(UpstreamError):
 
 class Answer(Protocol):
     status: int
-    raw_headers: RawHeaders
+    raw_headers: RawHeaders  # as received, names lower-cased, repeats kept
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, untouched (a Content-Encoding is passed on as is)."""
@@ -62,7 +62,7 @@ class _AiohttpAnswer:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self.response = response
         self.status = response.status
-        self.raw_headers: RawHeaders = response.raw_headers
+        self.raw_headers: RawHeaders = [(name.lower(), value) for name, value in response.raw_headers]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -123,7 +123,7 @@ class _HttpxAnswer:
     def __init__(self, response: httpx.Response) -> None:
         self.response = response
         self.status = response.status_code
-        self.raw_headers: RawHeaders = response.headers.raw
+        self.raw_headers: RawHeaders = [(name.lower(), value) for name, value in response.headers.raw]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
