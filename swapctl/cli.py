@@ -450,6 +450,24 @@ def unload(
     print(f"unloaded: {', '.join(unloaded) or 'nothing was running'}")
 
 
+@app.command()
+def reload(config: ConfigOption = DEFAULT_CONFIG, url: UrlOption = None) -> None:
+    """Have the running `swapctl up` read its config file again (as SIGHUP does)."""
+    loaded = _load(config)  # a file that does not parse is refused here, before asking
+    answer = _ask_proxy(loaded, url, "POST", "/reload")
+    if answer is None:
+        raise SwapctlError(
+            f"no swapctl up answers for instance '{loaded.instance}' at {_proxy_url(loaded, url)}"
+        )
+    parts = [
+        f"{what}: {', '.join(answer.get(what) or []) or '-'}" for what in ("added", "removed", "replaced")
+    ]
+    parts.append(f"unchanged: {len(answer.get('unchanged') or [])}")
+    if answer.get("needs_restart"):
+        parts.append(f"not applied until swapctl up restarts: {', '.join(answer['needs_restart'])}")
+    print("reloaded: " + "; ".join(parts))
+
+
 def _grace(loaded: Config, model: str) -> float:
     found = loaded.models.get(model)
     if found:

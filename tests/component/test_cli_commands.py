@@ -210,6 +210,30 @@ def test_status_from_the_proxy(capsys: pytest.CaptureFixture[str], world: World)
     assert seen == ["GET /running", "GET /running"]
 
 
+def test_reload_asks_the_proxy_and_says_what_changed(
+    capsys: pytest.CaptureFixture[str], world: World, no_proxy: str
+) -> None:
+    seen: list[str] = []
+    changes = {
+        "added": ["c"],
+        "removed": [],
+        "replaced": ["b"],
+        "unchanged": ["a"],
+        "needs_restart": ["listen"],
+    }
+    with fake_proxy({"POST /reload": changes}, seen) as url:
+        code, out, _ = world.run(capsys, "reload", "--url", url)
+    assert seen == ["POST /reload"]
+    assert code == 0
+    assert out == (
+        "reloaded: added: c; removed: -; replaced: b; unchanged: 1; "
+        "not applied until swapctl up restarts: listen\n"
+    )
+    code, _, err = world.run(capsys, "reload", "--url", no_proxy)
+    assert code == 1
+    assert "no swapctl up answers for instance 'cli-test'" in err
+
+
 def test_unload_through_the_proxy(capsys: pytest.CaptureFixture[str], world: World) -> None:
     seen: list[str] = []
     with fake_proxy({"POST /unload/a": {"unloaded": ["a"]}}, seen) as url:
