@@ -445,7 +445,7 @@ def unload(
         backend = _engine(ctx)()
         found = [c for c in backend.list(loaded.instance) if target in (None, c.model)]
         for container in found:
-            backend.stop(container.id, _grace(loaded, container.model))
+            backend.stop(container.id, loaded.stop_grace(container.model))
         unloaded = sorted({c.model for c in found})
     print(f"unloaded: {', '.join(unloaded) or 'nothing was running'}")
 
@@ -468,15 +468,6 @@ def reload(config: ConfigOption = DEFAULT_CONFIG, url: UrlOption = None) -> None
     print("reloaded: " + "; ".join(parts))
 
 
-def _grace(loaded: Config, model: str) -> float:
-    found = loaded.models.get(model)
-    if found:
-        return found.stop_grace_period
-    from swapctl.config import DEFAULT_GRACE  # a leftover of a model no longer configured
-
-    return DEFAULT_GRACE
-
-
 @app.command()
 def down(
     ctx: typer.Context,
@@ -492,7 +483,7 @@ def down(
     removed = set(answer["unloaded"]) if answer else set()
     backend = _engine(ctx)()
     for container in backend.list(loaded.instance):  # what no proxy stopped
-        backend.stop(container.id, _grace(loaded, container.model))
+        backend.stop(container.id, loaded.stop_grace(container.model))
         removed.add(container.model)
     count = len(removed)
     print(f"removed {count} container{'s' * (count != 1)} of instance {loaded.instance}")

@@ -17,6 +17,7 @@ from types import ModuleType
 import docker
 import docker.errors
 import pytest
+from support import Proxy
 
 from swapctl.spec import INSTANCE
 
@@ -129,3 +130,12 @@ def instance(request: pytest.FixtureRequest) -> Iterator[str]:
     yield name
     if client is not None:
         remove_instance_containers(client, name)
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[Proxy]]:
+    """`swapctl up` processes a test starts (append them); each is stopped afterwards."""
+    started: list[Proxy] = []
+    yield started
+    for proxy in started:
+        proxy.close()

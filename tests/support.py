@@ -237,6 +237,12 @@ def poll(condition: Callable[[], bool], timeout: float, what: str) -> None:
 MESSAGES: list[Any] = [{"role": "user", "content": "Tell me a story."}]
 
 
+def ask(proxy: Proxy, model: str) -> None:
+    """A short chat completion through the proxy; it must answer."""
+    answer = proxy.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
+    assert answer.choices[0].message.content is not None
+
+
 def chat(client: OpenAI, model: str, max_tokens: int = 8) -> str:
     """A chat completion at temperature 0 (deterministic with the tiny models); its text."""
     answer = client.chat.completions.create(

@@ -27,6 +27,7 @@ from swapctl.config.compose import Composed, apply_env_files, compose_document, 
 from swapctl.config.document import read_yaml
 from swapctl.config.envfile import load_dotenv, read_env_text
 from swapctl.config.file import ConfigFile, GroupConfig, ModelConfig, parse_file
+from swapctl.config.scalars import DEFAULT_GRACE
 from swapctl.config.service import DeviceRequest, Network, Ulimit
 from swapctl.config.templates import load_template, template_name
 from swapctl.errors import ConfigError, UnknownModelError
@@ -114,6 +115,12 @@ class Config:
         """Model IDs and aliases, longest first: where `/upstream/<model>/<path>` splits (an
         ID may hold '/'). Sorted once per config, not per request."""
         return tuple(sorted({*self.models, *self.aliases}, key=len, reverse=True))
+
+    def stop_grace(self, model: str) -> float:
+        """Seconds between the stop signal and a kill for `model`'s container; the default
+        for a leftover of a model this config does not name."""
+        found = self.models.get(model)
+        return found.stop_grace_period if found else DEFAULT_GRACE
 
     def resolve(self, name: str) -> str | None:
         """A model ID from a model ID or an alias (as API requests name models); else None."""

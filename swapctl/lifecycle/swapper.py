@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from swapctl.backend import AsyncBackend, Backend, Container
-from swapctl.config import DEFAULT_GRACE, Config
+from swapctl.config import Config
 from swapctl.errors import BackendError, Busy, StartError, StopFailed, SwapctlError, UnknownModelError
 from swapctl.lifecycle.changes import Changes, keep_fixed
 from swapctl.lifecycle.health import Clock, HealthCheck
@@ -481,10 +481,8 @@ class Swapper:
 
     def _grace(self, model: str) -> float:
         """Its stop grace period; the default for a leftover of a model no config names."""
-        found = self.config.models.get(model) or (
-            self.retiring[model].models[model] if model in self.retiring else None
-        )
-        return found.stop_grace_period if found else DEFAULT_GRACE
+        config = self.config if model in self.config.models else self.retiring.get(model, self.config)
+        return config.stop_grace(model)
 
     # --- upkeep -----------------------------------------------------------------------------
 

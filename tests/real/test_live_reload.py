@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,9 @@ import docker
 import httpx
 import pytest
 from support import (
-    MESSAGES,
     Proxy,
     Streamed,
+    ask,
     containers,
     llama_model,
     long_model,
@@ -37,19 +36,6 @@ def config(instance: str, models_dir: Path, **models: dict[str, Any]) -> dict[st
         "models": {"a": llama_model(models_dir, 1), "long": long_model(models_dir, 3), **models},
         "matrix": {"sets": {"pair": "a & long"}},
     }
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Proxy]]:
-    started: list[Proxy] = []
-    yield started
-    for proxy in started:
-        proxy.close()
-
-
-def ask(proxy: Proxy, model: str) -> None:
-    answer = proxy.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
-    assert answer.choices[0].message.content is not None
 
 
 def model_ids(proxy: Proxy) -> list[str]:

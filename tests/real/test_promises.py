@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,9 @@ import docker
 import httpx
 import pytest
 from support import (
-    MESSAGES,
     Proxy,
     Streamed,
+    ask,
     free_port,
     llama_model,
     long_model,
@@ -39,19 +38,6 @@ def config(instance: str, models_dir: Path, sets: dict[str, str], **extra: Any) 
         "models": {"a": llama_model(models_dir, 1), "b": llama_model(models_dir, 2), **extra},
         "matrix": {"sets": sets, "evict_costs": {"b": 5}},
     }
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[Proxy]]:
-    started: list[Proxy] = []
-    yield started
-    for proxy in started:
-        proxy.close()
-
-
-def ask(proxy: Proxy, model: str) -> None:
-    answer = proxy.client().chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
-    assert answer.choices[0].message.content is not None
 
 
 def test_a_restart_under_a_config_that_forbids_what_runs_keeps_the_matrix(
