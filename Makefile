@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.example.yaml
 
-.PHONY: test lint pytest docker images models run bench clean
+.PHONY: test lint pytest docker images browser registry models run bench clean
 
 test: lint pytest
 
@@ -19,7 +19,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed docker images
+pytest: $(VENV)/.installed docker images browser registry
 	$(BIN)/pytest
 
 # A Docker engine (installed and started when absent) and the image the tests and example use.
@@ -28,6 +28,14 @@ docker:
 
 images: docker
 	bash scripts/build-llama-image.sh swapctl/llama-server:sid
+
+# Debian's container registry, which the pull tests serve images from on 127.0.0.1.
+registry:
+	bash scripts/registry.sh
+
+# Chromium (Debian's package) for the browser test of the web page; Playwright drives it.
+browser:
+	bash scripts/browser.sh
 
 # Three tiny offline models for the example (random weights, distinct seeds).
 models: $(VENV)/.installed

@@ -269,13 +269,13 @@ async def _serve(
     from swapctl.lifecycle import Reloader, Swapper
     from swapctl.metrics import Metrics
     from swapctl.proxy import build_app
+    from swapctl.proxy.http1 import Http1Upstream
     from swapctl.proxy.transport import AiohttpTransport, no_cookies
-    from swapctl.proxy.upstream import AiohttpUpstream
 
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
     timeout = httpx.Timeout(None, connect=10.0)
     metrics = Metrics()
-    upstream = AiohttpUpstream()  # forwarding: aiohttp, no layer over it
+    upstream = Http1Upstream()  # forwarding: kept-alive connections, httptools' parser
     async with httpx.AsyncClient(  # health checks
         timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
     ) as client:
@@ -302,13 +302,24 @@ async def _serve(
         )
         try:
             async with reloader.serving(watch):
-                await _server(app_, host, port, verbose).serve()
+                await _server(app_, host, port, verbose, closing=swapper.activity.close).serve()
         finally:
             await upstream.aclose()
 
 
-def _server(app_: Any, host: str, port: int, verbose: bool) -> uvicorn.Server:
+def _server(
+    app_: Any, host: str, port: int, verbose: bool, closing: Callable[[], None] = lambda: None
+) -> uvicorn.Server:
+    """The HTTP server; `closing` is called as it begins to shut down, before it waits for
+    the connections: event and log streams never end on their own, so it ends them."""
+    import socket
+
     import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            closing()
+            await super().shutdown(sockets)
 
     server_config = uvicorn.Config(
         app_,
@@ -317,8 +328,10 @@ def _server(app_: Any, host: str, port: int, verbose: bool) -> uvicorn.Server:
         log_level="info" if verbose else "warning",
         access_log=verbose,
         timeout_graceful_shutdown=10,  # on Ctrl-C, requests in flight get 10 s to finish
+        proxy_headers=False,  # X-Forwarded-* from clients are passed on, never trusted
+        server_header=False,
     )
-    return uvicorn.Server(server_config)
+    return Server(server_config)
 
 
 def _url_of(host: str, port: int) -> str:
@@ -400,9 +413,21 @@ def status(
     config: ConfigOption = DEFAULT_CONFIG,
     url: UrlOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Keep the table up to date from the running proxy's events, with rates and the "
+            "last swap, until Ctrl-C.",
+        ),
+    ] = False,
 ) -> None:
     """Show every configured model: state, container, port, uptime, idle time, requests."""
     loaded = _load(config)
+    if watch:
+        _watch(loaded, url)
+        return
     source, statuses = _live_statuses(loaded, url, _engine(ctx))
     if as_json:
         print(json.dumps({"source": source, "models": statuses}))
@@ -426,6 +451,17 @@ def status(
             "-" if s["in_flight"] is None else str(s["in_flight"]),
         )
     _stdout().print(table)
+
+
+def _watch(loaded: Config, url: str | None) -> None:
+    """The live table, from the proxy serving this instance; Ctrl-C ends it (exit 0)."""
+    from swapctl.watch import watch
+
+    title = f"swapctl {loaded.instance}: models, live from the proxy (Ctrl-C to quit)"
+    try:
+        watch(_proxy_url(loaded, url), _key(loaded), title, _stdout())
+    except KeyboardInterrupt:
+        return
 
 
 @app.command()
@@ -512,6 +548,35 @@ def logs(
             print(line, flush=True)
     except KeyboardInterrupt:
         pass
+
+
+@app.command()
+def pull(
+    ctx: typer.Context,
+    models: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Argument(
+            help="Model IDs, aliases or matrix vars [default: every model whose pull_policy is not never].",
+            show_default=False,
+        ),
+    ] = None,
+    config: ConfigOption = DEFAULT_CONFIG,
+) -> None:
+    """Pull the images of MODELs ahead of time, with a progress bar per layer, using the
+    credentials of your Docker config; exit 1 naming each model whose image failed."""
+    from swapctl.pulls import pull_images
+
+    loaded = _load(config)
+    named = list(dict.fromkeys(loaded.resolve_any(model) for model in models or ()))
+    targets = named or [m for m, found in loaded.models.items() if found.pull_policy != "never"]
+    images: dict[str, list[str]] = {}
+    for model in targets:
+        images.setdefault(loaded.models[model].image, []).append(model)
+    failed = pull_images(_engine(ctx)(), images, _stdout())
+    for model, error in failed:
+        print(f"error: model '{model}': {error}", file=sys.stderr)
+    if failed:
+        raise typer.Exit(1)
 
 
 @templates_app.callback(invoke_without_command=True)

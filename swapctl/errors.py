@@ -7,6 +7,7 @@ into OpenAI error JSON.
      +-- BackendError       the container engine failed: names the model when there is one
      |    +-- DaemonUnavailable
      |    +-- ImageMissing
+     |    +-- PullFailed    an image could not be pulled: names it and quotes the registry
      |    +-- GpuUnavailable
      |    +-- StopFailed    a container outlived a stop and a kill: it still counts as running
      +-- StartError         a model's container did not become ready: names model and cause
@@ -47,6 +48,10 @@ class DaemonUnavailable(BackendError):
 
 
 class ImageMissing(BackendError):
+    pass
+
+
+class PullFailed(BackendError):
     pass
 
 

@@ -17,6 +17,7 @@ from types import ModuleType
 import docker
 import docker.errors
 import pytest
+from registry import Locked, Registry, serve_locked, serve_registry
 from support import Proxy
 
 from swapctl.spec import INSTANCE
@@ -139,3 +140,20 @@ def proxies() -> Iterator[list[Proxy]]:
     yield started
     for proxy in started:
         proxy.close()
+
+
+@pytest.fixture(scope="session")
+def registry(
+    docker_engine: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Registry]:
+    """A real registry on 127.0.0.1 serving `registry.image`, which is absent here until a
+    test pulls it (`registry.absent()` removes it again); FAILS the test when it cannot start."""
+    with serve_registry(docker_engine, tmp_path_factory.mktemp("registry")) as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+def locked_registry(registry: Registry) -> Iterator[Locked]:
+    """The same image through a registry that asks for a login; its `docker_config` has it."""
+    with serve_locked(registry) as found:
+        yield found

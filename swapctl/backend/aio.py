@@ -1,11 +1,23 @@
-"""The backend's blocking calls, each run in a worker thread, so callers simply await."""
+"""The backend's blocking calls, each run in a worker thread, so callers simply await.
+
+A followed log is read in a thread of its own (never the default executor's: the wait for
+its next line may be endless), and closed when its reader leaves, which ends that thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 
-from swapctl.backend.base import Backend, Container
+from swapctl.backend.base import Backend, Container, LogFollow
+from swapctl.backend.progress import LayerReport, PullListener
+from swapctl.errors import SwapctlError
 from swapctl.spec import ContainerSpec
+
+log = logging.getLogger("swapctl")
+BACKLOG = 10_000  # lines read and not yet taken; beyond, lines are skipped (and counted)
 
 
 class AsyncBackend:
@@ -27,5 +39,81 @@ class AsyncBackend:
     async def image_id(self, image: str) -> str | None:
         return await asyncio.to_thread(self.sync.image_id, image)
 
+    async def pull(self, image: str, on_progress: PullListener) -> None:
+        """Pull `image` in a worker thread; `on_progress` is called on the event loop, each
+        report before the pull's end is awaited."""
+        loop = asyncio.get_running_loop()
+
+        def report(report: LayerReport) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody listens
+                loop.call_soon_threadsafe(on_progress, report)
+
+        await asyncio.to_thread(self.sync.pull, image, report)
+
     async def logs(self, container_id: str, tail: int = 50) -> str:
         return await asyncio.to_thread(self.sync.logs, container_id, tail)
+
+    def follow(self, container_id: str) -> AsyncLogFollow:
+        """The container's log lines as they come (on the event loop); `close` it when done."""
+        return AsyncLogFollow(self.sync, container_id)
+
+
+class AsyncLogFollow:
+    """A container's log followed in a thread; its lines handed to the event loop, to read as
+    an async iterator, which ends when the container stops or `close` is called."""
+
+    def __init__(self, backend: Backend, container_id: str, backlog: int = BACKLOG) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.lines: asyncio.Queue[str | None] = asyncio.Queue()  # None: the end
+        self.backlog, self.skipped = backlog, 0
+        self._lock = threading.Lock()
+        self._source: LogFollow | None = None
+        self._closed = False
+        name = f"swapctl-follow-{container_id[:12]}"
+        threading.Thread(target=self._read, args=(backend, container_id), name=name, daemon=True).start()
+
+    def _read(self, backend: Backend, container_id: str) -> None:
+        try:
+            source = backend.follow(container_id)
+            with self._lock:
+                self._source = source
+                closed = self._closed
+            if closed:  # closed while the engine was asked
+                source.close()
+                return
+            for line in source:
+                self._hand(line)
+        except SwapctlError as error:
+            log.warning("following the log of %s: %s", container_id[:12], error)
+        finally:
+            self._hand(None)
+
+    def _hand(self, line: str | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody reads
+            self.loop.call_soon_threadsafe(self._put, line)
+
+    def _put(self, line: str | None) -> None:
+        if line is not None and self.lines.qsize() >= self.backlog:
+            self.skipped += 1
+            return
+        self.lines.put_nowait(line)
+
+    def __aiter__(self) -> AsyncLogFollow:
+        return self
+
+    async def __anext__(self) -> str:
+        line = await self.lines.get()
+        if line is None:
+            self.lines.put_nowait(None)  # the end stays the end
+            raise StopAsyncIteration
+        return line
+
+    def close(self) -> None:
+        """Stop following (on the event loop): the engine's stream closes, its thread ends,
+        and a reader waiting for a line stops."""
+        with self._lock:
+            self._closed = True
+            source = self._source
+        if source is not None:
+            source.close()
+        self._put(None)

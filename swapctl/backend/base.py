@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from swapctl.backend.progress import PullListener
 from swapctl.spec import ContainerSpec
 
 
@@ -27,6 +28,15 @@ class Container:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.host_port}"
+
+
+class LogFollow(Protocol):
+    """A container's log, followed: its lines as they come, until the container stops or
+    `close` is called, from any thread (a wait for the next line then ends)."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def close(self) -> None: ...
 
 
 class Backend(Protocol):
@@ -52,8 +62,14 @@ class Backend(Protocol):
         """The engine's ID of the image a name points at now; None when it has none."""
         ...
 
+    def pull(self, image: str, on_progress: PullListener) -> None:
+        """Pull `image` from its registry, with the credentials of the user's Docker config,
+        calling `on_progress` (in the calling thread) for each report of the engine; a
+        failure, before or during the stream, is PullFailed naming the image and the answer."""
+        ...
+
     def logs(self, container_id: str, tail: int = 50) -> str: ...
 
-    def follow(self, container_id: str) -> Iterator[str]:
-        """Log lines as they come, until the container stops."""
+    def follow(self, container_id: str) -> LogFollow:
+        """Log lines as they come, until the container stops or the follow is closed."""
         ...

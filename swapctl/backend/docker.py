@@ -8,6 +8,7 @@ in Docker's API (https://docs.docker.com/reference/api/engine/version/v1.41/#tag
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -20,7 +21,8 @@ import docker.errors
 import requests.exceptions
 
 from swapctl.backend.base import Container
-from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing
+from swapctl.backend.progress import LayerReport, PullListener
+from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing, PullFailed
 from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests
 
 if TYPE_CHECKING:
@@ -63,6 +65,24 @@ def _translate(error: Exception, model: str | None = None, image: str | None = N
             f"cannot reach the Docker daemon ({error}); is it running? (`make docker` starts one here)", model
         )
     return BackendError(f"{type(error).__name__}: {error}", model)
+
+
+def pull_report(line: dict[str, Any]) -> LayerReport:
+    """One line of the engine's pull stream (`{"id", "status", "progressDetail"}`) as a report."""
+    detail = line.get("progressDetail") or {}
+    current, total = (
+        value if isinstance(value := detail.get(key), int) else None for key in ("current", "total")
+    )
+    return LayerReport(str(line.get("id") or ""), str(line.get("status") or ""), current, total)
+
+
+def pull_failure(image: str, answer: str) -> PullFailed:
+    """A failed pull, naming the image and quoting the answer, with a hint when it asks for a login."""
+    asks = ("no basic auth credentials", "unauthorized", "authentication required")
+    hint = ""
+    if any(word in answer.lower() for word in asks) and "docker login" not in answer:
+        hint = " (log in with docker login REGISTRY: swapctl pulls with your Docker config's credentials)"
+    return PullFailed(f"cannot pull image '{image}': {answer}{hint}")
 
 
 def create_arguments(spec: ContainerSpec) -> dict[str, Any]:
@@ -253,18 +273,62 @@ class DockerBackend:
             return None
         return str(found["Id"])
 
+    def pull(self, image: str, on_progress: PullListener) -> None:
+        """The SDK's low-level stream, one decoded line per report. The SDK sends the
+        credentials it finds for the image's registry in the user's Docker config
+        ($DOCKER_CONFIG/config.json, else ~/.docker/config.json: `auths`, `credsStore`,
+        `credHelpers`), read again here so that a `docker login` since counts."""
+        repository, tag = docker.utils.parse_repository_tag(image)
+        api = self.client.api
+        try:
+            api.reload_config()
+            for line in api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+                if "error" in line:
+                    raise pull_failure(image, str(line["error"]))
+                on_progress(pull_report(line))
+        except docker.errors.APIError as error:
+            raise pull_failure(image, str(error.explanation or error)) from None
+        except requests.exceptions.RequestException as error:
+            raise _translate(error) from None
+        except docker.errors.DockerException as error:  # a credential helper failed, say
+            raise pull_failure(image, str(error)) from None
+
     def logs(self, container_id: str, tail: int = 50) -> str:
         raw = self._unless_gone(lambda: self.client.api.logs(container_id, tail=tail))
         return bytes(raw or b"").decode(errors="replace")
 
-    def follow(self, container_id: str) -> Iterator[str]:
-        stream = self._unless_gone(lambda: self.client.api.logs(container_id, stream=True, follow=True))
-        if stream is None:
+    def follow(self, container_id: str) -> _Follow:
+        return _Follow(
+            self._unless_gone(lambda: self.client.api.logs(container_id, stream=True, follow=True))
+        )
+
+
+class _Follow:
+    """A container's log as the SDK streams it (None: the container is gone), cut into lines.
+    `close` shuts the stream's socket, from any thread: a read waiting on it ends."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        if self.stream is None:
             return
         pending = b""
-        for chunk in stream:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            yield from (line.decode(errors="replace") for line in lines)
+        try:
+            for chunk in self.stream:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                yield from (line.decode(errors="replace") for line in lines)
+        except Exception as error:
+            if not self.closed:
+                raise _translate(error) from error
+            return  # closed under the read: the end, not an error
         if pending:
             yield pending.decode(errors="replace")
+
+    def close(self) -> None:
+        self.closed = True
+        if self.stream is not None:
+            with contextlib.suppress(Exception):  # closed already
+                self.stream.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field, replace
 import httpx
 
 from swapctl.backend.base import Container
-from swapctl.errors import BackendError, GpuUnavailable, ImageMissing
+from swapctl.backend.progress import LayerReport, PullListener
+from swapctl.errors import BackendError, GpuUnavailable, ImageMissing, PullFailed
 from swapctl.spec import ContainerSpec
 
 Handler = Callable[[httpx.Request, "FakeContainer"], Awaitable[httpx.Response]]
@@ -81,6 +83,15 @@ class FakeModel:
     unstoppable: bool = False  # stop (and kill) fail, as with a wedged driver or a broken engine
 
 
+@dataclass
+class FakeImage:
+    """An image the fake registry holds, and how a pull of it goes."""
+
+    layers: tuple[int, ...] = (1_000_000,)  # the bytes of each layer
+    refusal: str | None = None  # the registry's answer: a pull fails with it
+    hold: threading.Event | None = None  # a pull waits for it, halfway through its first layer
+
+
 class FakeBackend:
     def __init__(
         self, images: set[str] | None = None, gpus: bool = False, clock: Callable[[], float] = time.monotonic
@@ -93,8 +104,11 @@ class FakeBackend:
         self.starts: dict[str, int] = {}
         self.started: list[str] = []  # models, in the order their containers started
         self.builds: dict[str, int] = {}  # image name -> times rebuilt
+        self.registry: dict[str, FakeImage] = {}  # what a pull can get; others are unknown to it
+        self.pulls: list[str] = []  # images, in the order their pulls began
         self._ids = itertools.count(1)
         self.transport = _Transport(self)
+        self.logged = threading.Condition()  # notified when a container logs a line or stops
 
     def list(self, instance: str) -> list[Container]:
         # the swapper calls from threads: iterate over a copy (list() of a dict is atomic)
@@ -134,6 +148,28 @@ class FakeBackend:
             return None
         return f"sha256:{image}:{self.builds.get(image, 0)}"
 
+    def pull(self, image: str, on_progress: PullListener) -> None:
+        """Report each layer as Docker does, then hold the image; one the registry lacks or
+        refuses fails as a real pull does, naming the image and quoting the registry."""
+        self.pulls.append(image)
+        found = self.registry.get(image)
+        if found is None or found.refusal is not None:
+            answer = found.refusal if found else f"manifest for {image} not found: manifest unknown"
+            raise PullFailed(f"cannot pull image '{image}': {answer}")
+        layers = [(f"layer{number}", size) for number, size in enumerate(found.layers)]
+        on_progress(LayerReport("", f"Pulling {image}"))
+        for layer, _ in layers:
+            on_progress(LayerReport(layer, "Pulling fs layer"))
+        for number, (layer, size) in enumerate(layers):
+            on_progress(LayerReport(layer, "Downloading", size // 2, size))
+            if number == 0 and found.hold is not None:
+                found.hold.wait(30)
+            on_progress(LayerReport(layer, "Downloading", size, size))
+            on_progress(LayerReport(layer, "Download complete"))
+            on_progress(LayerReport(layer, "Pull complete"))
+        if self.images is not None:
+            self.images.add(image)
+
     def rebuild(self, image: str) -> None:
         """The image is built again under the same name: it gets a new ID."""
         self.builds[image] = self.builds.get(image, 0) + 1
@@ -146,23 +182,68 @@ class FakeBackend:
         box = self.boxes.get(container_id)
         if box is not None and self.behaviour.get(box.spec.model, FakeModel()).unstoppable:
             raise BackendError(f"cannot stop {box.container.name}: the engine refused", box.spec.model)
-        self.boxes.pop(container_id, None)
+        with self.logged:
+            self.boxes.pop(container_id, None)
+            self.logged.notify_all()
 
     def logs(self, container_id: str, tail: int = 50) -> str:
         box = self.boxes.get(container_id)
         return "\n".join(box.log[-tail:]) if box else ""
 
-    def follow(self, container_id: str) -> Iterator[str]:
-        yield from self.logs(container_id).splitlines()
+    def follow(self, container_id: str) -> _Follow:
+        return _Follow(self, container_id)
+
+    def write_log(self, model: str, line: str) -> None:
+        """The model's running container writes a line to its log."""
+        with self.logged:
+            for box in list(self.boxes.values()):
+                if box.container.model == model and box.container.running:
+                    box.log.append(line)
+            self.logged.notify_all()
 
     def crash(self, model: str) -> None:
         """The model's container dies, as a crash or an out-of-memory kill would do."""
-        for box in list(self.boxes.values()):
-            if box.container.model == model:
-                box.container = replace(box.container, state="exited", host_port=None)
+        with self.logged:
+            for box in list(self.boxes.values()):
+                if box.container.model == model:
+                    box.container = replace(box.container, state="exited", host_port=None)
+            self.logged.notify_all()
 
     def running_models(self) -> set[str]:
         return {b.container.model for b in list(self.boxes.values()) if b.container.running}
+
+
+class _Follow:
+    """A fake container's log, followed: every line it has, then each new one, until it
+    stops or `close` is called (from any thread)."""
+
+    def __init__(self, backend: FakeBackend, container_id: str) -> None:
+        self.backend, self.container_id = backend, container_id
+        self.closed = False
+
+    def __iter__(self) -> Iterator[str]:
+        sent = 0
+        while (line := self._line(sent)) is not None:
+            sent += 1
+            yield line
+
+    def _line(self, number: int) -> str | None:
+        """Line `number` of the log, once written; None at the end."""
+        with self.backend.logged:
+            while True:
+                box = self.backend.boxes.get(self.container_id)
+                if self.closed or box is None:
+                    return None
+                if number < len(box.log):
+                    return box.log[number]
+                if not box.container.running:
+                    return None
+                self.backend.logged.wait()
+
+    def close(self) -> None:
+        with self.backend.logged:
+            self.closed = True
+            self.backend.logged.notify_all()
 
 
 class _Transport(httpx.AsyncBaseTransport):

@@ -361,7 +361,9 @@ class ModelConfig(_Strict):
         "published on 127.0.0.1.",
     )
     pull_policy: PullPolicy = Field(
-        "missing", description="missing (the default) or never; swapctl does not pull images yet."
+        "missing",
+        description="missing (the default): pull the image when absent; always: pull before every "
+        "start; never: an absent image is an error. Credentials come from your Docker config.",
     )
     aliases: tuple[str, ...] = ()
     ttl: StrictInt | None = Field(

@@ -138,7 +138,7 @@ def _model(
             value in ("host", "none") or str(value).startswith(("container:", "service:"))
         ):
             dropped.append(f"network_mode: {value}")
-        elif key == "pull_policy" and value in ("always", "build"):
+        elif key == "pull_policy" and value == "build":
             dropped.append(f"pull_policy: {value}")
         else:
             model[key] = value

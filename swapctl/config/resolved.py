@@ -70,7 +70,7 @@ class Model:
     extra_hosts: tuple[str, ...]  # Docker's name:IP
     network_mode: str | None
     networks: tuple[Network, ...]
-    pull_policy: str  # missing or never
+    pull_policy: str  # missing, always or never
     mem_limit: int | None  # bytes: its own, else deploy.resources.limits.memory
     cpus: float | None  # its own, else deploy.resources.limits.cpus
     device_requests: tuple[DeviceRequest, ...]  # deploy.resources.reservations.devices (gpus: is apart)

@@ -66,7 +66,7 @@ ULIMIT_NAMES = frozenset(
 MAX_LIMIT = 2**63 - 1
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CAPABILITY = re.compile(r"(?i)(?:CAP_)?[A-Z][A-Z0-9_]*")
-PULL_POLICIES = ("missing", "if_not_present", "never")
+PULL_POLICIES = ("missing", "if_not_present", "always", "never")
 
 
 def parse_ulimits(value: object) -> tuple[Ulimit, ...]:
@@ -205,16 +205,13 @@ def _network(name: object, options: object) -> Network:
 
 
 def parse_pull_policy(value: object) -> str:
-    """Compose's `pull_policy`, the ones swapctl keeps: `missing` (`if_not_present`) or `never`."""
+    """Compose's `pull_policy`: `missing` (`if_not_present`) pulls an absent image, `always`
+    pulls before every start, `never` pulls nothing."""
     if value in PULL_POLICIES:
         return "missing" if value == "if_not_present" else str(value)
-    if value == "always":
-        raise ValueError(
-            "'always' is not supported yet: swapctl does not pull images yet; "
-            "pull it yourself (docker pull) and use missing or never"
-        )
     if value == "build":
         raise ValueError(
-            "'build' is not supported: swapctl builds no images; build it and use missing or never"
+            "'build' is not supported: swapctl builds no images; build it (docker build -t NAME .) "
+            "and use missing or never"
         )
-    raise ValueError(f"expected missing, if_not_present or never, got {value!r}")
+    raise ValueError(f"expected missing, if_not_present, always or never, got {value!r}")

@@ -2,8 +2,10 @@
 (`slot`), a request's hold on a model (`lease`: a ticket, then a lease once it is ready),
 waiting for health (`health`), the swapper that decides with the policy and applies its
 decisions through the backend (`swapper`), and reloading the config while serving: what a
-reload changes (`changes`) and when it reads the file (`reloader`)."""
+reload changes (`changes`) and when it reads the file (`reloader`). What people watch (the
+last swaps, request rates, and events for subscribers) is recorded in `activity`."""
 
+from swapctl.lifecycle.activity import Activity, Event, Rates, Subscription, Swap
 from swapctl.lifecycle.changes import Changes, Reload
 from swapctl.lifecycle.lease import Lease, Ticket
 from swapctl.lifecycle.reloader import Reloader
@@ -11,15 +13,20 @@ from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
 from swapctl.lifecycle.swapper import Swapper
 
 __all__ = [
+    "Activity",
     "Changes",
+    "Event",
     "Lease",
     "ModelStatus",
     "Progress",
+    "Rates",
     "Reload",
     "Reloader",
     "Slot",
     "State",
     "Step",
+    "Subscription",
+    "Swap",
     "Swapper",
     "Ticket",
 ]

@@ -8,8 +8,8 @@
 no new request and stops once those in flight finish. A starting model may be chosen too:
 it finishes its start (the requests that joined it are served), then leaves.
 `stop-failed`: its container outlived a stop and a kill, so it still counts as running.
-A start goes through steps (`Step`): evicting what is in its way, creating the container,
-then loading until the health check answers.
+A start goes through steps (`Step`): evicting what is in its way, pulling its image when
+its pull_policy says so, creating the container, then loading until the health check answers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from swapctl.backend import Container
+from swapctl.backend import Container, Pulled
 
 
 class State(enum.Enum):
@@ -36,6 +36,7 @@ class Step(enum.Enum):
     """Where a start stands."""
 
     EVICTING = "evicting"  # the models in its way finish their requests and stop
+    PULLING = "pulling"  # its image is looked for, and pulled if need be (`pulled`: how far)
     STARTING = "starting"  # its container is being created and started
     LOADING = "loading"  # its container runs; its server does not answer its health check yet
 
@@ -54,7 +55,7 @@ MOVES: dict[State, frozenset[State]] = {
 @dataclass
 class Slot:
     """One configured model. Only `move` writes `phase`, `leaving`, `container`, `stops` and
-    the start's `step` and `evicting`; the swapper appends each measured start to `durations`."""
+    the start's `step`, `evicting` and `pulled`; the swapper appends each measured start to `durations`."""
 
     model: str
     phase: State = State.STOPPED
@@ -67,6 +68,7 @@ class Slot:
     stops: int = 0  # times it returned to stopped: a stop awaited is over even if it started again
     step: Step | None = None  # while starting
     evicting: tuple[str, ...] = ()  # while starting: the models stopped to make room
+    pulled: Pulled | None = None  # while starting: how far the pull of its image has come
     starting_since: float = 0.0
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STARTS), repr=False)
 
@@ -87,6 +89,7 @@ class Slot:
         container: Container | None = None,
         step: Step | None = None,
         evicting: tuple[str, ...] | None = None,
+        pulled: Pulled | None = None,
         now: float = 0.0,
     ) -> None:
         """The one writer. Moving to stopped forgets the container and counts a stop;
@@ -95,7 +98,7 @@ class Slot:
         if phase is not None and phase is not self.phase:
             assert phase in MOVES[self.phase], f"{self.model}: no move from {self.phase} to {phase}"
             if self.phase is State.STARTING:
-                self.step, self.evicting = None, ()
+                self.step, self.evicting, self.pulled = None, (), None
             self.phase = phase
             if phase is State.STOPPED:
                 self.container, self.stops = None, self.stops + 1
@@ -111,6 +114,8 @@ class Slot:
             self.step = step
         if evicting is not None and self.phase is State.STARTING:
             self.evicting = evicting
+        if pulled is not None and self.phase is State.STARTING:
+            self.pulled = pulled
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class Progress:
     evicting: tuple[str, ...]  # the models stopped to make room for it
     elapsed: float  # seconds since its start was decided
     last_starts: tuple[float, ...]  # its last measured starts, in seconds, oldest first
+    pulled: Pulled | None = None  # how far the pull of its image has come, once one began
 
     @property
     def estimate(self) -> float | None:
@@ -132,7 +138,8 @@ class Progress:
     def of(cls, slot: Slot, now: float) -> Progress | None:
         if slot.phase is not State.STARTING or slot.step is None:
             return None
-        return cls(slot.model, slot.step, slot.evicting, now - slot.starting_since, tuple(slot.durations))
+        elapsed = now - slot.starting_since
+        return cls(slot.model, slot.step, slot.evicting, elapsed, tuple(slot.durations), slot.pulled)
 
 
 @dataclass(frozen=True)

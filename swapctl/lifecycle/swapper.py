@@ -27,16 +27,27 @@ from typing import Any
 
 import httpx
 
-from swapctl.backend import AsyncBackend, Backend, Container
+from swapctl.backend import AsyncBackend, Backend, Container, PullTally
+from swapctl.backend.progress import sizes
 from swapctl.config import Config
-from swapctl.errors import BackendError, Busy, StartError, StopFailed, SwapctlError, UnknownModelError
+from swapctl.errors import (
+    BackendError,
+    Busy,
+    ImageMissing,
+    PullFailed,
+    StartError,
+    StopFailed,
+    SwapctlError,
+    UnknownModelError,
+)
+from swapctl.lifecycle.activity import Activity, Row, Swap
 from swapctl.lifecycle.changes import Changes, keep_fixed
 from swapctl.lifecycle.health import Clock, HealthCheck
 from swapctl.lifecycle.lease import Lease, Ticket
 from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
 from swapctl.matrix import Decision, Policy, allowed_part
 from swapctl.metrics import Metrics
-from swapctl.spec import build_spec
+from swapctl.spec import ContainerSpec, build_spec
 
 log = logging.getLogger("swapctl")
 SETTLED = (State.READY, State.STOPPED, State.STOP_FAILED)  # no start or stop under way
@@ -61,6 +72,7 @@ class Swapper:
         self.changed = asyncio.Condition()
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
+        self.activity = Activity(self.row, clock)  # what people and tools watch: swaps, rates, events
         statuses = lambda: [(s.model, s.state, s.in_flight) for s in self.status()]  # noqa: E731
         self.metrics.watch(statuses, [state.value for state in State])
 
@@ -85,6 +97,7 @@ class Swapper:
             if slot.in_flight >= limit:
                 raise Busy(model, limit)
             slot.in_flight += 1
+            self.activity.touched(model)
             if slot.phase is State.STOPPED:
                 self._claim(slot)
             ready = slot.container if slot.phase is State.READY else None
@@ -103,6 +116,7 @@ class Swapper:
         async with self.changed:
             slot.in_flight -= 1
             slot.last_used = self.clock()
+            self.activity.touched(slot.model)
             self.changed.notify_all()
 
     def running(self) -> list[str]:
@@ -130,7 +144,7 @@ class Swapper:
         for model in decision.evict:
             self._move(self.slots[model], leaving=True)
         evicting = (*decision.evict, *(s.model for s, _ in leaving_already))
-        step = Step.EVICTING if evicting else Step.STARTING
+        step = Step.EVICTING if evicting else Step.PULLING  # its image first (pulled if need be)
         self._launch(slot, self._swap(slot, decision, leaving_already, decided), step, evicting)
 
     def _move(self, slot: Slot, phase: State | None = None, **changes: Any) -> None:
@@ -138,6 +152,7 @@ class Swapper:
         whoever waits for one."""
         slot.move(phase, now=self.clock(), **changes)
         self.changed.notify_all()
+        self.activity.changed(slot.model)
 
     async def _set(self, slot: Slot, phase: State | None = None, **changes: Any) -> None:
         async with self.changed:
@@ -169,12 +184,14 @@ class Swapper:
             container = await self._start(slot)
         except BaseException as error:
             await self._start_failed(slot, error)
+            self._record(slot, decision, self.clock() - began, error)
             if not isinstance(error, Exception):
                 raise
             return
         took = self.clock() - began
         slot.durations.append(took)  # before the model is ready: whoever it wakes sees it
         await self._ready(slot, container)
+        self._record(slot, decision, took)
         self.metrics.start_seconds.labels(slot.model).observe(took)
         log.info(
             "swap: %s ready in %.3fs (set %s, evicted %s, cost %d, decided in %.0fus)",
@@ -185,6 +202,23 @@ class Swapper:
             decision.cost,
             decided * 1e6,
         )
+
+    def _record(
+        self, slot: Slot, decision: Decision, took: float, error: BaseException | None = None
+    ) -> None:
+        """The swap into the activity record, ready or failed."""
+        failure = None if error is None else str(error) if isinstance(error, SwapctlError) else repr(error)
+        swap = Swap(
+            self.activity.wall(),
+            slot.model,
+            decision.set,
+            decision.evict,
+            decision.cost,
+            took,
+            ok=error is None,
+            error=failure,
+        )
+        self.activity.swapped(swap)
 
     async def _until_gone(self, model: str, leaving: list[tuple[Slot, int]]) -> None:
         """Wait for models another swap is evicting. Each has stopped once since the decision;
@@ -199,11 +233,35 @@ class Swapper:
 
     async def _start(self, slot: Slot) -> Container:
         spec = build_spec(self._config_for(slot.model), slot.model)
+        await self._ensure_image(slot, spec)
         log.info("starting %s (%s)", slot.model, spec.image)
         await self._set(slot, step=Step.STARTING)
         container = await self.backend.start(spec)
         await self._set(slot, container=container, step=Step.LOADING)
         return await self._until_healthy(slot, container)
+
+    async def _ensure_image(self, slot: Slot, spec: ContainerSpec) -> None:
+        """Pull the image as its pull_policy says: when absent (missing), before every start
+        (always); absent with never fails the start. The pull is a step of its own, before the
+        health check's timeout begins."""
+        if spec.pull_policy != "always" and await self.backend.image_id(spec.image) is not None:
+            return
+        if spec.pull_policy == "never":
+            raise ImageMissing(
+                f"image '{spec.image}' is not on this machine and its pull_policy is never: "
+                f"pull it (swapctl pull {slot.model}) or build it",
+                slot.model,
+            )
+        tally = PullTally(spec.image)
+        await self._set(slot, step=Step.PULLING, pulled=tally.pulled)
+        log.info("pulling image %s for %s", spec.image, slot.model)
+        began = self.clock()
+        try:  # each report on the event loop: the bytes so far, for those who wait
+            await self.backend.pull(spec.image, lambda report: slot.move(pulled=tally.add(report)))
+        except PullFailed as error:
+            raise PullFailed(error.message, slot.model) from None
+        took, pulled = self.clock() - began, tally.pulled
+        log.info("pulled image %s in %.1fs (%s downloaded)", spec.image, took, sizes(pulled.done))
 
     async def _until_healthy(self, slot: Slot, container: Container) -> Container:
         """Wait for its health check; on failure remove the container, or say it would not stop."""
@@ -336,7 +394,11 @@ class Swapper:
                 self._retire(self.slots[model])
             forbidden = self._enforce(config.policy)
         unchanged = tuple(m for m in kept if m not in replaced)
-        return Changes(added, removed, replaced, unchanged, forbidden, needs_restart)
+        changes = Changes(added, removed, replaced, unchanged, forbidden, needs_restart)
+        self.activity.reloaded(changes.to_json())
+        for model in added:
+            self.activity.changed(model)
+        return changes
 
     async def _image_ids(self, config: Config) -> dict[str, str | None]:
         """The ID each image of a model that has a container has now, so that an image rebuilt
@@ -407,6 +469,7 @@ class Swapper:
             del self.slots[model]
             self.retiring.pop(model, None)
             self.changed.notify_all()  # requests waiting for it learn that it is gone
+            self.activity.removed(model)
 
     # --- the engine as the database ---------------------------------------------------------
 
@@ -554,6 +617,22 @@ class Swapper:
         now = self.clock()
         return [ModelStatus.of(slot, now) for slot in self.slots.values()]
 
+    def row(self, model: str) -> Row | None:
+        """The model's row for people: its status, its last start's duration, its rates."""
+        slot = self.slots.get(model)
+        if slot is None:
+            return None
+        last_start = slot.durations[-1] if slot.durations else None
+        return self.activity.with_rates(ModelStatus.of(slot, self.clock()), last_start)
+
+    def rows(self) -> list[Row]:
+        return [row for model in list(self.slots) if (row := self.row(model)) is not None]
+
+    def plan(self, model: str) -> Decision:
+        """What a request for `model` would decide now, changing nothing."""
+        self._slot(model)
+        return self.config.policy.decide(model, self.running())
+
     def progress(self, model: str) -> Progress | None:
         """How far the start of `model` has come; None unless it is starting."""
         slot = self.slots.get(model)
@@ -563,6 +642,10 @@ class Swapper:
         """The durations of its last measured starts, in seconds, oldest first."""
         slot = self.slots.get(model)
         return tuple(slot.durations) if slot is not None else ()
+
+    def container(self, model: str) -> Container | None:
+        """The container the model runs now (or is starting), if any."""
+        return self._slot(model).container
 
     async def logs(self, model: str, tail: int) -> str:
         """The last lines of the model's container: the one it runs, else any left of it."""

@@ -1,38 +1,52 @@
-"""swapctl's own routes: the model list, health, what runs, unload, reload, metrics and logs.
+"""swapctl's own routes: the model list, health, what runs, unload, reload, metrics and logs;
+and the live ones: events (Server-Sent Events, see `swapctl.lifecycle.activity`), log
+streams, a plan preview and load.
 
-They read the config through the swapper, whose `config` a reload replaces."""
+They read the config through the swapper, whose `config` a reload replaces. The streams
+never end on their own: each ends when its client leaves or the proxy shuts down
+(`Activity.close`)."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from swapctl.errors import ConfigError, RequestError
-from swapctl.lifecycle import Reload, Swapper
+from swapctl.lifecycle import Event, Reload, Subscription, Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy.errors import error_body
 
+log = logging.getLogger("swapctl")
 # paths answered here (a request to one with another method is a 405, not a 404)
-PATHS = ("/v1/models", "/health", "/running", "/unload", "/reload", "/metrics", "/logs")
-PREFIXES = ("/unload/", "/logs/")
+PATHS = ("/v1/models", "/health", "/running", "/unload", "/reload", "/metrics", "/logs", "/events", "/ui")
+PREFIXES = ("/unload/", "/logs/", "/plan/", "/load/")
+KEEP_ALIVE = 15.0  # seconds between the comments that keep an event stream's proxies patient
+SNAPSHOT_LINES = 100  # the proxy's log lines in a snapshot
+STREAMING = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # nginx must not hold them
 
 
 class RecentLines(logging.Handler):
-    """The last lines logged, for GET /logs."""
+    """The last lines logged, for GET /logs; each also goes to `tell` when set (the
+    activity's `log` events)."""
 
     def __init__(self, keep: int = 1000) -> None:
         super().__init__()
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
         self.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        self.tell: Callable[[str], None] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+        line = self.format(record)
+        self.lines.append(line)
+        if self.tell is not None:
+            self.tell(line)
 
 
 class Admin:
@@ -49,6 +63,7 @@ class Admin:
         self.swapper, self.metrics, self.recent = swapper, metrics, recent
         self.resolve, self.reload_file = resolve, reload
         self.created = int(time.time())
+        recent.tell = swapper.activity.logged
 
     def routes(self) -> list[Route]:
         return [
@@ -56,9 +71,14 @@ class Admin:
             Route("/health", self.health, methods=["GET"]),
             Route("/running", self.running, methods=["GET"]),
             Route("/metrics", self.render_metrics, methods=["GET"]),
+            Route("/events", self.events, methods=["GET"]),
             Route("/logs", self.logs, methods=["GET"]),
+            Route("/logs/stream", self.log_stream, methods=["GET"]),
+            Route("/logs/{model:path}/stream", self.model_log_stream, methods=["GET"]),
             Route("/logs/{model:path}", self.logs, methods=["GET"]),
-            # never GET: a link or an <img> must not stop models
+            Route("/plan/{model:path}", self.plan, methods=["GET"]),
+            # never GET: a link or an <img> must not start or stop models
+            Route("/load/{model:path}", self.load, methods=["POST"]),
             Route("/unload", self.unload, methods=["POST"]),
             Route("/unload/{model:path}", self.unload, methods=["POST"]),
             Route("/reload", self.reload, methods=["POST"]),
@@ -114,6 +134,96 @@ class Admin:
         if not name:
             return PlainTextResponse("\n".join(self.recent.lines) + "\n")
         return PlainTextResponse(await self.swapper.logs(self.resolve(name), 200))
+
+    # --- live ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        """Where an event stream starts from: every model's row, the last swaps, log lines."""
+        lines = list(self.recent.lines)[-SNAPSHOT_LINES:]
+        return {"models": self.swapper.rows(), "swaps": self.swapper.activity.history(), "logs": lines}
+
+    async def events(self, request: Request) -> Response:
+        """Server-Sent Events: a snapshot, then every change (see swapctl.lifecycle.activity)."""
+        return StreamingResponse(self._events(), media_type="text/event-stream", headers=STREAMING)
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        with self.swapper.activity.subscribe() as subscription:
+            yield Event("snapshot", self.snapshot()).frame  # no await since subscribing: nothing missed
+            async for frame in sse_frames(subscription, KEEP_ALIVE):
+                yield frame
+        if subscription.dropped:
+            log.warning("GET /events: a client fell %d events behind; its stream ended", subscription.backlog)
+
+    async def log_stream(self, request: Request) -> Response:
+        """The proxy's log as plain text: its recent lines, then each new one."""
+        return StreamingResponse(self._log_lines(), media_type="text/plain; charset=utf-8", headers=STREAMING)
+
+    async def _log_lines(self) -> AsyncIterator[bytes]:
+        with self.swapper.activity.subscribe({"log"}) as subscription:
+            if self.recent.lines:
+                yield "".join(f"{line}\n" for line in self.recent.lines).encode()
+            async for event in subscription:
+                yield f"{event.data['line']}\n".encode()
+
+    async def model_log_stream(self, request: Request) -> Response:
+        """A model container's log as plain text, followed until the container stops; 409
+        when the model has no container."""
+        model = self.resolve(request.path_params["model"])
+        container = self.swapper.container(model)
+        if container is None:
+            message = f"model '{model}' is not running: it has no container log to follow"
+            raise RequestError(409, message, "model_not_running")
+        return StreamingResponse(
+            self._followed(container.id), media_type="text/plain; charset=utf-8", headers=STREAMING
+        )
+
+    async def _followed(self, container_id: str) -> AsyncIterator[bytes]:
+        following = self.swapper.backend.follow(container_id)
+        try:
+            with self.swapper.activity.until_closed(following.close):
+                async for line in following:
+                    yield f"{line}\n".encode()
+        finally:
+            following.close()  # the client left: the engine's stream closes, its thread ends
+
+    async def plan(self, request: Request) -> Response:
+        """What a request for the model would do now, changing nothing."""
+        decision = self.swapper.plan(self.resolve(request.path_params["model"]))
+        return JSONResponse(
+            {
+                "model": decision.model,
+                "running": decision.already_running,
+                "set": decision.set,
+                "evict": list(decision.evict),
+                "cost": decision.cost,
+            }
+        )
+
+    async def load(self, request: Request) -> Response:
+        """Start the model as a request would; its row once it is ready."""
+        model = self.resolve(request.path_params["model"])
+        async with await self.swapper.acquire(model):
+            pass
+        return JSONResponse(self.swapper.row(model))
+
+
+async def sse_frames(subscription: Subscription, keep_alive: float) -> AsyncIterator[bytes]:
+    """A subscription's events as Server-Sent Events, and a comment every `keep_alive`
+    seconds whatever else is sent; until the subscription ends."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + keep_alive
+    while True:
+        if loop.time() >= due:
+            due = loop.time() + keep_alive
+            yield b": keep-alive\n\n"
+        try:
+            async with asyncio.timeout_at(due):
+                event = await anext(subscription)
+        except TimeoutError:
+            continue
+        except StopAsyncIteration:
+            return
+        yield event.frame
 
 
 def seconds(text: str | None, name: str) -> float | None:

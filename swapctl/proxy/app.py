@@ -9,14 +9,13 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from swapctl.config import Config
 from swapctl.lifecycle import Reload, Swapper
 from swapctl.metrics import Metrics
-from swapctl.proxy import admin
-from swapctl.proxy.errors import handlers
+from swapctl.proxy import admin, ui
 from swapctl.proxy.forwarding import MODEL_ROUTES, Forwarder
 from swapctl.proxy.guard import Guard
 from swapctl.proxy.upstream import Upstream
@@ -37,35 +36,47 @@ def build_app(
     listen_host: str | None = None,
     reload: Reload | None = None,
     tick: float = 1.0,
-) -> Starlette:
+) -> ASGIApp:
     """`upstream` reaches the models' servers (its owner closes it); `listen_host` (default:
     the config's `listen`) is the name the Host check accepts besides loopback names, IP
     addresses and `allowedHosts`; `reload` reads the config file again for POST /reload;
     `tick` is the seconds between notes of progress to a streamed request that waits.
     Routes read the config through `swapper.config`, which a reload replaces."""
     recent = admin.RecentLines()
-    forwarder = Forwarder(swapper, upstream, metrics, known=admin.PATHS, tick=tick)
+    forwarder = Forwarder(swapper, upstream, metrics, known=admin.PATHS, prefixes=admin.PREFIXES, tick=tick)
     own = admin.Admin(swapper, metrics, recent, forwarder.resolve, reload)
-    routes = [Route(path, forwarder.model_route, methods=["POST"]) for path in MODEL_ROUTES]
+    routes = [Route(path, forwarder.model_request, methods=["POST"]) for path in MODEL_ROUTES]
     routes += own.routes()
+    routes += ui.routes()
     routes += [
         Route("/upstream/{rest:path}", forwarder.upstream, methods=ANY_METHOD),
         Route("/{path:path}", forwarder.by_query, methods=ANY_METHOD),
     ]
-    guard = Middleware(
-        Guard,
+    duties = Duties(swapper, recent, check_interval, preload=preload, stop_on_exit=stop_on_exit)
+    rest = Starlette(routes=routes, lifespan=duties.lifespan, exception_handlers=forwarder.handlers)
+    return Guard(
+        ModelRoutes(forwarder, rest),
         listen_host=config.listen.rpartition(":")[0] if listen_host is None else listen_host,
         allowed_hosts=config.allowed_hosts,
         cors=config.cors,
         api_keys=config.api_keys,
     )
-    duties = Duties(swapper, recent, check_interval, preload=preload, stop_on_exit=stop_on_exit)
-    return Starlette(
-        routes=routes,
-        middleware=[guard],
-        lifespan=duties.lifespan,
-        exception_handlers=handlers(metrics, swapper.slots),  # live: a reload adds and drops slots
-    )
+
+
+class ModelRoutes:
+    """The hot path's shortcut: a POST to a model route goes straight to the forwarder, past
+    Starlette's middleware stack, router and request objects; everything else (lifespan
+    included) to the Starlette app, which also answers a model route's other methods."""
+
+    def __init__(self, forwarder: Forwarder, rest: ASGIApp) -> None:
+        self.forwarder, self.rest = forwarder, rest
+        self.paths = frozenset(MODEL_ROUTES)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.paths:
+            await self.forwarder.serve(scope, receive, send)
+        else:
+            await self.rest(scope, receive, send)
 
 
 class Duties:

@@ -17,23 +17,34 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Collection
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from swapctl.config import Config
 from swapctl.errors import BackendError, RequestError, UnknownModelError
 from swapctl.lifecycle import Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
-from swapctl.proxy.errors import ClientGone, error_body
+from swapctl.proxy.errors import ClientGone, error_body, handlers
 from swapctl.proxy.forms import ModelField, boundary_of, replace_model
 from swapctl.proxy.loading import Loading
-from swapctl.proxy.upstream import Answer, BrokeOff, Dropped, RawHeaders, Unreachable, Upstream, UpstreamError
+from swapctl.proxy.upstream import (
+    Answer,
+    BrokeOff,
+    Dropped,
+    RawHeaders,
+    Tally,
+    Unreachable,
+    Upstream,
+    UpstreamError,
+    tokens_in,
+)
 
 log = logging.getLogger("swapctl")
+T = TypeVar("T")
 
 # POST routes whose body names the model (JSON, or a multipart form for uploads).
 MODEL_ROUTES = (
@@ -92,20 +103,20 @@ def header(raw: RawHeaders, name: bytes) -> bytes | None:
     return next((value for key, value in raw if key == name), None)
 
 
-def upstream_headers(scope: Scope, length: int | None) -> list[tuple[str, str]]:
+def upstream_headers(scope: Scope, length: int | None) -> list[tuple[bytes, bytes]]:
     """What a request sends on: its end-to-end headers, its body's length, and its client's
     address appended to `X-Forwarded-For` (only passed on: swapctl trusts it for nothing)."""
     kept = end_to_end(scope["headers"])
-    headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept if n != b"x-forwarded-for"]
-    if length is not None:
-        headers.append(("content-length", str(length)))
     prior = header(kept, b"x-forwarded-for")
+    headers = [(n, v) for n, v in kept if n != b"x-forwarded-for"] if prior is not None else kept
+    if length is not None:
+        headers.append((b"content-length", b"%d" % length))
     client = scope.get("client")
     if client:
-        forwarded = f"{prior.decode('latin-1')}, {client[0]}" if prior else client[0]
-        headers.append(("x-forwarded-for", forwarded))
+        address = client[0].encode("latin-1")
+        headers.append((b"x-forwarded-for", prior + b", " + address if prior else address))
     elif prior:
-        headers.append(("x-forwarded-for", prior.decode("latin-1")))
+        headers.append((b"x-forwarded-for", prior))
     return headers
 
 
@@ -120,7 +131,7 @@ class Call:
 
     method: str
     target: str  # path and query
-    headers: list[tuple[str, str]]
+    headers: list[tuple[bytes, bytes]]
     body: bytes | None
 
 
@@ -128,20 +139,25 @@ def _too_large(limit: int) -> RequestError:
     return RequestError(413, f"the request body is larger than maxRequestBytes ({limit} bytes)", "too_large")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole body, refused past `limit` bytes. It is read before any model is touched,
     so a client that leaves mid-upload, or a malformed body, starts and stops nothing."""
-    length = request.headers.get("content-length", "")
+    length = header(scope["headers"], b"content-length") or b""
     if length.isdigit() and int(length) > limit:
         raise _too_large(limit)
     chunks: list[bytes] = []
     seen = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        chunk = message.get("body", b"")
         seen += len(chunk)
         if seen > limit:
             raise _too_large(limit)
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def json_model(body: bytes) -> tuple[str, dict[str, Any]]:
@@ -175,7 +191,7 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-async def unless_gone(receive: Receive, work: Awaitable[Response]) -> Response:
+async def unless_gone(receive: Receive, work: Awaitable[T]) -> T:
     """`work`'s answer; or, if the client leaves first, `work` cancelled (which cancels the
     wait for a start or the upstream request, and ends the lease) and ClientGone.
 
@@ -203,13 +219,12 @@ async def unless_gone(receive: Receive, work: Awaitable[Response]) -> Response:
 
 
 async def _send_once(upstream: Upstream, call: Call, base: str) -> Answer:
-    url = base + call.target
     try:
-        return await upstream.send(call.method, url, call.headers, call.body)
+        return await upstream.send(call.method, base, call.target, call.headers, call.body)
     except Dropped:
         # a kept-alive connection the server had already closed or reset (llama-server does
         # so after streamed responses) before any answer: send the request once more
-        return await upstream.send(call.method, url, call.headers, call.body)
+        return await upstream.send(call.method, base, call.target, call.headers, call.body)
 
 
 def _small(answer: Answer) -> bool:
@@ -236,10 +251,13 @@ class Forwarder:
         metrics: Metrics,
         known: Collection[str] = (),
         tick: float = 1.0,
+        prefixes: tuple[str, ...] = (),
     ) -> None:
         """`tick`: seconds between two notes of progress to a streamed request that waits."""
         self.swapper, self.servers, self.metrics = swapper, upstream, metrics
+        self.handlers = handlers(metrics, swapper.slots)  # live: a reload adds and drops slots
         self.known = frozenset({*MODEL_ROUTES, *known})
+        self.prefixes = prefixes  # of other routes' paths: a wrong method there is a 405
         self.tick = tick
 
     @property
@@ -257,10 +275,23 @@ class Forwarder:
             raise UnknownModelError(name)
         return model
 
-    async def model_route(self, request: Request) -> Response:
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A model route, as a plain ASGI app: the hot path goes past Starlette's router and
+        request objects; its errors are answered by the same table as every other route's."""
+        try:
+            response = await self.model_route(scope, receive)
+        except Exception as error:
+            response = await self.answer_error(Request(scope, receive), error)
+        await response(scope, receive, send)
+
+    async def model_request(self, request: Request) -> Response:
+        """A model route through Starlette's router (as tests and other methods reach it)."""
+        return await self.model_route(request.scope, request.receive)
+
+    async def model_route(self, scope: Scope, receive: Receive) -> Response:
         """A model route: the model named in the JSON body or the multipart form."""
-        raw = await read_body(request, self.config.max_request_bytes)
-        content_type = request.headers.get("content-type", "")
+        raw = await read_body(scope, receive, self.config.max_request_bytes)
+        content_type = (header(scope["headers"], b"content-type") or b"").decode("latin-1")
         if content_type.startswith("multipart/form-data"):
             boundary = boundary_of(content_type)
             if boundary is None:
@@ -280,7 +311,7 @@ class Forwarder:
             if upstream_name:
                 raw = json.dumps({**payload, "model": upstream_name}).encode()
             streamed = payload.get("stream") is True
-        return await self._send(model, request, request.url.path, raw, streamed)
+        return await self._send(model, scope, receive, scope["path"], raw, streamed)
 
     async def upstream(self, request: Request) -> Response:
         """`/upstream/<model>/<path>`: any method, untouched, for a model's own UI or API."""
@@ -295,34 +326,35 @@ class Forwarder:
         name = request.query_params.get("model")
         if not name:
             path = request.url.path
-            known = path in self.known or path.startswith(("/unload/", "/logs/"))
+            known = path in self.known or path.startswith(self.prefixes)
             status, code = (405, "method_not_allowed") if known else (404, "not_found")
             raise RequestError(status, f"no route {request.method} {path}", code)
         return await self._pass_on(self.resolve(name), request, request.url.path)
 
     async def _pass_on(self, model: str, request: Request, path: str) -> Response:
         """Forward a request untouched; its path as the client spelled it (quoted again)."""
-        raw = await read_body(request, self.config.max_request_bytes)
-        return await self._send(model, request, quote(path, safe=_PATH_SAFE), raw)
+        raw = await read_body(request.scope, request.receive, self.config.max_request_bytes)
+        return await self._send(model, request.scope, request.receive, quote(path, safe=_PATH_SAFE), raw)
 
     async def _send(
-        self, model: str, request: Request, path: str, content: bytes, streamed: bool = False
+        self, model: str, scope: Scope, receive: Receive, path: str, content: bytes, streamed: bool = False
     ) -> Response:
         """Forward a request whose body is read; nothing more is done once its client leaves."""
         try:
-            return await unless_gone(request.receive, self._exchange(model, request, path, content, streamed))
+            return await unless_gone(receive, self._exchange(model, scope, path, content, streamed))
         except ClientGone:
             raise ClientGone(model) from None
 
     async def _exchange(
-        self, model: str, request: Request, path: str, content: bytes, streamed: bool
+        self, model: str, scope: Scope, path: str, content: bytes, streamed: bool
     ) -> Response:
-        declared = "content-length" in request.headers or "transfer-encoding" in request.headers
+        raw = scope["headers"]
+        declared = header(raw, b"content-length") is not None or header(raw, b"transfer-encoding") is not None
         sized = content or declared
-        headers = upstream_headers(request.scope, len(content) if sized else None)
-        query = request.scope["query_string"]
+        headers = upstream_headers(scope, len(content) if sized else None)
+        query = scope["query_string"]
         target = f"{path}?{query.decode('latin-1')}" if query else path
-        call = Call(request.method, target, headers, content if sized else None)
+        call = Call(scope["method"], target, headers, content if sized else None)
         began = time.perf_counter()
         ticket = await self.swapper.admit(model)  # busy, unknown, stop-failed: a plain answer
         if streamed and not ticket.ready:
@@ -333,7 +365,7 @@ class Forwarder:
     def _loading(self, ticket: Ticket, call: Call, path: str, began: float) -> Response:
         """The head now; the wait, its progress, then the answer in the body. Asked for an
         identity body: the head, sent before the answer, says no Content-Encoding."""
-        plain = replace(call, headers=[(n, v) for n, v in call.headers if n != "accept-encoding"])
+        plain = replace(call, headers=[(n, v) for n, v in call.headers if n != b"accept-encoding"])
         chat = path == "/v1/chat/completions" and self.config.models[ticket.model].send_loading_state
         return Loading(self, ticket, plain, began, tick=self.tick, reasoning=chat)
 
@@ -372,17 +404,20 @@ class Forwarder:
         finally:
             await answer.close()
             await lease.release()
-        self.record(lease.model, answer.status, began)
+        self.record(lease.model, answer.status, began, tokens_in(whole))
         return Whole(answer.status, end_to_end(answer.raw_headers), whole)
 
-    async def relay(self, answer: Answer, lease: Lease) -> AsyncIterator[bytes]:
+    async def relay(self, answer: Answer, lease: Lease, tally: Tally | None = None) -> AsyncIterator[bytes]:
         """The answer's body as it arrives; a plain event stream whole events at a time, so
-        that a break can be reported after the last one: OpenAI clients raise on an error event."""
+        that a break can be reported after the last one: OpenAI clients raise on an error event.
+        The tokens the stream reports it generated go to `tally`."""
         raw = answer.raw_headers
         whole_events = events(raw) and header(raw, b"content-encoding") is None
         pending = b""
         try:
             async for chunk in answer.chunks():
+                if tally is not None and (b'_tokens"' in chunk or b'"predicted_n"' in chunk):
+                    tally.tokens = tokens_in(chunk) or tally.tokens
                 if not whole_events:
                     yield chunk
                     continue
@@ -404,28 +439,46 @@ class Forwarder:
             event = error_body(message, "server_error", "upstream_broke_off")
             yield f"data: {json.dumps(event)}\n\n".encode()
 
-    def record(self, model: str, code: int, began: float) -> None:
+    def record(self, model: str, code: int, began: float, tokens: int | None = None) -> None:
+        """One request answered: its status, its time, the tokens its answer reported."""
+        took = time.perf_counter() - began
         self.metrics.requests.labels(model, str(code)).inc()
-        self.metrics.request_seconds.labels(model).observe(time.perf_counter() - began)
+        self.metrics.request_seconds.labels(model).observe(took)
+        self.swapper.activity.served(model, code, took, tokens)
+
+    async def answer_error(self, request: Request, error: Exception) -> Response:
+        """The answer to an error of a model route: the app's handler for its type."""
+        handler = next(self.handlers[k] for k in type(error).__mro__ if k in self.handlers)
+        response: Response = await handler(request, error)
+        return response
 
 
-class Forwarded(StreamingResponse):
-    """A streamed upstream answer that always closes upstream and ends its lease, whether
-    the stream ends, fails, or the client goes away first."""
+class Forwarded(Response):
+    """A streamed upstream answer, relayed chunk by chunk, that always closes upstream and
+    ends its lease, whether the stream ends, fails, or the client goes away first (which
+    stops the relay at once: one watcher task, as for the request)."""
 
     def __init__(self, answer: Answer, lease: Lease, forwarder: Forwarder, began: float) -> None:
         self.answer, self.lease, self.forwarder, self.began = answer, lease, forwarder, began
+        self.status_code, self.background, self.tally = answer.status, None, Tally()
         raw = end_to_end(answer.raw_headers)
         length = header(answer.raw_headers, b"content-length")
         if events(raw) and header(raw, NO_BUFFERING[0]) is None:
             raw.append(NO_BUFFERING)
-        super().__init__(forwarder.relay(answer, lease), status_code=answer.status)
         self.raw_headers = [*raw, (b"content-length", length)] if length is not None else raw
+
+    async def _relay(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.forwarder.relay(self.answer, self.lease, self.tally):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await unless_gone(receive, self._relay(send))
+        except (ClientGone, OSError):  # gone: an ASGI 2.4 server may say so at a write
+            pass
         finally:
             await self.answer.close()
             await self.lease.release()
-            self.forwarder.record(self.lease.model, self.status_code, self.began)
+            self.forwarder.record(self.lease.model, self.status_code, self.began, self.tally.tokens)

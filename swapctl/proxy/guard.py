@@ -11,8 +11,9 @@ each HTTP request, in this order:
    `Sec-Fetch-Site: cross-site|same-site`) is refused with 403 unless `cors` allows that
    origin, so a page cannot blindly start, stop or use models either.
 3. A CORS preflight from an allowed origin is answered here (204), never forwarded.
-4. With `apiKeys`, every route but `GET /health` needs a key (401 otherwise); the headers
-   that carried one are not passed on upstream.
+4. With `apiKeys`, every route but `GET /health` and `GET /ui` needs a key (401 otherwise);
+   the headers that carried one are not passed on upstream. The page at /ui holds no data:
+   a browser opening it sends no key, and the page sends one with each call it makes.
 
 `Access-Control-*` headers of upstream answers are always dropped: only this module decides
 what a browser may read.
@@ -43,6 +44,7 @@ _WANTED = {
 }
 _TOKENS = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 _ACCESS_CONTROL = b"access-control-"
+OPEN_PATHS = frozenset({"/health", "/ui"})  # GET without a key: they hold no data
 
 
 def host_of(value: str) -> str:
@@ -129,7 +131,7 @@ class Guard:
             requested = got.get(b"access-control-request-headers")
             await self._preflight(origin, cors, requested)(scope, receive, send)
             return
-        if self._keys and not (scope["path"] == "/health" and scope["method"] in ("GET", "HEAD")):
+        if self._keys and not (scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")):
             carried = self._carrying_a_key(got)
             if not carried:
                 given = b"authorization" in got or b"x-api-key" in got

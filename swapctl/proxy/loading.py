@@ -3,11 +3,13 @@
 The head goes out before the wait (200, an event stream), then a note of progress every
 `tick` seconds while the model starts, then the model's own events in the same body:
 
-- by default an SSE comment, `: loading MODEL 3.2s`, which clients ignore and which keeps
-  reverse proxies from timing out an idle response;
+- by default an SSE comment, `: loading MODEL 3.2s` (`, pulling image IMAGE: 120/450 MB`
+  while its image is pulled), which clients ignore and which keeps reverse proxies from
+  timing out an idle response;
 - with `sendLoadingState`, on /v1/chat/completions, `reasoning_content` deltas of chat
-  completion chunks, which chat UIs show as thinking: what is evicted, the container
-  starting, the seconds as they pass, an estimate from the model's last starts.
+  completion chunks, which chat UIs show as thinking: what is evicted, the image's pull and
+  its bytes, the container starting, the seconds as they pass, an estimate from the model's
+  last starts.
 
 The status is sent before the wait, so what goes wrong after it (a failed start, an upstream
 answer other than 200) ends the stream with an OpenAI error event, which OpenAI clients
@@ -29,9 +31,10 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from swapctl.backend import Pulled
 from swapctl.lifecycle import Lease, Progress, Step, Ticket
 from swapctl.proxy.errors import error_answer, error_body
-from swapctl.proxy.upstream import Answer, UpstreamError
+from swapctl.proxy.upstream import Answer, Tally, UpstreamError
 
 if TYPE_CHECKING:
     from swapctl.proxy.forwarding import Call, Forwarder
@@ -62,17 +65,25 @@ class Comments:
 
     def waiting(self, progress: Progress | None, waited: float) -> bytes:
         elapsed = progress.elapsed if progress else waited
-        return f": loading {self.model} {elapsed:.1f}s\n\n".encode()
+        pull = pulling(progress)
+        note = f", pulling image {pull.image}: {pull.sizes}" if pull else ""
+        return f": loading {self.model} {elapsed:.1f}s{note}\n\n".encode()
 
     def ready(self, waited: float) -> bytes:
         return b""
 
 
 STEPS = {
+    Step.PULLING: "Pulling its image…",
     Step.STARTING: "Starting its container…",
     Step.LOADING: "Its container runs; waiting for the model to load…",
 }
-ORDER = list(Step)  # a start goes through its steps in this order
+ORDER = list(Step)  # a start goes through its steps in this order (pulling only when it pulls)
+
+
+def pulling(progress: Progress | None) -> Pulled | None:
+    """How far the pull of the model's image has come, while it is pulled."""
+    return progress.pulled if progress is not None and progress.step is Step.PULLING else None
 
 
 def estimate(progress: Progress) -> str:
@@ -102,10 +113,13 @@ class Reasoning:
         if progress is not None and progress.step is not self.step:
             # every step since the last note, even one too short for a note of its own
             passed = ORDER[ORDER.index(self.step) + 1 : ORDER.index(progress.step) + 1] if self.step else []
-            text += "".join("\n" + self._line(progress, step) for step in passed or [progress.step])
-            self.step = progress.step
+            steps = [s for s in passed or [progress.step] if s is not Step.PULLING or progress.pulled]
+            text += "".join("\n" + self._line(progress, step) for step in steps)
+            if progress.step is not Step.PULLING or progress.pulled:  # a pull is said once it begins
+                self.step = progress.step
         elapsed = progress.elapsed if progress else waited
-        return self._chunk(f"{text} {elapsed:.1f}s")
+        pull = pulling(progress)
+        return self._chunk(f"{text} {pull.sizes if pull else f'{elapsed:.1f}s'}")
 
     def ready(self, waited: float) -> bytes:
         return self._chunk(f"\n{self.model} is ready after {waited:.1f}s.\n\n")
@@ -113,6 +127,8 @@ class Reasoning:
     def _line(self, progress: Progress, step: Step) -> str:
         if step is Step.EVICTING:
             return f"Stopping {', '.join(progress.evicting)} to make room…"
+        if step is Step.PULLING and progress.pulled is not None:
+            return f"Pulling image {progress.pulled.image}…"
         return STEPS[step]
 
     def _chunk(self, text: str) -> bytes:
@@ -165,6 +181,7 @@ class Loading(StreamingResponse):
         self.voice: Voice = Reasoning(self.model) if reasoning else Comments(self.model)
         self.opening: asyncio.Task[tuple[Lease, Answer]] | None = None
         self.outcome: int | None = None  # the status to count; None while it waits
+        self.tally = Tally()  # the tokens the answer reports
         super().__init__(self._body())
         self.raw_headers = list(HEAD)
 
@@ -191,7 +208,7 @@ class Loading(StreamingResponse):
             ready = self.voice.ready(self._waited())
             if ready:
                 yield ready
-            async for chunk in self.forwarder.relay(answer, lease):
+            async for chunk in self.forwarder.relay(answer, lease, self.tally):
                 yield chunk
         finally:
             opening.cancel()  # no await here: a cancelled stream may not wait; __call__ settles
@@ -217,7 +234,8 @@ class Loading(StreamingResponse):
             await self._settle()
             if self.outcome is None:
                 log.info("%s %s: the client went away (%s)", scope["method"], scope["path"], self.model)
-            self.forwarder.record(self.model, GONE if self.outcome is None else self.outcome, self.began)
+            outcome = GONE if self.outcome is None else self.outcome
+            self.forwarder.record(self.model, outcome, self.began, self.tally.tokens)
 
     async def _settle(self) -> None:
         """The wait over (cancelled if it still ran), the answer closed, every hold released."""

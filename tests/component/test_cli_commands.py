@@ -168,6 +168,7 @@ def test_logs_prints_the_container_logs(capsys: pytest.CaptureFixture[str], worl
     world.backend.boxes[world.container_id("a")].log.extend(["loading", "listening on 8080"])
     assert world.run(capsys, "logs", "alpha") == (0, "loading\nlistening on 8080", "")
     assert world.run(capsys, "logs", "a", "--tail", "1")[1] == "listening on 8080"
+    world.backend.crash("a")  # a followed log ends when its container stops
     assert world.run(capsys, "logs", "a", "-f")[1] == "loading\nlistening on 8080\n"
 
 

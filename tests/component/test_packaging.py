@@ -1,6 +1,7 @@
 """The wheel works away from the checkout: built from the project's files, installed into a
 fresh virtual environment, run from a folder with no compose-templates/ of its own, it
-finds `template: llama-server` inside the package. (About 10 s: one wheel build.)"""
+finds `template: llama-server` inside the package, and the web page too. (About 10 s: one
+wheel build.)"""
 
 from __future__ import annotations
 
@@ -91,3 +92,13 @@ def test_the_installed_wheel_finds_its_templates(tmp_path: Path) -> None:
     assert listed == sorted(path.stem for path in (ROOT / "compose-templates").glob("*.yaml"))
     shown = run(venv / "bin" / "swapctl", "templates", "show", "vllm", cwd=elsewhere)
     assert shown == (ROOT / "compose-templates" / "vllm.yaml").read_text()
+
+    # the web page ships beside the module that serves it (GET /ui)
+    page = run(
+        venv / "bin" / "python",
+        "-c",
+        "import importlib.resources\n"
+        "print(importlib.resources.files('swapctl.proxy').joinpath('ui.html').read_text('utf-8'), end='')",
+        cwd=elsewhere,
+    )
+    assert page == (ROOT / "swapctl" / "proxy" / "ui.html").read_text("utf-8")

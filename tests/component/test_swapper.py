@@ -11,7 +11,7 @@ import pytest
 
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import Config, parse_config
-from swapctl.errors import GpuUnavailable, ImageMissing, StartError, StopFailed
+from swapctl.errors import GpuUnavailable, ImageMissing, PullFailed, StartError, StopFailed
 from swapctl.lifecycle import State, Swapper
 from swapctl.matrix import allowed_part
 from swapctl.spec import build_spec
@@ -168,7 +168,7 @@ async def test_health_timeout_leaves_nothing_running(swapper_for: Callable[..., 
 
 
 async def test_engine_errors_name_the_model(swapper_for: Callable[..., Swapper]) -> None:
-    config = make_config(models={"big": {"image": "missing", "gpus": "all"}})
+    config = make_config(models={"big": {"image": "missing", "gpus": "all", "pull_policy": "never"}})
     swapper = swapper_for(config, FakeBackend(images={"img"}))
     with pytest.raises(ImageMissing, match="'big'"):
         await use(swapper, "big")
@@ -179,7 +179,7 @@ async def test_engine_errors_name_the_model(swapper_for: Callable[..., Swapper])
     backend = FakeBackend(images={"img"})
     swapper = swapper_for(make_config(models={"big": {"image": "missing"}}), backend)
     await use(swapper, "chat")
-    with pytest.raises(ImageMissing):
+    with pytest.raises(PullFailed, match="model 'big': cannot pull image 'missing'"):
         await use(swapper, "big")
     assert swapper.slots["big"].state is State.STOPPED
 

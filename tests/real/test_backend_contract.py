@@ -15,9 +15,10 @@ import pytest
 
 from swapctl.backend import Backend, Container
 from swapctl.backend.docker import DockerBackend
-from swapctl.backend.fake import FakeBackend, FakeModel
+from swapctl.backend.fake import FakeBackend, FakeImage, FakeModel
+from swapctl.backend.progress import LayerReport
 from swapctl.config import Config, parse_config
-from swapctl.errors import GpuUnavailable, ImageMissing
+from swapctl.errors import GpuUnavailable, ImageMissing, PullFailed
 from swapctl.spec import ContainerSpec, build_spec
 
 IMAGE = "swapctl/llama-server:sid"
@@ -225,3 +226,37 @@ def test_instances_do_not_see_each_other(
     backend.stop(theirs.id, 2)
     assert [c.id for c in backend.list(instance)] == [mine.id]
     assert backend.list(other) == []
+
+
+@pytest.fixture
+def pullable(backend: Backend, request: pytest.FixtureRequest) -> str:
+    """An image its registry holds and this machine lacks: on Docker the registry fixture's
+    (the test image plus an 8 MB layer of its own), in the fake's registry alike."""
+    if isinstance(backend, FakeBackend):
+        image = "127.0.0.1:5000/swapctl/llama-server:pull-test"
+        backend.registry[image] = FakeImage(layers=(8_000_000,))
+        return image
+    registry = request.getfixturevalue("registry")
+    registry.absent()
+    return str(registry.image)
+
+
+def test_a_pull_reports_its_layers_and_makes_the_image_present(backend: Backend, pullable: str) -> None:
+    assert backend.image_id(pullable) is None
+    reports: list[LayerReport] = []
+    backend.pull(pullable, reports.append)
+    assert backend.image_id(pullable) is not None
+    downloads = [r for r in reports if r.status == "Downloading"]
+    assert downloads and all(r.layer and r.total and 0 <= (r.current or 0) <= r.total for r in downloads)
+    assert max(r.total or 0 for r in downloads) >= 8_000_000  # the layer it lacked
+    downloaded = {r.layer for r in downloads}
+    assert downloaded <= {r.layer for r in reports if r.status == "Pull complete"}
+
+
+def test_a_pull_of_a_tag_the_registry_lacks_fails_naming_it(backend: Backend, pullable: str) -> None:
+    missing = pullable.replace(":pull-test", ":no-such-tag")
+    with pytest.raises(PullFailed) as raised:
+        backend.pull(missing, lambda report: None)
+    assert str(raised.value).startswith(f"cannot pull image '{missing}': manifest for {missing} not found")
+    assert "manifest unknown" in str(raised.value)
+    assert backend.image_id(missing) is None

@@ -239,13 +239,12 @@ def test_networks_beyond_the_first_are_joined_after_creation() -> None:
             "models.m",
             "'network_mode' and 'networks' cannot be used together",
         ),
-        (
-            {"pull_policy": "always"},
-            "models.m.pull_policy",
-            "'always' is not supported yet: swapctl does not pull",
-        ),
         ({"pull_policy": "build"}, "models.m.pull_policy", "'build' is not supported"),
-        ({"pull_policy": "daily"}, "models.m.pull_policy", "expected missing, if_not_present or never"),
+        (
+            {"pull_policy": "daily"},
+            "models.m.pull_policy",
+            "expected missing, if_not_present, always or never",
+        ),
         (
             {"cpus": 1, "deploy": {"resources": {"limits": {"cpus": 2}}}},
             "models.m",
@@ -299,9 +298,9 @@ def test_bad_values_name_their_key(keys: dict[str, Any], path: str, message: str
 def test_pull_policy_is_kept_but_changes_no_container() -> None:
     assert spec_of().pull_policy == "missing"
     assert spec_of(pull_policy="if_not_present").pull_policy == "missing"
-    never = spec_of(pull_policy="never")
-    assert never.pull_policy == "never"
-    assert never.spec_hash == spec_of().spec_hash
+    never, always = spec_of(pull_policy="never"), spec_of(pull_policy="always")
+    assert (never.pull_policy, always.pull_policy) == ("never", "always")
+    assert never.spec_hash == always.spec_hash == spec_of().spec_hash
 
 
 def test_the_hash_of_a_model_without_new_keys_did_not_change() -> None:
@@ -387,7 +386,7 @@ def test_the_schema_knows_every_key() -> None:
     parse_config(document, base_dir=Path("/srv"), environ={}, env_file_texts={Path("/srv/.env"): "A=1\n"})
     for bad in (
         {"network_mode": "host"},
-        {"pull_policy": "always"},
+        {"pull_policy": "build"},
         {"ulimits": {"nofiles": 1}},
         {"cpus": 0},
     ):

@@ -166,6 +166,21 @@ def test_without_a_port_the_default_stays_with_a_comment(tmp_path: Path) -> None
     assert yaml.safe_load(text)["models"]["a"] == {"image": "img"}
 
 
+def test_pull_policy_is_kept_but_build(tmp_path: Path) -> None:
+    path = tmp_path / "compose.yaml"
+    path.write_text(
+        "services: {a: {image: img, pull_policy: always}, b: {image: img, pull_policy: build}}\n",
+        encoding="utf-8",
+    )
+    text = from_compose(path)
+    models = yaml.safe_load(text)["models"]
+    assert models["a"] == {"image": "img", "pull_policy": "always"}
+    assert models["b"] == {"image": "img"}
+    assert "dropped (swapctl does not support them): pull_policy: build" in text
+    (tmp_path / "swapctl.yaml").write_text(text, encoding="utf-8")
+    assert load_config(tmp_path / "swapctl.yaml", environ={}).models["a"].pull_policy == "always"
+
+
 @pytest.mark.parametrize(
     "text",
     ["just a string\n", "version: '3'\n", "services: {}\n", "services: [a, b]\n", ""],

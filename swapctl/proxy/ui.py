@@ -1,0 +1,79 @@
+"""The web page at GET /ui: one HTML file shipped beside this module, its style and script inline.
+
+The page holds no data: everything it shows comes from the routes it calls (`/events`,
+`/plan/<model>`, `/load/<model>`, `/unload/<model>`, `/logs/<model>/stream`), with the
+user's key when the proxy has keys, so the page itself is served without one. Its
+Content-Security-Policy allows exactly its own inline script and style (by their SHA-256,
+computed once from the file) and connections to its own origin only; model names and log
+lines are untrusted, and the script writes them as text, never as markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.resources
+import re
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+PATH = "/ui"
+FILE = "ui.html"
+_INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Page:
+    html: bytes
+    headers: dict[str, str]
+
+
+def csp_hash(text: str) -> str:
+    """A CSP source for an inline script or style whose text is exactly `text`."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"
+
+
+def parse_page(html: str) -> Page:
+    """The page and the headers it is served with: its inline blocks allowed by hash, nothing else."""
+    hashes: dict[str, list[str]] = {"script": [], "style": []}
+    for tag, text in _INLINE.findall(html):
+        hashes[tag].append(csp_hash(text))
+    allowed = {tag: " ".join(sources) or "'none'" for tag, sources in hashes.items()}
+    policy = "; ".join(
+        [
+            "default-src 'self'",
+            f"script-src {allowed['script']}",
+            f"style-src {allowed['style']}",
+            "img-src 'self' data:",  # data: for the empty icon, so no request for /favicon.ico
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+    headers = {
+        "content-security-policy": policy,
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+        "x-frame-options": "DENY",
+        "cache-control": "no-cache",
+    }
+    return Page(html.encode(), headers)
+
+
+def load_page() -> Page:
+    """The page as shipped in the package."""
+    return parse_page(importlib.resources.files("swapctl.proxy").joinpath(FILE).read_text(encoding="utf-8"))
+
+
+def routes() -> list[Route]:
+    """GET (and HEAD) /ui; the file is read once, here."""
+    page = load_page()
+
+    async def ui(request: Request) -> Response:
+        return Response(page.html, media_type="text/html; charset=utf-8", headers=page.headers)
+
+    return [Route(PATH, ui, methods=["GET"])]

@@ -1,0 +1,197 @@
+"""The page at /ui in a real browser, as a person uses it: headless Chromium (Debian's
+`chromium`, from scripts/browser.sh) driven by Playwright, against a real `swapctl up` with
+llama-server containers. Every wait is on a condition of the page or of Docker.
+
+Screenshots land in build/artifacts/: ui.png (the page after a morning's work, also the
+README's docs/ui.png) and one per test as it ended."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from openai import OpenAI
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from support import MESSAGES, Proxy, ask, llama_model, poll, running_models, write_yaml
+
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "build" / "artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+WAIT_MS = 60_000  # for what waits on a container start; the page itself answers in milliseconds
+KEY = "sk-ui-test-41c7"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless Chromium; the test fails (never skips) when it cannot be had."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "browser.sh")], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0 or not CHROMIUM.is_file():
+        pytest.fail(
+            f"no browser at {CHROMIUM}: scripts/browser.sh (apt-get install chromium) failed:\n"
+            f"{done.stdout}{done.stderr}",
+            pytrace=False,
+        )
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(
+    browser: Browser, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Page]:
+    """A fresh tab; what the page's script raised or the policy refused fails the test, and
+    the tab is kept as a screenshot whatever the outcome."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    tab = context.new_page()
+    problems: list[str] = []
+    tab.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    tab.on(
+        "console",
+        lambda message: problems.append(message.text) if "Content Security Policy" in message.text else None,
+    )
+    yield tab
+    shot(tab, f"ui-{request.node.name}", capsys)
+    context.close()
+    assert problems == []
+
+
+def shot(tab: Page, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    tab.screenshot(path=str(path), full_page=True)
+    with capsys.disabled():
+        print(f"\nscreenshot: {path}")
+    return path
+
+
+def row(tab: Page, model: str) -> Locator:
+    return tab.locator(f'#models tr[data-model="{model}"]')
+
+
+def two_models(instance: str, models_dir: Path, tmp_path: Path, **extra: object) -> Proxy:
+    """a and b, one at a time (no matrix): loading one stops the other."""
+    config = {
+        "instance": instance,
+        "models": {"a": llama_model(models_dir, 1), "b": llama_model(models_dir, 2)},
+        **extra,
+    }
+    return Proxy(write_yaml(tmp_path / "swapctl.yaml", config), instance, tmp_path)
+
+
+def test_the_page_follows_loads_and_unloads_models(
+    instance: str,
+    models_dir: Path,
+    tmp_path: Path,
+    proxies: list[Proxy],
+    docker_engine: docker.DockerClient,
+    page: Page,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    proxy = two_models(instance, models_dir, tmp_path)
+    proxies.append(proxy)
+    proxy.start()
+    page.goto(f"{proxy.url}/ui")
+    expect(page.locator("#status")).to_have_text("live")
+    expect(row(page, "a").locator("td.state")).to_have_text("stopped")
+    expect(row(page, "b").locator("td.state")).to_have_text("stopped")
+
+    # a request through the API: the row turns ready, the swap shows in the history
+    ask(proxy, "a")
+    expect(row(page, "a").locator("td.state")).to_have_text("ready")
+    expect(row(page, "a").locator("td.container")).to_contain_text(instance)
+    first_swap = page.locator("#swaps tbody tr").first
+    expect(first_swap.locator("td.model")).to_have_text("a")
+    expect(first_swap.locator("td.result")).to_have_text("ok")
+
+    # b stops a (one at a time): both rows change, the swap names what it evicted
+    ask(proxy, "b")
+    expect(row(page, "b").locator("td.state")).to_have_text("ready")
+    expect(row(page, "a").locator("td.state")).to_have_text("stopped")
+    expect(first_swap.locator("td.model")).to_have_text("b")
+    expect(first_swap.locator("td.evicted")).to_have_text("a")
+    expect(page.locator("#swaps tbody tr")).to_have_count(2)
+    expect(row(page, "b").locator("td.requests")).to_have_text("1")  # from the stats events
+    expect(row(page, "b").locator("td.last-start")).to_have_text(re.compile(r"^\d+\.\d+s$"))
+    expect(page.locator("#proxy-log")).to_contain_text("swap: b ready")
+
+    # the plan preview: loading a now would stop b
+    page.select_option("#plan-model", "a")
+    page.click("#plan-form button")
+    expect(page.locator("#plan-result")).to_contain_text("stops b")
+
+    # b's container log, streamed
+    page.select_option("#logs-model", "b")
+    page.click("#logs-form button[type=submit]")
+    expect(page.locator("#model-log")).to_contain_text("llama_server")
+    page.click("#logs-stop")
+
+    # Unload in the page: the container goes
+    row(page, "b").locator("button.unload").click()
+    expect(row(page, "b").locator("td.state")).to_have_text("stopped")
+    poll(lambda: running_models(docker_engine, instance) == frozenset(), 30, "b's container to go")
+
+    # Load in the page: a starts again
+    row(page, "a").locator("button.load").click()
+    expect(row(page, "a").locator("td.state")).to_have_text("ready")
+    assert running_models(docker_engine, instance) == {"a"}
+    expect(page.locator("#swaps tbody tr")).to_have_count(3)
+    ask(proxy, "a")
+    expect(row(page, "a").locator("td.requests")).to_have_text("1")
+    shot(page, "ui", capsys)
+
+    # the proxy restarts: the open page holds nothing up, says so, connects again by itself
+    # and shows what the new proxy adopted
+    code = proxy.stop(signal.SIGINT)
+    assert code in (0, 130), f"swapctl up did not exit by itself on SIGINT (status {code}):\n{proxy.log()}"
+    expect(page.locator("#status")).to_contain_text("disconnected")
+    proxy.start()
+    expect(page.locator("#status")).to_have_text("live")
+    expect(row(page, "a").locator("td.state")).to_have_text("ready")
+
+
+def test_with_api_keys_the_page_asks_for_the_key(
+    instance: str,
+    models_dir: Path,
+    tmp_path: Path,
+    proxies: list[Proxy],
+    docker_engine: docker.DockerClient,
+    page: Page,
+) -> None:
+    proxy = two_models(instance, models_dir, tmp_path, apiKeys=[KEY])
+    proxies.append(proxy)
+    proxy.start()
+    page.goto(f"{proxy.url}/ui")  # the page itself needs no key
+    expect(page.locator("#key-form")).to_be_visible()
+    expect(page.locator("#status")).not_to_have_text("live")
+
+    page.fill("#key", "not-the-key")
+    page.click("#key-form button")
+    expect(page.locator("#key-error")).to_have_text("That key was refused.")
+    page.fill("#key", KEY)
+    page.click("#key-form button")
+    expect(page.locator("#key-form")).to_be_hidden()
+    expect(page.locator("#status")).to_have_text("live")
+
+    with OpenAI(base_url=f"{proxy.url}/v1", api_key=KEY, max_retries=0, timeout=60) as client:
+        client.chat.completions.create(model="a", messages=MESSAGES, max_tokens=4)
+    expect(row(page, "a").locator("td.state")).to_have_text("ready")
+
+    # the key lasts the tab's session: a reload of the page asks for nothing
+    page.reload()
+    expect(page.locator("#status")).to_have_text("live")
+    expect(page.locator("#key-form")).to_be_hidden()
+    row(page, "a").locator("button.unload").click()  # a POST, with the key
+    expect(row(page, "a").locator("td.state")).to_have_text("stopped")
+    poll(lambda: running_models(docker_engine, instance) == frozenset(), 30, "a's container to go")
