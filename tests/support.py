@@ -1,5 +1,5 @@
-"""Helpers shared by the tests that run the real `swapctl up`: the proxy as a subprocess,
-llama-server model definitions, Docker read by labels, and polling."""
+"""Helpers shared by the tests: the real `swapctl up` as a subprocess, llama-server model
+definitions, Docker read by labels, polling; and the fake stack the component tests use."""
 
 from __future__ import annotations
 
@@ -23,7 +23,13 @@ import httpx
 import pytest
 import yaml
 from openai import OpenAI
+from starlette.types import ASGIApp
 
+from swapctl.backend.fake import FakeBackend
+from swapctl.config import parse_config
+from swapctl.lifecycle import Swapper
+from swapctl.proxy import build_app
+from swapctl.proxy.upstream import HttpxUpstream
 from swapctl.spec import INSTANCE, MODEL
 
 
@@ -308,3 +314,34 @@ def stream_chat(
                 break
         result.ended_at = time.monotonic()
         return result
+
+
+class FakeStack:
+    """The swapper and the proxy app over a fake engine, and an HTTP client of the app (in
+    process): what the component tests of the proxy share. `app_options` go to build_app."""
+
+    def __init__(
+        self, config: dict[str, Any], backend: FakeBackend | None = None, **app_options: Any
+    ) -> None:
+        self.backend = backend or FakeBackend()
+        self.upstream = httpx.AsyncClient(transport=self.backend.transport)
+        self.swapper = Swapper(parse_config(config), self.backend, self.upstream)
+        self.app: ASGIApp = build_app(
+            self.swapper.config,
+            self.swapper,
+            HttpxUpstream(self.upstream),
+            self.swapper.metrics,
+            **app_options,
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app), base_url="http://127.0.0.1"
+        )
+
+    async def use(self, model: str) -> None:
+        """Start `model` as a request would, and end that request."""
+        await (await self.swapper.acquire(model)).release()
+
+    async def close(self) -> None:
+        await self.swapper.unload()
+        await self.client.aclose()
+        await self.upstream.aclose()

@@ -23,16 +23,14 @@ import httpx
 import pytest
 import yaml
 from rich.console import Console
-from starlette.types import ASGIApp
+from support import FakeStack
 
 from swapctl import cli, watch
 from swapctl.backend.fake import FakeBackend, FakeModel
 from swapctl.config import parse_config
 from swapctl.errors import StartError
-from swapctl.lifecycle import Activity, Event, Subscription, Swapper
-from swapctl.proxy import build_app
+from swapctl.lifecycle import Activity, Event, Subscription
 from swapctl.proxy.admin import sse_frames
-from swapctl.proxy.upstream import HttpxUpstream
 
 pytestmark = pytest.mark.anyio
 KEY = "live-key"
@@ -71,30 +69,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Harness:
+class Harness(FakeStack):
     def __init__(self, config: dict[str, Any] = CONFIG) -> None:
-        self.backend = FakeBackend()
-        self.backend.behaviour["broken"] = FakeModel(exit_at_start="fatal: no such file /models/x.gguf")
-        self.upstream = httpx.AsyncClient(transport=self.backend.transport)
-        self.swapper = Swapper(parse_config(config), self.backend, self.upstream)
-        self.app: ASGIApp = build_app(
-            self.swapper.config,
-            self.swapper,
-            HttpxUpstream(self.upstream),
-            self.swapper.metrics,
-            preload=False,
-        )
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app), base_url="http://127.0.0.1"
-        )
-
-    async def use(self, model: str) -> None:
-        await (await self.swapper.acquire(model)).release()
-
-    async def close(self) -> None:
-        await self.swapper.unload()
-        await self.client.aclose()
-        await self.upstream.aclose()
+        backend = FakeBackend()
+        backend.behaviour["broken"] = FakeModel(exit_at_start="fatal: no such file /models/x.gguf")
+        super().__init__(config, backend, preload=False)
 
 
 @pytest.fixture

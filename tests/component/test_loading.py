@@ -16,14 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.types import ASGIApp, Message
-from support import asgi_scope
+from starlette.types import Message
+from support import FakeStack, asgi_scope
 
-from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
+from swapctl.backend.fake import FakeContainer, FakeModel
 from swapctl.config import parse_config
-from swapctl.lifecycle import State, Step, Swapper
-from swapctl.proxy import build_app
-from swapctl.proxy.upstream import HttpxUpstream
+from swapctl.lifecycle import State, Step
 
 pytestmark = pytest.mark.anyio
 
@@ -44,25 +42,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Harness:
+class Harness(FakeStack):
     def __init__(self, config: dict[str, Any] = CONFIG) -> None:
-        self.backend = FakeBackend()
-        self.upstream = httpx.AsyncClient(transport=self.backend.transport)
-        self.swapper = Swapper(parse_config(config), self.backend, self.upstream)
-        self.app: ASGIApp = build_app(
-            self.swapper.config, self.swapper, HttpxUpstream(self.upstream), self.swapper.metrics, tick=TICK
-        )
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app), base_url="http://127.0.0.1"
-        )
-
-    async def warm(self, model: str) -> None:
-        await (await self.swapper.acquire(model)).release()
-
-    async def close(self) -> None:
-        await self.swapper.unload()
-        await self.client.aclose()
-        await self.upstream.aclose()
+        super().__init__(config, tick=TICK)
 
 
 @pytest.fixture
@@ -177,7 +159,7 @@ async def test_a_cold_stream_opens_at_once_and_the_answer_follows(harness: Harne
 
 
 async def test_a_ready_model_streams_as_before_with_no_comments(harness: Harness) -> None:
-    await harness.warm("slow")
+    await harness.use("slow")
     sent = await drive(harness, "slow")
     assert sent.status == 200
     assert sent.comments == []
@@ -196,7 +178,7 @@ async def test_a_cold_request_that_is_not_streamed_waits_before_its_head(harness
 
 async def test_send_loading_state_tells_the_wait_as_reasoning_content(harness: Harness) -> None:
     harness.backend.behaviour["told"] = FakeModel(ready_after=0.3)
-    await harness.warm("other")
+    await harness.use("other")
     sent = await drive(harness, "told")
     assert sent.comments == []
     chunks = [
@@ -307,7 +289,7 @@ async def test_errors_before_the_wait_stay_plain_answers(harness: Harness) -> No
 
 async def test_the_swapper_tells_how_far_a_start_has_come(harness: Harness) -> None:
     harness.backend.behaviour["slow"] = FakeModel(ready_after=0.3)
-    await harness.warm("other")
+    await harness.use("other")
     assert harness.swapper.progress("other") is None  # ready: nothing to tell
     ticket = await harness.swapper.admit("slow")
     assert not ticket.ready

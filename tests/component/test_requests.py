@@ -15,13 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.types import ASGIApp, Message
-from support import asgi_scope
+from support import FakeStack, asgi_scope
 
-from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
-from swapctl.config import parse_config
-from swapctl.lifecycle import Swapper
-from swapctl.proxy import build_app
-from swapctl.proxy.upstream import HttpxUpstream
+from swapctl.backend.fake import FakeContainer, FakeModel
 
 pytestmark = pytest.mark.anyio
 
@@ -34,7 +30,6 @@ CONFIG = {
         "other": {"image": "img"},
     },
 }
-BASE = "http://127.0.0.1:8080"
 
 
 @pytest.fixture
@@ -42,19 +37,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Harness:
+class Harness(FakeStack):
     def __init__(self) -> None:
-        self.backend = FakeBackend()
-        self.upstream = httpx.AsyncClient(transport=self.backend.transport)
-        self.swapper = Swapper(parse_config(CONFIG), self.backend, self.upstream)
-        self.app: ASGIApp = build_app(
-            self.swapper.config, self.swapper, HttpxUpstream(self.upstream), self.swapper.metrics
-        )
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url=BASE)
-
-    async def close(self) -> None:
-        await self.client.aclose()
-        await self.upstream.aclose()
+        super().__init__(CONFIG)
 
 
 @pytest.fixture
