@@ -722,14 +722,34 @@ def errors(rounds: list[Round]) -> list[str]:
 # -- cold start ----------------------------------------------------------------------------
 
 
+CLIENT = httpx.Client()  # one for every timed call: a new client costs milliseconds to make
+
+
 def first_byte(url: str, model: str, timeout: float = 120) -> float:
     """Seconds until the first byte of a chat completion from `url`."""
     began = time.perf_counter()
     body = {**CHAT, "model": model}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as response:
+    with CLIENT.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as response:
         for _ in response.iter_raw():
             break
     return time.perf_counter() - began
+
+
+def first_byte_streamed(url: str, model: str, timeout: float = 120) -> tuple[float, float]:
+    """Seconds until the first byte of a streamed chat completion from `url` (while a cold
+    model starts, swapctl's loading notes), and until the model's own first event."""
+    began = time.perf_counter()
+    first: float | None = None
+    seen = b""
+    body = {**CHAT, "model": model, "stream": True}
+    with CLIENT.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as response:
+        for chunk in response.iter_raw():
+            first = time.perf_counter() - began if first is None else first
+            seen += chunk
+            if b"data: " in seen:
+                break
+    assert first is not None, "an empty stream"
+    return first, time.perf_counter() - began
 
 
 def alone(backend: DockerBackend, spec: ContainerSpec, first_wait: float, interval: float) -> float:
@@ -742,7 +762,7 @@ def alone(backend: DockerBackend, spec: ContainerSpec, first_wait: float, interv
             current = backend.get(container.id)
             if current and current.host_port:
                 try:
-                    if httpx.get(current.url + "/health", timeout=2).status_code == 200:
+                    if CLIENT.get(current.url + "/health", timeout=2).status_code == 200:
                         return time.perf_counter() - began + first_byte(current.url, "m1")
                 except httpx.TransportError:
                     pass
@@ -761,13 +781,17 @@ def cold_start(proxy: str, settings: dict[str, Any], work: Path, runs: int, log:
     backend = DockerBackend()
     cold: list[float] = []
     baseline: list[float] = []
+    streamed: list[tuple[float, float]] = []
     for _ in range(runs):
         httpx.post(proxy + "/unload/m1", timeout=60).raise_for_status()
         cold.append(first_byte(proxy, "m1"))
         httpx.post(proxy + "/unload/m1", timeout=60).raise_for_status()
+        streamed.append(first_byte_streamed(proxy, "m1"))
+        httpx.post(proxy + "/unload/m1", timeout=60).raise_for_status()
         baseline.append(alone(backend, spec, 0.0, 0.005))
     polled = [alone(backend, spec, 0.25, 1.0) for _ in range(3)]
     cold_ms, base_ms, polled_ms = (statistics.median(v) * 1e3 for v in (cold, baseline, polled))
+    head_ms, event_ms = (statistics.median(v) * 1e3 for v in zip(*streamed, strict=True))
     decided = [float(x) for x in re.findall(r"decided in (\d+)us", log.read_text())]
     solver = (
         f"median {statistics.median(decided):.0f} us over {len(decided)} swaps" if decided else "not logged"
@@ -779,6 +803,8 @@ def cold_start(proxy: str, settings: dict[str, Any], work: Path, runs: int, log:
         f"| through swapctl, request for a stopped model ({len(cold)} runs) | {cold_ms:.0f} |",
         f"| **swap overhead** (swapctl - baseline) | **{cold_ms - base_ms:+.0f}** |",
         f"| container alone, polled as llama-swap does (250 ms, then 1 s; {len(polled)} runs) | {polled_ms:.0f} |",
+        f"| streamed request for a stopped model, first byte (loading notes; {len(streamed)} runs) | {head_ms:.1f} |",
+        f"| the same streamed request, the model's first event | {event_ms:.0f} |",
         "",
         f"Solver decision inside live swaps: {solver}.",
     ]
