@@ -6,10 +6,12 @@
 
 `leaving` is derived, as arq derives a job's status: a ready model chosen to stop admits
 no new request and stops once those in flight finish. A starting model may be chosen too:
-it finishes its start (the requests that joined it are served), then leaves.
+it finishes its start (the requests that joined it are served), then leaves; one still
+pulling its image, not yet decided, does not start: once the pull is over it is stopped.
 `stop-failed`: its container outlived a stop and a kill, so it still counts as running.
-A start goes through steps (`Step`): evicting what is in its way, pulling its image when
-its pull_policy says so, creating the container, then loading until the health check answers.
+A start goes through steps (`Step`): its image, pulled when its pull_policy says so (before
+anything is decided, so nothing is evicted for a pull), evicting what is in its way, creating
+the container, then loading until the health check answers.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class State(enum.Enum):
 class Step(enum.Enum):
     """Where a start stands."""
 
-    EVICTING = "evicting"  # the models in its way finish their requests and stop
     PULLING = "pulling"  # its image is looked for, and pulled if need be (`pulled`: how far)
+    EVICTING = "evicting"  # the models in its way finish their requests and stop
     STARTING = "starting"  # its container is being created and started
     LOADING = "loading"  # its container runs; its server does not answer its health check yet
 
@@ -125,7 +127,7 @@ class Progress:
     model: str
     step: Step
     evicting: tuple[str, ...]  # the models stopped to make room for it
-    elapsed: float  # seconds since its start was decided
+    elapsed: float  # seconds since its start began (a pull before its decision included)
     last_starts: tuple[float, ...]  # its last measured starts, in seconds, oldest first
     pulled: Pulled | None = None  # how far the pull of its image has come, once one began
 

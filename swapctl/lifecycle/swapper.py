@@ -5,6 +5,13 @@ admits no new request, finishes the ones in flight, then stops; only then does t
 that evicted it start. Decisions are taken with no await between deciding and marking, so
 swaps run as tasks and swaps of disjoint models overlap.
 
+A start whose image may need a pull (pull_policy `always`, or an image not in `images`, those
+seen on the machine) takes its image first and decides only then: while it pulls, nothing is
+decided nor evicted for it, so a pull that fails (or a long one) costs nothing that runs.
+Meanwhile it counts as running for other decisions (a container that does not exist yet is
+counted, never the reverse); one that evicts it ends its start, stopped, once the pull is over.
+Only an image removed behind swapctl's back since it was seen is pulled after the evictions.
+
 The matrix is an invariant: a container counts as running for every decision until it is
 gone. One that could not be stopped (nor killed) is stop-failed, not stopped; the upkeep
 check and the next eviction try again. Containers found at start-up are adopted only as far
@@ -23,6 +30,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -53,6 +61,16 @@ log = logging.getLogger("swapctl")
 SETTLED = (State.READY, State.STOPPED, State.STOP_FAILED)  # no start or stop under way
 
 
+@dataclass(frozen=True)
+class Decided:
+    """A start's decision as taken: the policy's answer, the models another swap was already
+    evicting (each with its count of stops then), and the seconds the policy took."""
+
+    decision: Decision
+    leaving: tuple[tuple[Slot, int], ...]
+    seconds: float
+
+
 class Swapper:
     def __init__(
         self,
@@ -69,6 +87,7 @@ class Swapper:
         self.health = HealthCheck(self.backend, client, Clock(clock, sleep))
         self.slots = {model: Slot(model) for model in config.models}
         self.retiring: dict[str, Config] = {}  # removed by a reload, not yet stopped: their config
+        self.images: set[str] = set()  # known to be on the machine: a start needs no pull first
         self.changed = asyncio.Condition()
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
@@ -135,17 +154,35 @@ class Swapper:
         return self.config if model in self.config.models else self.retiring[model]
 
     def _claim(self, slot: Slot) -> None:
-        """Decide and mark, with no await in between: the next decision sees this one."""
+        """Start a stopped model (the lock held): decide now, or, if its image may need a
+        pull, once the image is here."""
+        model = self.config.models[slot.model]
+        pull_first = model.pull_policy == "always" or model.image not in self.images
+        self._launch(slot, Step.PULLING)
+        self._spawn(self._swap(slot, None if pull_first else self._decide(slot)))
+
+    def _decide(self, slot: Slot) -> Decided:
+        """Decide and mark, with no await in between: the next decision sees this one. The
+        model, starting already, is not among the running it is decided against."""
         began = time.perf_counter()
-        decision = self.config.policy.decide(slot.model, self.running())
-        decided = time.perf_counter() - began
+        running = [m for m in self.running() if m != slot.model]
+        decision = self.config.policy.decide(slot.model, running)
+        seconds = time.perf_counter() - began
         keep = set(decision.target_set)
-        leaving_already = [(s, s.stops) for s in self.slots.values() if s.leaving and s.model not in keep]
+        leaving = tuple((s, s.stops) for s in self.slots.values() if s.leaving and s.model not in keep)
         for model in decision.evict:
             self._move(self.slots[model], leaving=True)
-        evicting = (*decision.evict, *(s.model for s, _ in leaving_already))
-        step = Step.EVICTING if evicting else Step.PULLING  # its image first (pulled if need be)
-        self._launch(slot, self._swap(slot, decision, leaving_already, decided), step, evicting)
+        evicting = (*decision.evict, *(s.model for s, _ in leaving))
+        self._move(slot, step=Step.EVICTING if evicting else Step.STARTING, evicting=evicting)
+        return Decided(decision, leaving, seconds)
+
+    async def _decide_pulled(self, slot: Slot) -> Decided:
+        """The decision of a start whose image is here now, unless one taken during its pull
+        evicted it: then the start fails, and the slot's move to stopped lets the eviction on."""
+        async with self.changed:
+            if slot.leaving:
+                raise BackendError("evicted while its image was pulled", slot.model)
+            return self._decide(slot)
 
     def _move(self, slot: Slot, phase: State | None = None, **changes: Any) -> None:
         """Every change of state goes through here (the condition's lock held): it wakes
@@ -158,14 +195,11 @@ class Swapper:
         async with self.changed:
             self._move(slot, phase, **changes)
 
-    def _launch(
-        self, slot: Slot, start: Coroutine[Any, Any, None], step: Step, evicting: tuple[str, ...] = ()
-    ) -> None:
-        """The model is starting: requests wait on `slot.start`, which `start` settles."""
-        self._move(slot, State.STARTING, step=step, evicting=evicting)
+    def _launch(self, slot: Slot, step: Step) -> None:
+        """The model is starting: requests wait on `slot.start`, which its task settles."""
+        self._move(slot, State.STARTING, step=step)
         slot.start = asyncio.get_running_loop().create_future()
         slot.start.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
-        self._spawn(start)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -174,17 +208,23 @@ class Swapper:
 
     # --- starts ---------------------------------------------------------------------------
 
-    async def _swap(
-        self, slot: Slot, decision: Decision, leaving_already: list[tuple[Slot, int]], decided: float
-    ) -> None:
+    async def _swap(self, slot: Slot, decided: Decided | None) -> None:
+        """The start: its image then its decision if not decided yet, the evictions, the
+        container, its health check. Its duration leaves the pull out."""
         began = self.clock()
         try:
+            spec = build_spec(self._config_for(slot.model), slot.model)
+            if decided is None:
+                await self._ensure_image(slot, spec)
+                decided = await self._decide_pulled(slot)
+                began = self.clock()
+            decision = decided.decision
             await asyncio.gather(*(self._evict(self.slots[m]) for m in decision.evict))
-            await self._until_gone(slot.model, leaving_already)
-            container = await self._start(slot)
+            await self._until_gone(slot.model, decided.leaving)
+            container = await self._start(slot, spec)
         except BaseException as error:
             await self._start_failed(slot, error)
-            self._record(slot, decision, self.clock() - began, error)
+            self._record(slot, decided.decision if decided else None, self.clock() - began, error)
             if not isinstance(error, Exception):
                 raise
             return
@@ -200,27 +240,27 @@ class Swapper:
             decision.set or "-",
             ", ".join(decision.evict) or "nothing",
             decision.cost,
-            decided * 1e6,
+            decided.seconds * 1e6,
         )
 
     def _record(
-        self, slot: Slot, decision: Decision, took: float, error: BaseException | None = None
+        self, slot: Slot, decision: Decision | None, took: float, error: BaseException | None = None
     ) -> None:
-        """The swap into the activity record, ready or failed."""
+        """The swap into the activity record, ready or failed (undecided: its image failed)."""
         failure = None if error is None else str(error) if isinstance(error, SwapctlError) else repr(error)
         swap = Swap(
             self.activity.wall(),
             slot.model,
-            decision.set,
-            decision.evict,
-            decision.cost,
+            decision.set if decision else None,
+            decision.evict if decision else (),
+            decision.cost if decision else 0,
             took,
             ok=error is None,
             error=failure,
         )
         self.activity.swapped(swap)
 
-    async def _until_gone(self, model: str, leaving: list[tuple[Slot, int]]) -> None:
+    async def _until_gone(self, model: str, leaving: tuple[tuple[Slot, int], ...]) -> None:
         """Wait for models another swap is evicting. Each has stopped once since the decision;
         one claimed again since then was decided with this model counted as running, so it
         waits for us, not we for it. One whose stop failed still runs: this start fails."""
@@ -231,20 +271,26 @@ class Swapper:
         if stuck:
             raise BackendError(f"cannot start while {', '.join(stuck)} could not be stopped", model)
 
-    async def _start(self, slot: Slot) -> Container:
-        spec = build_spec(self._config_for(slot.model), slot.model)
-        await self._ensure_image(slot, spec)
+    async def _start(self, slot: Slot, spec: ContainerSpec) -> Container:
         log.info("starting %s (%s)", slot.model, spec.image)
         await self._set(slot, step=Step.STARTING)
-        container = await self.backend.start(spec)
+        try:
+            container = await self.backend.start(spec)
+        except ImageMissing:  # removed since it was seen: late, as its pull_policy says
+            self.images.discard(spec.image)
+            await self._ensure_image(slot, spec)
+            await self._set(slot, step=Step.STARTING)
+            container = await self.backend.start(spec)
+        self.images.add(spec.image)
         await self._set(slot, container=container, step=Step.LOADING)
         return await self._until_healthy(slot, container)
 
     async def _ensure_image(self, slot: Slot, spec: ContainerSpec) -> None:
         """Pull the image as its pull_policy says: when absent (missing), before every start
         (always); absent with never fails the start. The pull is a step of its own, before the
-        health check's timeout begins."""
+        decision and before the health check's timeout begins."""
         if spec.pull_policy != "always" and await self.backend.image_id(spec.image) is not None:
+            self.images.add(spec.image)
             return
         if spec.pull_policy == "never":
             raise ImageMissing(
@@ -260,6 +306,7 @@ class Swapper:
             await self.backend.pull(spec.image, lambda report: slot.move(pulled=tally.add(report)))
         except PullFailed as error:
             raise PullFailed(error.message, slot.model) from None
+        self.images.add(spec.image)
         took, pulled = self.clock() - began, tally.pulled
         log.info("pulled image %s in %.1fs (%s downloaded)", spec.image, took, sizes(pulled.done))
 
@@ -481,6 +528,7 @@ class Swapper:
             why = await self._unadoptable(container, matching)
             if why is None:
                 matching[container.model] = container
+                self.images.add(self.config.models[container.model].image)
             else:
                 log.info("removing %s: %s", container.name, why)
                 await self._discard(container)
@@ -527,8 +575,9 @@ class Swapper:
             return
         log.info("adopting %s (%s): waiting for its health check", slot.model, container.name)
         async with self.changed:
-            self._launch(slot, self._resume(slot, container), Step.LOADING)
+            self._launch(slot, Step.LOADING)
             self._move(slot, container=container)
+        self._spawn(self._resume(slot, container))
 
     async def _resume(self, slot: Slot, container: Container) -> None:
         began = self.clock()

@@ -7,8 +7,8 @@ The head goes out before the wait (200, an event stream), then a note of progres
   while its image is pulled), which clients ignore and which keeps reverse proxies from
   timing out an idle response;
 - with `sendLoadingState`, on /v1/chat/completions, `reasoning_content` deltas of chat
-  completion chunks, which chat UIs show as thinking: what is evicted, the image's pull and
-  its bytes, the container starting, the seconds as they pass, an estimate from the model's
+  completion chunks, which chat UIs show as thinking: the image's pull and its bytes, what
+  is evicted, the container starting, the seconds as they pass, an estimate from the model's
   last starts.
 
 The status is sent before the wait, so what goes wrong after it (a failed start, an upstream
@@ -78,7 +78,14 @@ STEPS = {
     Step.STARTING: "Starting its container…",
     Step.LOADING: "Its container runs; waiting for the model to load…",
 }
-ORDER = list(Step)  # a start goes through its steps in this order (pulling only when it pulls)
+ORDER = list(Step)  # a start goes through its steps in this order
+
+
+def told(step: Step, progress: Progress) -> bool:
+    """Whether a step of this start has a line: a pull once it began, evictions if any."""
+    if step is Step.PULLING:
+        return progress.pulled is not None
+    return step is not Step.EVICTING or bool(progress.evicting)
 
 
 def pulling(progress: Progress | None) -> Pulled | None:
@@ -106,16 +113,13 @@ class Reasoning:
         self.said = False
 
     def waiting(self, progress: Progress | None, waited: float) -> bytes:
-        text = ""
-        if not self.said:
+        text, first = "", not self.said
+        if first:
             self.said = True
             text = f"Loading {self.model}" + (f": {estimate(progress)}." if progress else ".")
         if progress is not None and progress.step is not self.step:
-            # every step since the last note, even one too short for a note of its own
-            passed = ORDER[ORDER.index(self.step) + 1 : ORDER.index(progress.step) + 1] if self.step else []
-            steps = [s for s in passed or [progress.step] if s is not Step.PULLING or progress.pulled]
-            text += "".join("\n" + self._line(progress, step) for step in steps)
-            if progress.step is not Step.PULLING or progress.pulled:  # a pull is said once it begins
+            text += "".join("\n" + self._line(progress, step) for step in self._since(progress, first))
+            if told(progress.step, progress):  # a pull is said once it begins
                 self.step = progress.step
         elapsed = progress.elapsed if progress else waited
         pull = pulling(progress)
@@ -123,6 +127,14 @@ class Reasoning:
 
     def ready(self, waited: float) -> bytes:
         return self._chunk(f"\n{self.model} is ready after {waited:.1f}s.\n\n")
+
+    def _since(self, progress: Progress, first: bool) -> list[Step]:
+        """The steps to tell: every one since the last told, even one too short for a note of
+        its own. The first note tells only the current one (it may join a start under way);
+        after a look for the image that pulled nothing, those since the start began."""
+        now = ORDER.index(progress.step)
+        begin = ORDER.index(self.step) + 1 if self.step else now if first else 0
+        return [step for step in ORDER[begin : now + 1] if told(step, progress)]
 
     def _line(self, progress: Progress, step: Step) -> str:
         if step is Step.EVICTING:

@@ -1,7 +1,8 @@
 """Images pulled as each model's pull_policy says, over the fake backend and its registry:
 when absent (missing), before every start (always), never (an absent image is an error);
 a pull's progress in the loading feedback and the log; a failed pull named, with the
-registry's answer, losing nothing that runs; `swapctl pull`."""
+registry's answer, losing nothing that runs; the pull before the decision, so that nothing
+is evicted for a pull that fails; `swapctl pull`."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from swapctl.backend import Container
 from swapctl.backend.fake import FakeBackend, FakeImage, FakeModel
 from swapctl.cli import main
 from swapctl.config import parse_config
@@ -23,11 +25,31 @@ from swapctl.errors import ImageMissing, PullFailed
 from swapctl.lifecycle import State, Step, Swapper
 from swapctl.proxy import build_app
 from swapctl.proxy.upstream import HttpxUpstream
+from swapctl.spec import ContainerSpec
 
 pytestmark = pytest.mark.anyio
 TICK = 0.02
 IMAGE = "registry.test:5000/team/chat:1"
 PRESENT = "present:1"
+TOGETHER = {"all": "new & old & here & told"}
+APART = {"pulled": "new & told", "present": "old & here"}  # a model of one set evicts the other's
+
+
+class Watched(FakeBackend):
+    """A fake engine that keeps each set of models its containers ran together."""
+
+    def __init__(self, images: set[str]) -> None:
+        super().__init__(images=images)
+        self.together: list[frozenset[str]] = []
+
+    def start(self, spec: ContainerSpec) -> Container:
+        container = super().start(spec)
+        self.together.append(frozenset(self.running_models()))
+        return container
+
+    def apart(self) -> bool:
+        """Whether no two models of APART's two sets ever ran together."""
+        return not any(ran & {"new", "told"} and ran & {"old", "here"} for ran in self.together)
 
 
 @pytest.fixture
@@ -37,10 +59,11 @@ def anyio_backend() -> str:
 
 class World:
     """The swapper and the app over a fake engine that holds PRESENT, and a registry that
-    holds IMAGE; `policy` is the pull_policy of the model `new`, whose image is IMAGE."""
+    holds IMAGE; `policy` is the pull_policy of the model `new`, whose image is IMAGE, and
+    `sets` the matrix's sets."""
 
-    def __init__(self, policy: str = "missing", **new: Any) -> None:
-        self.backend = FakeBackend(images={PRESENT})
+    def __init__(self, policy: str = "missing", sets: dict[str, str] = TOGETHER, **new: Any) -> None:
+        self.backend = Watched(images={PRESENT})
         self.backend.registry[IMAGE] = FakeImage(layers=(3_000_000, 1_000_000))
         self.backend.registry[PRESENT] = FakeImage()
         models = {
@@ -49,7 +72,7 @@ class World:
             "here": {"image": PRESENT},
             "told": {"image": IMAGE, "sendLoadingState": True},
         }
-        matrix = {"sets": {"all": "new & old & here & told"}}
+        matrix = {"sets": sets}
         self.upstream = httpx.AsyncClient(transport=self.backend.transport)
         self.swapper = Swapper(
             parse_config({"instance": "t", "models": models, "matrix": matrix}), self.backend, self.upstream
@@ -229,6 +252,123 @@ async def test_the_health_timeout_does_not_count_the_pull(hold: threading.Event)
         assert world.swapper.slots["new"].state is State.READY
     finally:
         await world.close()
+
+
+# --- the pull before the decision -------------------------------------------------------------
+
+
+async def until(world: World, done: Callable[[], bool]) -> None:
+    """Until a change of the swapper's state makes `done` true."""
+    changed = world.swapper.changed
+    async with changed:
+        await asyncio.wait_for(changed.wait_for(done), 10)  # 10 s: only so that a hang fails
+
+
+@pytest.mark.parametrize("policy", ["missing", "always", "never"])
+async def test_a_start_whose_image_fails_evicts_nothing_in_its_way(policy: str) -> None:
+    """`new` would evict `here`, but its image cannot be had: `here` never stops, and serves."""
+    world = World(policy, APART)
+    world.backend.registry[IMAGE] = FakeImage(refusal="unauthorized: authentication required")
+    try:
+        await world.use("here")
+        answer = await world.chat("new")
+        assert answer.status_code == 503
+        assert f"image '{IMAGE}'" in answer.json()["error"]["message"]
+        assert world.swapper.slots["here"].state is State.READY
+        assert world.backend.starts == {"here": 1}  # never stopped, so never started again
+        assert (await world.chat("here")).status_code == 200
+        swap = world.swapper.activity.history()[-1]
+        assert (swap["model"], swap["evicted"], swap["ok"]) == ("new", [], False)
+    finally:
+        await world.close()
+
+
+async def test_a_pull_comes_before_the_decision_and_its_evictions(hold: threading.Event) -> None:
+    world = World(sets=APART)
+    world.backend.registry[IMAGE] = FakeImage(layers=(3_000_000, 1_000_000), hold=hold)
+    world.backend.behaviour["told"] = FakeModel(ready_after=0.2)  # its steps last a few notes
+    try:
+        await world.use("here")
+        async with await world.swapper.acquire("here") as held:  # in flight: its eviction waits
+            with world.swapper.activity.subscribe({"model"}) as subscription:
+                request = asyncio.create_task(world.chat("told", stream=True))
+                await pulling(world, "told")
+                progress = world.swapper.progress("told")
+                assert progress is not None and (progress.step, progress.evicting) == (Step.PULLING, ())
+                assert world.swapper.slots["here"].state is State.READY  # not leaving: it serves
+                assert (await world.chat("here")).status_code == 200
+                hold.set()
+                await until(world, lambda: world.swapper.slots["here"].state is State.LEAVING)
+                progress = world.swapper.progress("told")
+                assert progress is not None
+                assert (progress.step, progress.evicting) == (Step.EVICTING, ("here",))
+                await held.release()
+                answer = await request
+                subscription.end()
+                rows = [(event.data["model"], event.data["state"]) async for event in subscription]
+        assert rows.index(("told", "starting")) < rows.index(("here", "leaving"))
+        assert world.backend.running_models() == {"told"}
+        events = [json.loads(line[6:]) for line in answer.text.split("\n") if line.startswith("data: {")]
+        reasoning = "".join(e["choices"][0]["delta"].get("reasoning_content", "") for e in events)
+        lines = [f"Pulling image {IMAGE}…", "Stopping here to make room…", "Starting its container…"]
+        assert all(line in reasoning for line in lines)
+        assert sorted(lines, key=reasoning.index) == lines
+        assert world.backend.apart()
+    finally:
+        hold.set()
+        await world.close()
+
+
+async def test_requests_during_a_pull_share_it(world: World, hold: threading.Event) -> None:
+    world.backend.registry[IMAGE] = FakeImage(hold=hold)
+    first = await world.swapper.admit("new")
+    await pulling(world, "new")
+    second = await world.swapper.admit("new")
+    assert not second.ready  # it joins the start under way
+    hold.set()
+    for lease in await asyncio.gather(first.lease(), second.lease()):
+        await lease.release()
+    assert world.backend.pulls == [IMAGE]
+    assert world.backend.starts == {"new": 1}
+
+
+async def test_a_model_in_the_way_asked_for_during_a_pull_evicts_it(hold: threading.Event) -> None:
+    """`here`, asked for while `new` pulls, is decided with `new` counted as running: it
+    evicts `new`, whose start ends, stopped, once its pull is over; then `here` starts."""
+    world = World(sets=APART)
+    world.backend.registry[IMAGE] = FakeImage(hold=hold)
+    try:
+        new = asyncio.create_task(world.chat("new"))
+        await pulling(world, "new")
+        here = asyncio.create_task(world.chat("here"))
+        await until(world, lambda: world.swapper.slots["new"].leaving)
+        assert world.backend.running_models() == set()  # `here` waits for the end of new's start
+        hold.set()
+        evicted, served = await asyncio.gather(new, here)
+        assert evicted.status_code == 503
+        assert evicted.json()["error"]["message"] == "model 'new': evicted while its image was pulled"
+        assert served.status_code == 200
+        assert world.swapper.slots["new"].state is State.STOPPED
+        assert world.backend.running_models() == {"here"}
+        assert (await world.chat("new")).status_code == 200  # its image is here now: no pull
+        assert world.backend.pulls == [IMAGE]
+        assert world.backend.running_models() == {"new"}
+        assert world.backend.apart()
+    finally:
+        hold.set()
+        await world.close()
+
+
+async def test_an_image_removed_since_it_was_seen_is_pulled_when_its_start_finds_it_gone(
+    world: World,
+) -> None:
+    await world.use("new")
+    await world.swapper.unload("new")
+    assert world.backend.images is not None
+    world.backend.images.discard(IMAGE)  # removed behind swapctl's back (docker image prune)
+    await world.use("new")
+    assert world.backend.pulls == [IMAGE, IMAGE]
+    assert world.backend.starts == {"new": 2}
 
 
 # --- swapctl pull ----------------------------------------------------------------------------

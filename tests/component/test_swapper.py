@@ -182,6 +182,7 @@ async def test_engine_errors_name_the_model(swapper_for: Callable[..., Swapper])
     with pytest.raises(PullFailed, match="model 'big': cannot pull image 'missing'"):
         await use(swapper, "big")
     assert swapper.slots["big"].state is State.STOPPED
+    assert backend.running_models() == {"chat"}  # big runs alone, yet chat never stopped
 
 
 async def test_a_crash_while_ready_returns_the_model_to_stopped(swapper_for: Callable[..., Swapper]) -> None:
