@@ -209,7 +209,7 @@ def up(
         bool,
         typer.Option(
             "--watch-config",
-            help="Reload the config when its file (or a template beside it) changes; SIGHUP and "
+            help="Reload the config when its file (or the .env or a template beside it) changes; SIGHUP and "
             "POST /reload always reload it.",
         ),
     ] = False,

@@ -1,6 +1,6 @@
 """Reading the config file again while `up` serves: on `POST /reload`, on SIGHUP, and with
-`--watch-config` whenever the file, or a template in the `compose-templates/` beside it,
-changes.
+`--watch-config` whenever the file, the `.env` beside it (its variables), or a template in
+the `compose-templates/` beside it changes.
 
 A file that does not parse is refused with its key-path error (logged, and raised to the
 caller) and the old config keeps serving; one that does is handed to `Swapper.reload`.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from swapctl.config import TEMPLATE_DIR, Config, load_config
+from swapctl.config.envfile import DOTENV
 from swapctl.errors import SwapctlError
 from swapctl.lifecycle.changes import Changes
 from swapctl.lifecycle.swapper import Swapper
@@ -36,6 +37,7 @@ class Reloader:
     def __init__(self, path: Path, swapper: Swapper, load: Callable[[Path], Config] = load_config) -> None:
         self.path = path.resolve()
         self.templates = self.path.parent / TEMPLATE_DIR
+        self.dotenv = self.path.parent / DOTENV
         self.swapper, self.load = swapper, load
         self.lock = asyncio.Lock()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -67,9 +69,12 @@ class Reloader:
         task.add_done_callback(self.tasks.discard)
 
     def relevant(self, change: Change, path: str) -> bool:
-        """The config file itself, or a template beside it (editors' temporary files are not)."""
+        """The config file itself, its `.env`, or a template beside it (editors' temporary
+        files are not)."""
         changed = Path(path)
-        return changed == self.path or (changed.parent == self.templates and changed.suffix == ".yaml")
+        return changed in (self.path, self.dotenv) or (
+            changed.parent == self.templates and changed.suffix == ".yaml"
+        )
 
     async def watch(self, stop: asyncio.Event) -> None:
         """Reload on every change to the file or its templates until `stop` is set. Folders

@@ -275,6 +275,18 @@ async def test_reload_is_post_only(harness: Harness) -> None:
     assert (await harness.client.get("/reload")).status_code == 405
 
 
+async def test_a_change_of_the_env_file_beside_the_config_reloads(harness: Harness) -> None:
+    dotenv = harness.path.parent / ".env"
+    dotenv.write_text("EXTRA_IMAGE=img:1\n")
+    harness.write(models=with_model("extra", image="${EXTRA_IMAGE}"))
+    await harness.reloader.reload("test")
+    assert harness.swapper.config.models["extra"].image == "img:1"
+    async with harness.reloader.serving(watch=True):
+        await asyncio.sleep(0.3)  # the watcher has started
+        dotenv.write_text("EXTRA_IMAGE=img:2\n")
+        await until(lambda: harness.swapper.config.models["extra"].image == "img:2", "the watcher's reload")
+
+
 async def test_a_change_of_the_file_or_a_sighup_reloads(harness: Harness) -> None:
     async with harness.reloader.serving(watch=True):
         await asyncio.sleep(0.3)  # the watcher has started
