@@ -27,11 +27,14 @@ if TYPE_CHECKING:
     import uvicorn
     from rich.console import Console
 
-    from swapctl.backend import Backend
+    from swapctl.backend import Backend, Container
     from swapctl.config import Config
+    from swapctl.gpus import Inventory, NoGpu, Snapshot
     from swapctl.matrix import Decision
+    from swapctl.metrics import Metrics
 
 BackendFactory = Callable[[], "Backend"]
+InventoryFactory = Callable[[], "Inventory"]
 
 
 def docker_backend() -> Backend:
@@ -41,18 +44,32 @@ def docker_backend() -> Backend:
     return DockerBackend()
 
 
+def nvml_inventory() -> Inventory:
+    """NVIDIA's GPUs through NVML; nvidia-ml-py loads only when the inventory is read."""
+    from swapctl.gpus import NvmlInventory
+
+    return NvmlInventory()
+
+
 @dataclass(frozen=True)
 class Runtime:
     """What the commands take from outside the config, set once by `main` and handed to
     each command as Typer's `ctx.obj`."""
 
     backend: BackendFactory = docker_backend
+    inventory: InventoryFactory = nvml_inventory
 
 
 def _engine(ctx: typer.Context) -> BackendFactory:
     """The backend factory `main` was given (Docker when the app runs without `main`)."""
     runtime = ctx.find_object(Runtime)
     return runtime.backend if runtime else docker_backend
+
+
+def _gpus_of(ctx: typer.Context) -> InventoryFactory:
+    """The GPU inventory factory `main` was given (NVML when the app runs without `main`)."""
+    runtime = ctx.find_object(Runtime)
+    return runtime.inventory if runtime else nvml_inventory
 
 
 app = typer.Typer(
@@ -115,6 +132,18 @@ def validate(config: ConfigOption = DEFAULT_CONFIG) -> None:
     models = len(loaded.models)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    from swapctl.config.hardware import fit_problems
+
+    # A set that cannot fit the declared GPUs is an error, not a warning: the matrix promises
+    # its models run together, and the broken promise would only show later, as a container
+    # dying out of memory mid-request. Hardware declared wrongly is as much a config mistake.
+    misfits, notes = fit_problems(loaded)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    for misfit in misfits:
+        print(f"error: {misfit}", file=sys.stderr)
+    if misfits:
+        raise typer.Exit(2)
     print(f"ok: {config}: {models} model{'s' * (models != 1)}, {loaded.policy.summary()}")
 
 
@@ -173,10 +202,21 @@ def plan(
     else:
         names = _running_names(loaded, running)
     decision = loaded.policy.decide(target, names, explain=True)
+    from swapctl.config import hardware
+
+    after = sorted({*names, target} - set(decision.evict))
+    before_use, after_use = hardware.memory_use(loaded, names), hardware.memory_use(loaded, after)
+    shown = hardware.shows_memory(loaded)
     if as_json:
-        print(json.dumps(decision.to_json()))
-    else:
-        _print_decision(decision, model)
+        memory = {"before": hardware.use_json(before_use), "after": hardware.use_json(after_use)}
+        print(json.dumps({**decision.to_json(), **({"gpu_memory": memory} if shown else {})}))
+        return
+    _print_decision(decision, model)
+    if shown:
+        print("GPU memory, before -> after (a placement that fits, models without vram not counted):")
+        for index in range(len(loaded.gpu_memory or ())):
+            was, will = hardware.use_text(before_use, index), hardware.use_text(after_use, index)
+            print(f"  GPU {index}: {was} -> {will}")
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -235,7 +275,15 @@ def up(
     backend = _engine(ctx)()
     ownership = Ownership(loaded.instance, _url_of(host, port), state_dir())
     serving = _serve(
-        loaded, backend, host, port, config, stop_on_exit=stop_on_exit, verbose=verbose, watch=watch_config
+        loaded,
+        backend,
+        host,
+        port,
+        config,
+        stop_on_exit=stop_on_exit,
+        verbose=verbose,
+        watch=watch_config,
+        inventory=_gpus_of(ctx)(),
     )
     try:
         import uvloop  # optional: a faster event loop where installed
@@ -257,9 +305,11 @@ async def _serve(
     stop_on_exit: bool,
     verbose: bool,
     watch: bool,
+    inventory: Inventory | None = None,
 ) -> None:
     """Adopt what runs, then serve until interrupted; the objects the app shares are built
-    here. SIGHUP, POST /reload and, with `watch`, a change of the file reload `path`."""
+    here. SIGHUP, POST /reload and, with `watch`, a change of the file reload `path`.
+    Where `inventory` finds a GPU, /metrics reports its memory per device and per model."""
     import asyncio
     import logging
     from concurrent.futures import ThreadPoolExecutor
@@ -275,6 +325,8 @@ async def _serve(
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
     timeout = httpx.Timeout(None, connect=10.0)
     metrics = Metrics()
+    if inventory is not None:
+        await _watch_gpus(metrics, inventory, backend, loaded.instance)
     upstream = Http1Upstream()  # forwarding: kept-alive connections, httptools' parser
     async with httpx.AsyncClient(  # health checks
         timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
@@ -305,6 +357,23 @@ async def _serve(
                 await _server(app_, host, port, verbose, closing=swapper.activity.close).serve()
         finally:
             await upstream.aclose()
+
+
+async def _watch_gpus(metrics: Metrics, inventory: Inventory, backend: Backend, instance: str) -> None:
+    """GPU gauges in /metrics, where the inventory finds a GPU now (else one log line why)."""
+    import asyncio
+    import logging
+
+    from swapctl.gpus import NoGpu, read_attributed
+
+    def read() -> Snapshot | NoGpu:
+        return read_attributed(inventory, lambda: backend.list(instance))
+
+    found = await asyncio.to_thread(inventory.read)
+    if isinstance(found, NoGpu):
+        logging.getLogger("swapctl").info("no GPU memory in /metrics: %s", found.reason)
+        return
+    metrics.watch_gpus(read)
 
 
 def _server(
@@ -451,6 +520,56 @@ def status(
             "-" if s["in_flight"] is None else str(s["in_flight"]),
         )
     _stdout().print(table)
+
+
+def _gib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**30:.1f} GiB"
+
+
+@app.command()
+def gpus(
+    ctx: typer.Context,
+    config: ConfigOption = DEFAULT_CONFIG,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Show each NVIDIA GPU: its memory, and the processes on it with the model each belongs
+    to (found without a config too, then with no model names); no GPU is not an error."""
+    from swapctl.gpus import NoGpu, read_attributed
+
+    loaded = _load(config) if config.exists() else None
+    found = read_attributed(_gpus_of(ctx)(), lambda: _containers(ctx, loaded))
+    if as_json:
+        print(json.dumps(found.to_json()))
+        return
+    if isinstance(found, NoGpu):
+        print(f"no GPU: {found.reason}")
+        return
+    from rich.table import Table
+
+    table = Table(title="GPUs", title_justify="left")
+    for column in ("gpu", "name", "memory used / total", "processes (pid, model, memory)"):
+        table.add_column(column, overflow="fold")
+    for device in found.devices:
+        processes = [f"{p.pid}  {p.model or '-'}  {_gib(p.memory_used)}" for p in device.processes]
+        table.add_row(
+            f"{device.index}\n{device.uuid}",
+            device.name,
+            f"{_gib(device.memory_used)} / {_gib(device.memory_total)}",
+            "\n".join(processes) or "-",
+        )
+    _stdout().print(table)
+
+
+def _containers(ctx: typer.Context, loaded: Config | None) -> list[Container]:
+    """This instance's containers, to name the models of GPU processes; none without a
+    config, or (with a warning) when the engine does not answer."""
+    if loaded is None:
+        return []
+    try:
+        return _engine(ctx)().list(loaded.instance)
+    except SwapctlError as error:
+        print(f"warning: cannot name the models of GPU processes: {error}", file=sys.stderr)
+        return []
 
 
 def _watch(loaded: Config, url: str | None) -> None:
@@ -650,11 +769,16 @@ def exit_code(error: SwapctlError) -> int:
     return 2 if isinstance(error, (ConfigError, UnknownModelError)) else 1
 
 
-def main(argv: list[str] | None = None, backend_factory: BackendFactory = docker_backend) -> None:
-    """The entry point: runs a command with the engine `backend_factory` builds, and turns
-    swapctl's errors into one `error:` line and an exit code (never a traceback)."""
+def main(
+    argv: list[str] | None = None,
+    backend_factory: BackendFactory = docker_backend,
+    inventory_factory: InventoryFactory = nvml_inventory,
+) -> None:
+    """The entry point: runs a command with the engine `backend_factory` builds (and the GPU
+    inventory `inventory_factory` builds), and turns swapctl's errors into one `error:` line
+    and an exit code (never a traceback)."""
     try:
-        app(args=argv, prog_name="swapctl", obj=Runtime(backend_factory))
+        app(args=argv, prog_name="swapctl", obj=Runtime(backend_factory, inventory_factory))
     except SwapctlError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(exit_code(error))

@@ -1,16 +1,20 @@
 """Per-model Prometheus metrics: what was asked of each model, and what it cost.
 
 Counters and histograms are recorded as things happen; state and in-flight gauges are read
-from the swapper when scraped, so nothing is counted twice.
+from the swapper when scraped, so nothing is counted twice. GPU memory, where a GPU exists,
+is read at each scrape too, in a thread (the driver can be slow), never while serving a request.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from swapctl.gpus import NoGpu, Snapshot
 
 
 class _Live(Collector):
@@ -31,9 +35,41 @@ class _Live(Collector):
         yield in_flight
 
 
+class _Gpus(Collector):
+    """Memory per device and per model, from the last snapshot `refresh` read."""
+
+    def __init__(self, read: Callable[[], Snapshot | NoGpu]) -> None:
+        self.read = read
+        self.latest: Snapshot | NoGpu = NoGpu("not read yet")
+
+    def refresh(self) -> None:
+        self.latest = self.read()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        labels = ["device", "uuid"]
+        total = GaugeMetricFamily("swapctl_gpu_memory_total_bytes", "GPU memory, by device", labels=labels)
+        used = GaugeMetricFamily(
+            "swapctl_gpu_memory_used_bytes", "GPU memory in use, by device", labels=labels
+        )
+        by_model = GaugeMetricFamily(
+            "swapctl_model_gpu_memory_bytes", "GPU memory the model's processes hold", labels=["model"]
+        )
+        snapshot = self.latest
+        if isinstance(snapshot, Snapshot):
+            for device in snapshot.devices:
+                total.add_metric([str(device.index), device.uuid], device.memory_total)
+                used.add_metric([str(device.index), device.uuid], device.memory_used)
+            for model, held in sorted(snapshot.memory_by_model().items()):
+                by_model.add_metric([model], held)
+        yield total
+        yield used
+        yield by_model
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.gpus: _Gpus | None = None
         r = self.registry
         self.requests = Counter(
             "swapctl_requests", "Requests answered, by model and HTTP status", ["model", "code"], registry=r
@@ -66,6 +102,17 @@ class Metrics:
         """Report (model, state, in flight) as gauges, read at each scrape; `states` are
         every state a model can be in (each gets a series, 1 for the current one)."""
         self.registry.register(_Live(read, states))
+
+    def watch_gpus(self, read: Callable[[], Snapshot | NoGpu]) -> None:
+        """Report GPU memory per device and per model, from `read` (blocking) at each scrape."""
+        self.gpus = _Gpus(read)
+        self.registry.register(self.gpus)
+
+    async def scrape(self) -> bytes:
+        """The text exposition, GPU memory read first (in a thread) where it is watched."""
+        if self.gpus is not None:
+            await asyncio.to_thread(self.gpus.refresh)
+        return self.render()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -32,9 +32,11 @@ from swapctl.config.compose import env_file_entries, unsupported_key
 from swapctl.config.scalars import (
     DEFAULT_GRACE,
     DURATION,
+    GPU_MEMORY,
     MAX_CONCURRENCY,
     MAX_CPUS,
     MAX_DURATION,
+    MAX_GPU_MEMORY,
     MAX_GPUS,
     MAX_GRACE,
     MAX_HEALTH_TIMEOUT,
@@ -46,6 +48,7 @@ from swapctl.config.scalars import (
     check_size,
     parse_cpus,
     parse_duration,
+    parse_gpu_memory,
     parse_listen,
     parse_size,
 )
@@ -176,6 +179,18 @@ Memory = Annotated[
             "anyOf": [
                 {"type": "integer", "minimum": MIN_MEMORY, "maximum": MAX_MEMORY},
                 {"type": "string", "pattern": f"^{SIZE.pattern}$"},
+            ]
+        }
+    ),
+]
+GpuMemory = Annotated[
+    int,
+    _read_by(parse_gpu_memory),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 1, "maximum": MAX_GPU_MEMORY},
+                {"type": "string", "pattern": f"^{GPU_MEMORY.pattern}$"},
             ]
         }
     ),
@@ -365,6 +380,11 @@ class ModelConfig(_Strict):
         description="missing (the default): pull the image when absent; always: pull before every "
         "start; never: an absent image is an error. Credentials come from your Docker config.",
     )
+    vram: GpuMemory | None = Field(
+        None,
+        description="GPU memory the model holds on each GPU it uses, such as '18GiB'; `swapctl validate` "
+        "checks the matrix's sets against `hardware`. Absent: unknown, not checked.",
+    )
     aliases: tuple[str, ...] = ()
     ttl: StrictInt | None = Field(
         None,
@@ -471,6 +491,18 @@ class GroupConfig(_Strict):
     members: tuple[str, ...]
 
 
+class GpuConfig(_Strict):
+    memory: GpuMemory = Field(description="Its memory: bytes, or a size such as '24GiB', '24G', '24000MiB'.")
+
+
+class HardwareConfig(_Strict):
+    gpus: tuple[GpuConfig, ...] = Field(
+        (),
+        max_length=MAX_GPUS,
+        description="The GPUs, in device index order (0 first), as `gpus:` device IDs number them.",
+    )
+
+
 class StartupHooks(_Strict):
     preload: tuple[str, ...] = Field((), description="Models started when `swapctl up` starts, in order.")
 
@@ -539,6 +571,11 @@ class ConfigFile(_Strict):
         "`reasoning_content` deltas (other streams get SSE comments), unless the model says otherwise.",
     )
     hooks: Hooks = Field(default_factory=Hooks)
+    hardware: HardwareConfig | None = Field(
+        None,
+        description="The machine's GPUs, declared: with the models' `vram`, `swapctl validate` reports "
+        "every combination of a set that cannot fit and `swapctl plan` shows GPU memory.",
+    )
     listen: Annotated[str, AfterValidator(_listen), _LISTEN] = Field(
         "127.0.0.1:8080",
         description="HOST:PORT the proxy listens on: an IPv4 address, [IPv6], a host name, or empty for all.",

@@ -27,11 +27,13 @@ from swapctl.config.compose import Composed, apply_env_files, compose_document, 
 from swapctl.config.document import read_yaml
 from swapctl.config.envfile import load_dotenv, read_env_text
 from swapctl.config.file import ConfigFile, GroupConfig, ModelConfig, parse_file
+from swapctl.config.hardware import footprint
 from swapctl.config.scalars import DEFAULT_GRACE
 from swapctl.config.service import DeviceRequest, Network, Ulimit
 from swapctl.config.templates import load_template, template_name
 from swapctl.errors import ConfigError, UnknownModelError
 from swapctl.matrix import Group, GroupPolicy, MatrixPolicy, Policy, compile_program, matrix_names
+from swapctl.matrix.fit import Footprint
 from swapctl.names import Kind, Names
 
 # the names a request (or a hook, which starts models as requests do) and a person may use;
@@ -74,6 +76,7 @@ class Model:
     mem_limit: int | None  # bytes: its own, else deploy.resources.limits.memory
     cpus: float | None  # its own, else deploy.resources.limits.cpus
     device_requests: tuple[DeviceRequest, ...]  # deploy.resources.reservations.devices (gpus: is apart)
+    vram: int | None  # bytes on each GPU it uses; None: unknown
     aliases: tuple[str, ...]
     use_model_name: str | None
     concurrency_limit: int
@@ -101,6 +104,7 @@ class Config:
     cors: tuple[str, ...]
     allowed_hosts: tuple[str, ...]
     warnings: tuple[str, ...]  # what the file says that is likely a mistake: unset variables
+    gpu_memory: tuple[int, ...] | None  # bytes of each declared GPU, by index; None: none declared
 
     @property
     def aliases(self) -> Mapping[str, str]:
@@ -115,6 +119,18 @@ class Config:
         """Model IDs and aliases, longest first: where `/upstream/<model>/<path>` splits (an
         ID may hold '/'). Sorted once per config, not per request."""
         return tuple(sorted({*self.models, *self.aliases}, key=len, reverse=True))
+
+    @functools.cached_property
+    def footprints(self) -> Mapping[str, Footprint]:
+        """The GPU footprint of each model that uses a GPU and declares its `vram`, on the
+        declared GPUs; empty when none are declared."""
+        if self.gpu_memory is None:
+            return {}
+        found = {
+            model_id: footprint(m.vram, m.gpus, m.device_requests, len(self.gpu_memory))
+            for model_id, m in self.models.items()
+        }
+        return {model_id: f for model_id, f in found.items() if f is not None}
 
     def stop_grace(self, model: str) -> float:
         """Seconds between the stop signal and a kill for `model`'s container; the default
@@ -267,6 +283,7 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         cors=shape.cors,
         allowed_hosts=shape.allowed_hosts,
         warnings=composed.warnings,
+        gpu_memory=tuple(gpu.memory for gpu in shape.hardware.gpus) if shape.hardware else None,
     )
 
 

@@ -24,6 +24,7 @@ MAX_GPUS = 1024
 MAX_CPUS = 4096  # `cpus`: a fraction of the machine's cores, as many as the biggest machines have
 MIN_MEMORY = 6 * 2**20  # Docker refuses a memory limit under 6 MiB
 MAX_MEMORY = 2**48  # 256 TiB
+MAX_GPU_MEMORY = 2**40  # 1 TiB on one GPU: `hardware.gpus[].memory`, a model's `vram`
 
 
 def parse_duration(value: object, maximum: float = MAX_DURATION) -> float:
@@ -70,6 +71,35 @@ def parse_size(value: object, minimum: int, maximum: int) -> int:
     if checked < minimum:
         raise ValueError(f"expected a size of at least {minimum} bytes, got {value!r}")
     return checked
+
+
+GPU_MEMORY = re.compile(r"([0-9]+(?:\.[0-9]+)?)(?:([kKmMgGtT])(?:i?[bB])?|[bB])?")
+_GPU_UNITS = {"k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_gpu_memory(value: object) -> int:
+    """Bytes of GPU memory from a byte count or a size as GPU tools print it (`24GiB`, `24G`,
+    `24000MiB`), from 1 byte to MAX_GPU_MEMORY. Every unit is binary: a card sold as 24 GB
+    holds 24 GiB, as nvidia-smi shows it, and Docker reads `1g` as 2**30 too."""
+    amount: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        amount = value
+    elif isinstance(value, str) and (match := GPU_MEMORY.fullmatch(value.strip())):
+        amount = float(match[1]) * _GPU_UNITS.get((match[2] or "b").lower(), 1)
+    if amount is None:
+        raise ValueError(f"expected bytes, or a size such as '24GiB', '24G' or '24000MiB', got {value!r}")
+    if not 1 <= amount <= MAX_GPU_MEMORY:
+        raise ValueError(f"expected a size from 1 byte to {MAX_GPU_MEMORY // 2**30} GiB, got {value!r}")
+    return int(amount)
+
+
+def format_gpu_memory(size: int) -> str:
+    """`size` bytes exactly, as a person reads GPU memory: `18 GiB`, `1.5 GiB`, `18000 MiB`,
+    else bytes (a misfit by one byte must not read as equal sizes)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale and (size * 100) % scale == 0:
+            return f"{size / scale:.2f}".rstrip("0").rstrip(".") + f" {unit}"
+    return f"{size} bytes"
 
 
 def parse_cpus(value: object) -> float:

@@ -126,7 +126,7 @@ class Admin:
         return JSONResponse(changes.to_json())
 
     async def render_metrics(self, request: Request) -> Response:
-        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(await self.metrics.scrape(), media_type="text/plain; version=0.0.4")
 
     async def logs(self, request: Request) -> Response:
         """The proxy's recent log lines; `/logs/<model>`: the model container's last lines."""

@@ -157,7 +157,7 @@ def test_bad_listen_address(capsys: pytest.CaptureFixture[str]) -> None:
     assert err.strip() == "error: --listen: expected HOST:PORT, got '8080'"
 
 
-HEAVY = {"docker", "httpx", "aiohttp", "starlette", "uvicorn", "prometheus_client", "rich"}
+HEAVY = {"docker", "httpx", "aiohttp", "starlette", "uvicorn", "prometheus_client", "rich", "pynvml"}
 PROBE = f"""
 import sys
 from swapctl.cli import main

@@ -1,0 +1,169 @@
+"""PURE: do models fit the declared GPUs together? An exact placement search, and the check
+of every model alone and every combination of every matrix set against it.
+
+A model's `Footprint` is the memory it holds on each GPU it uses and how many GPUs it uses,
+some of them maybe pinned to device indexes. Models fit together when each gets its number
+of distinct devices, its pinned ones among them, and no device holds more than its memory.
+That is bin packing, so `place` searches: pinned memory first, then the other models
+largest first, trying each choice of devices, remembering the free-memory states that
+failed. Tens of models on a few GPUs take microseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+from swapctl.matrix.expand import expand_set
+from swapctl.matrix.program import Program, combinations_count
+
+# A set that expands to more combinations than this is not checked combination by
+# combination (the expansion is exponential); the report names it instead.
+MAX_CHECKED = 10_000
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one model holds: `vram` bytes on each of `count` distinct GPUs, `pinned` among them."""
+
+    vram: int
+    count: int
+    pinned: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Misfit:
+    """Models that cannot run together on the GPUs: a set's combination, or one model alone
+    (`set` None). `need` is their memory in all, `capacity` the GPUs' in all."""
+
+    set: str | None
+    combination: tuple[str, ...]
+    need: int
+    capacity: int
+
+
+@dataclass(frozen=True)
+class FitReport:
+    misfits: tuple[Misfit, ...]
+    unchecked: tuple[str, ...]  # sets with more than MAX_CHECKED combinations
+
+
+def need(footprints: Mapping[str, Footprint]) -> int:
+    return sum(f.vram * f.count for f in footprints.values())
+
+
+def place(
+    capacities: Sequence[int], footprints: Mapping[str, Footprint]
+) -> dict[str, tuple[int, ...]] | None:
+    """The devices each model gets (sorted indexes) so that all fit `capacities`, or None."""
+    free = list(capacities)
+    for footprint in footprints.values():
+        if len(set(footprint.pinned)) != len(footprint.pinned) or footprint.count < len(footprint.pinned):
+            raise ValueError(f"a footprint pins distinct devices, at most its count: {footprint}")
+        for device in footprint.pinned:
+            if device >= len(free):
+                return None
+            free[device] -= footprint.vram
+    if any(amount < 0 for amount in free):
+        return None
+    rest = sorted(
+        (f.vram, f.count - len(f.pinned), name) for name, f in footprints.items() if f.count > len(f.pinned)
+    )
+    rest.reverse()  # the largest first: they fail soonest
+    chosen = _search(free, [(name, footprints[name], extra) for _, extra, name in rest], set())
+    if chosen is None:
+        return None
+    return {
+        name: tuple(sorted((*footprint.pinned, *chosen.get(name, ()))))
+        for name, footprint in footprints.items()
+    }
+
+
+def _search(
+    free: list[int], rest: list[tuple[str, Footprint, int]], failed: set[tuple[int, tuple[int, ...]]]
+) -> dict[str, tuple[int, ...]] | None:
+    """Devices for the models of `rest` (each needing `extra` more), or None; `failed` holds
+    the (models left, free memory) states already known to fail."""
+    if not rest:
+        return {}
+    state = (len(rest), tuple(free))
+    if state in failed:
+        return None
+    name, footprint, extra = rest[0]
+    usable = [d for d, amount in enumerate(free) if d not in footprint.pinned and amount >= footprint.vram]
+    for devices in combinations(usable, extra):
+        for device in devices:
+            free[device] -= footprint.vram
+        found = _search(free, rest[1:], failed)
+        for device in devices:
+            free[device] += footprint.vram
+        if found is not None:
+            return {name: devices, **found}
+    failed.add(state)
+    return None
+
+
+def check(
+    capacities: Sequence[int], footprints: Mapping[str, Footprint], program: Program | None = None
+) -> FitReport:
+    """Every model that cannot fit alone, then every combination of every set of `program`
+    that cannot fit, in the matrix's own expansion order. Models without a footprint (no
+    GPU, or memory unknown) count as holding nothing. A combination holding a model that
+    cannot fit alone is left out: that model's own misfit says it already."""
+    total = sum(capacities)
+    misfits = [
+        Misfit(None, (name,), need({name: f}), total)
+        for name, f in footprints.items()
+        if place(capacities, {name: f}) is None
+    ]
+    alone = {m.combination[0] for m in misfits}
+    unchecked: list[str] = []
+    known: dict[frozenset[str], bool] = {}
+    for index, matrix_set in enumerate(program.sets if program else ()):
+        assert program is not None
+        if combinations_count(matrix_set.root) > MAX_CHECKED:
+            unchecked.append(matrix_set.name)
+            continue
+        seen: set[frozenset[str]] = set()
+        for combination in expand_set(program, index):
+            held = frozenset(m for m in combination if m in footprints)
+            if combination in seen or len(held) < 2 or held & alone:
+                continue
+            seen.add(combination)
+            if held not in known:
+                known[held] = place(capacities, {m: footprints[m] for m in sorted(held)}) is not None
+            if not known[held]:
+                used = {m: footprints[m] for m in held}
+                misfits.append(Misfit(matrix_set.name, tuple(sorted(combination)), need(used), total))
+    return FitReport(tuple(misfits), tuple(unchecked))
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """One GPU under a placement: its memory `used` of `total`, and by which models."""
+
+    index: int
+    used: int
+    total: int
+    models: tuple[str, ...]
+
+
+def use(
+    capacities: Sequence[int], footprints: Mapping[str, Footprint], models: Sequence[str]
+) -> tuple[DeviceUse, ...] | None:
+    """Each GPU's memory when `models` run, under a placement that fits (None: none does);
+    models without a footprint hold nothing."""
+    held = {m: footprints[m] for m in sorted(models) if m in footprints}
+    placement = place(capacities, held)
+    if placement is None:
+        return None
+    return tuple(
+        DeviceUse(
+            index,
+            sum(held[m].vram for m, devices in placement.items() if index in devices),
+            total,
+            tuple(m for m, devices in placement.items() if index in devices),
+        )
+        for index, total in enumerate(capacities)
+    )
