@@ -309,7 +309,8 @@ async def _serve(
 ) -> None:
     """Adopt what runs, then serve until interrupted; the objects the app shares are built
     here. SIGHUP, POST /reload and, with `watch`, a change of the file reload `path`.
-    Where `inventory` finds a GPU, /metrics reports its memory per device and per model."""
+    Where `inventory` finds a GPU, /metrics reports its memory per device and per model, and
+    the swapper measures each model's footprint and sees evicted models' memory come back."""
     import asyncio
     import logging
     from concurrent.futures import ThreadPoolExecutor
@@ -325,13 +326,12 @@ async def _serve(
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
     timeout = httpx.Timeout(None, connect=10.0)
     metrics = Metrics()
-    if inventory is not None:
-        await _watch_gpus(metrics, inventory, backend, loaded.instance)
+    gpus = None if inventory is None else await _watch_gpus(metrics, inventory, backend, loaded.instance)
     upstream = Http1Upstream()  # forwarding: kept-alive connections, httptools' parser
     async with httpx.AsyncClient(  # health checks
         timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
     ) as client:
-        swapper = Swapper(loaded, backend, client, metrics=metrics)
+        swapper = Swapper(loaded, backend, client, metrics=metrics, inventory=gpus)
         adopted = await swapper.adopt()
         logging.getLogger("swapctl").info(
             "swapctl %s: %d models, %s; adopted %s; listening on http://%s:%d",
@@ -359,8 +359,11 @@ async def _serve(
             await upstream.aclose()
 
 
-async def _watch_gpus(metrics: Metrics, inventory: Inventory, backend: Backend, instance: str) -> None:
-    """GPU gauges in /metrics, where the inventory finds a GPU now (else one log line why)."""
+async def _watch_gpus(
+    metrics: Metrics, inventory: Inventory, backend: Backend, instance: str
+) -> Inventory | None:
+    """GPU gauges in /metrics, where the inventory finds a GPU now (else one log line why);
+    the inventory where it does, for the swapper to measure footprints and verify evictions."""
     import asyncio
     import logging
 
@@ -372,8 +375,9 @@ async def _watch_gpus(metrics: Metrics, inventory: Inventory, backend: Backend, 
     found = await asyncio.to_thread(inventory.read)
     if isinstance(found, NoGpu):
         logging.getLogger("swapctl").info("no GPU memory in /metrics: %s", found.reason)
-        return
+        return None
     metrics.watch_gpus(read)
+    return inventory
 
 
 def _server(

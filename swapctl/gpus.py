@@ -5,7 +5,8 @@ them, or `NoGpu` with the reason (no driver, no device: a normal case, never an 
 `cgroup(pid)` gives a process's control groups, where Docker writes its container's ID.
 `NvmlInventory` asks the driver through NVML (nvidia-ml-py, imported only when read);
 `FakeInventory` ships for tests. The rest is pure: finding a container ID in a cgroup file,
-naming each process's model, and the JSON form.
+naming each process's model, a container's footprint (what it holds on each device), whether a
+stopped container's memory is back, and the JSON form.
 """
 
 from __future__ import annotations
@@ -118,6 +119,70 @@ def attribute(
             for d in snapshot.devices
         )
     )
+
+
+@dataclass(frozen=True)
+class MeasuredFootprint:
+    """What one container's processes held on each GPU, measured once it was ready."""
+
+    container: str  # its ID
+    memory: tuple[tuple[int, int], ...]  # (device index, bytes), by index
+    pids: frozenset[int]
+
+    def to_json(self) -> dict[str, int]:
+        return {str(index): held for index, held in self.memory}
+
+
+@dataclass(frozen=True)
+class Release:
+    """A container stopped with its footprint: each device's used memory just before the stop,
+    to see that memory come back."""
+
+    footprint: MeasuredFootprint
+    used_before: tuple[tuple[int, int], ...]  # (device index, bytes)
+
+
+RELEASED = 0.9  # the share of a device's footprint whose return counts as the memory being back
+
+
+def measured_footprint(
+    snapshot: Snapshot, container: str, cgroup: Callable[[int], str | None]
+) -> MeasuredFootprint | None:
+    """What `container`'s processes hold on each device; None where it has none on any GPU."""
+    memory: dict[int, int] = {}
+    pids: set[int] = set()
+    for device in snapshot.devices:
+        for process in device.processes:
+            if _runs_in(process.pid, container, cgroup):
+                memory[device.index] = memory.get(device.index, 0) + (process.memory_used or 0)
+                pids.add(process.pid)
+    return MeasuredFootprint(container, tuple(sorted(memory.items())), frozenset(pids)) if pids else None
+
+
+def still_held(release: Release, snapshot: Snapshot, cgroup: Callable[[int], str | None]) -> tuple[int, ...]:
+    """The devices where a stopped container's memory is not back yet: one of its processes is
+    still listed, or the used memory has not dropped by RELEASED of what it held there."""
+    ours = release.footprint
+    before, held = dict(release.used_before), dict(ours.memory)
+
+    def holds(device: Device) -> bool:
+        if any(p.pid in ours.pids or _runs_in(p.pid, ours.container, cgroup) for p in device.processes):
+            return True
+        if device.index not in held:
+            return False  # it held nothing here: another model's start may fill this one
+        dropped = before.get(device.index, device.memory_used) - device.memory_used
+        return dropped < RELEASED * held[device.index]
+
+    return tuple(device.index for device in snapshot.devices if holds(device))
+
+
+def used_by_device(snapshot: Snapshot) -> tuple[tuple[int, int], ...]:
+    return tuple((device.index, device.memory_used) for device in snapshot.devices)
+
+
+def _runs_in(pid: int, container: str, cgroup: Callable[[int], str | None]) -> bool:
+    text = cgroup(pid)
+    return text is not None and parse_container_id(text) == container
 
 
 def read_cgroup(pid: int, proc: Path = Path("/proc")) -> str | None:

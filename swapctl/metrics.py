@@ -70,6 +70,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.gpus: _Gpus | None = None
+        self._release_seconds: Histogram | None = None
         r = self.registry
         self.requests = Counter(
             "swapctl_requests", "Requests answered, by model and HTTP status", ["model", "code"], registry=r
@@ -107,6 +108,19 @@ class Metrics:
         """Report GPU memory per device and per model, from `read` (blocking) at each scrape."""
         self.gpus = _Gpus(read)
         self.registry.register(self.gpus)
+
+    def release_seconds(self) -> Histogram:
+        """The histogram of waits for a stopped model's GPU memory to be back; registered on
+        first use, so that a proxy with no GPU exports no GPU series."""
+        if self._release_seconds is None:
+            self._release_seconds = Histogram(
+                "swapctl_gpu_release_seconds",
+                "Time a start waited, once an evicted model stopped, for its GPU memory to be back",
+                ["model"],
+                buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                registry=self.registry,
+            )
+        return self._release_seconds
 
     async def scrape(self) -> bytes:
         """The text exposition, GPU memory read first (in a thread) where it is watched."""

@@ -481,7 +481,14 @@ class MatrixConfig(_Strict):
     evict_costs: dict[str, Annotated[StrictInt, _COST]] = Field(
         default_factory=dict, description="Cost of losing a running model (default 1)."
     )
-    sets: dict[str, str] = Field(description="Named DSL expressions of models allowed to run together.")
+    sets: dict[str, str] | None = Field(
+        None, description="Named DSL expressions of models allowed to run together; required unless `fit`."
+    )
+    fit: Literal["gpu"] | None = Field(
+        None,
+        description="`gpu`: no sets; any models whose `vram` fits the declared `hardware` GPUs run together, "
+        "and a request evicts the running models that cost least to free enough memory.",
+    )
 
 
 class GroupConfig(_Strict):

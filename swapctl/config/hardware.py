@@ -1,4 +1,5 @@
-"""PURE: a model's GPU footprint, from its `vram` and the GPUs its container asks for.
+"""PURE: a model's GPU footprint, from its `vram` and the GPUs its container asks for, and
+the fit-mode policy (`matrix: {fit: gpu}`) built from them.
 
 How many GPUs a model uses is what Docker would give it: `gpus:` (`all`, a count, device
 IDs) or Compose's `deploy.resources.reservations.devices` with the `gpu` capability; no
@@ -14,8 +15,12 @@ from typing import TYPE_CHECKING
 
 from swapctl.config.scalars import format_gpu_memory
 from swapctl.config.service import DeviceRequest
+from swapctl.errors import ConfigError
 from swapctl.matrix.fit import MAX_CHECKED, DeviceUse, Footprint, Misfit, check, use
+from swapctl.matrix.fit_solver import FitPolicy
+from swapctl.matrix.program import compile_costs
 from swapctl.matrix.solver import MatrixPolicy
+from swapctl.names import Names
 
 if TYPE_CHECKING:
     from swapctl.config.resolved import Config, Model
@@ -49,6 +54,35 @@ def footprint(
     if vram is None or count == 0:
         return None
     return Footprint(vram, count, pinned)
+
+
+def fit_policy(
+    names: Names, models: Mapping[str, Model], evict_costs: Mapping[str, int], gpus: tuple[int, ...] | None
+) -> FitPolicy:
+    """`matrix: {fit: gpu}` on the declared GPUs. Where written sets leave a model of unknown
+    memory unchecked (the sets are the user's promise), fit mode would have to guess it:
+    holding nothing, it would start beside anything and die out of memory; filling its
+    GPUs, it would evict everything for a guess. So the GPUs and the `vram` of every model
+    that uses one are required, and a model that cannot fit even alone is refused here,
+    not at its first request."""
+    if not gpus:
+        raise ConfigError(
+            "matrix.fit", "fit: gpu places models on the declared GPUs: declare them in `hardware.gpus`"
+        )
+    footprints: dict[str, Footprint] = {}
+    for model_id, model in models.items():
+        count, pinned = gpu_count(model.gpus, model.device_requests, len(gpus))
+        if count and model.vram is None:
+            raise ConfigError(
+                f"models.{model_id}.vram", "required with `matrix: {fit: gpu}` by every model that uses a GPU"
+            )
+        if count and model.vram is not None:
+            footprints[model_id] = Footprint(model.vram, count, pinned)
+    policy = FitPolicy(compile_costs(names, tuple(models), evict_costs), footprints, gpus)
+    for model_id in footprints:
+        if problem := policy.alone_problem(model_id):
+            raise ConfigError(f"models.{model_id}.vram", problem)
+    return policy
 
 
 def _gpus_text(capacities: Sequence[int]) -> str:

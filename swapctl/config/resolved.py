@@ -27,7 +27,7 @@ from swapctl.config.compose import Composed, apply_env_files, compose_document, 
 from swapctl.config.document import read_yaml
 from swapctl.config.envfile import load_dotenv, read_env_text
 from swapctl.config.file import ConfigFile, GroupConfig, ModelConfig, parse_file
-from swapctl.config.hardware import footprint
+from swapctl.config.hardware import fit_policy, footprint
 from swapctl.config.scalars import DEFAULT_GRACE
 from swapctl.config.service import DeviceRequest, Network, Ulimit
 from swapctl.config.templates import load_template, template_name
@@ -234,17 +234,24 @@ def _group_policy(groups: Mapping[str, GroupConfig], names: Names, models: tuple
     return GroupPolicy(built, models)
 
 
-def _policy(shape: ConfigFile, names: Names) -> tuple[Policy, Names]:
-    """The matrix or the groups (one model at a time when neither), and the names with the
-    matrix's vars."""
-    models = tuple(shape.models)
+def _policy(
+    shape: ConfigFile, names: Names, models: Mapping[str, Model], gpus: tuple[int, ...] | None
+) -> tuple[Policy, Names]:
+    """The matrix, its fit mode or the groups (one model at a time when none), and the names
+    with the matrix's vars."""
     if shape.matrix is not None and shape.groups is not None:
         raise ConfigError("groups", "a config uses either 'matrix' or 'groups', not both")
     if shape.matrix is None:
-        return _group_policy(shape.groups or {}, names, models), names
+        return _group_policy(shape.groups or {}, names, tuple(models)), names
     matrix = shape.matrix
     names = matrix_names(matrix.vars, names)
-    return MatrixPolicy(compile_program(names, models, matrix.evict_costs, matrix.sets)), names
+    if matrix.fit is not None:
+        if matrix.sets is not None:
+            raise ConfigError("matrix.fit", "a matrix writes its `sets` or says `fit: gpu`, not both")
+        return fit_policy(names, models, matrix.evict_costs, gpus), names
+    if matrix.sets is None:
+        raise ConfigError("matrix.sets", "required key is missing (or `fit: gpu`, for no sets)")
+    return MatrixPolicy(compile_program(names, tuple(models), matrix.evict_costs, matrix.sets)), names
 
 
 def parse_config(
@@ -263,13 +270,15 @@ def parse_config(
 
 def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str]) -> Config:
     shape = parse_file(apply_env_files(composed, env_files(composed.document, base_dir), env_file_texts))
-    policy, names = _policy(shape, Names(frozenset(shape.models), _aliases(shape.models)))
+    models = {model_id: _model(model, shape) for model_id, model in shape.models.items()}
+    gpus = tuple(gpu.memory for gpu in shape.hardware.gpus) if shape.hardware else None
+    policy, names = _policy(shape, Names(frozenset(shape.models), _aliases(shape.models)), models, gpus)
     preload = tuple(
         names.resolve(name, REQUEST_NAMES, where=f"hooks.on_startup.preload.{i}")
         for i, name in enumerate(shape.hooks.on_startup.preload)
     )
     return Config(
-        models={model_id: _model(model, shape) for model_id, model in shape.models.items()},
+        models=models,
         names=names,
         policy=policy,
         preload=preload,
@@ -283,7 +292,7 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         cors=shape.cors,
         allowed_hosts=shape.allowed_hosts,
         warnings=composed.warnings,
-        gpu_memory=tuple(gpu.memory for gpu in shape.hardware.gpus) if shape.hardware else None,
+        gpu_memory=gpus,
     )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import re
 
+from swapctl.matrix.fit import format_gpu_memory as format_gpu_memory  # printed by the pure core
+
 DURATION = re.compile(
     r"(?:([0-9]+(?:\.[0-9]+)?)h)?(?:([0-9]+(?:\.[0-9]+)?)m(?!s))?(?:([0-9]+(?:\.[0-9]+)?)s)?(?:([0-9]+)ms)?"
 )
@@ -91,15 +93,6 @@ def parse_gpu_memory(value: object) -> int:
     if not 1 <= amount <= MAX_GPU_MEMORY:
         raise ValueError(f"expected a size from 1 byte to {MAX_GPU_MEMORY // 2**30} GiB, got {value!r}")
     return int(amount)
-
-
-def format_gpu_memory(size: int) -> str:
-    """`size` bytes exactly, as a person reads GPU memory: `18 GiB`, `1.5 GiB`, `18000 MiB`,
-    else bytes (a misfit by one byte must not read as equal sizes)."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale and (size * 100) % scale == 0:
-            return f"{size / scale:.2f}".rstrip("0").rstrip(".") + f" {unit}"
-    return f"{size} bytes"
 
 
 def parse_cpus(value: object) -> float:

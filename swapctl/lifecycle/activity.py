@@ -1,6 +1,7 @@
-"""Changes to the agreed event contract: one addition. When a model that a reload removed
+"""Changes to the agreed event contract: two additions. When a model that a reload removed
 has stopped and is forgotten, a `model` event carries its ROW with `state` "removed" (and no
-container): drop its row.
+container): drop its row. A ROW carries `gpu_memory`, the model's footprint as last measured
+where a GPU exists (bytes per GPU index), else null; a `model` event goes out when it is measured.
 
 What the proxy has been doing, for people and tools to watch: the last swaps, each model's
 request and token rates, and events for subscribers (GET /events, `swapctl status --watch`,
@@ -20,7 +21,8 @@ Each event goes out as `event: NAME\\ndata: JSON\\n\\n`:
               served at least once
 
     ROW  = {"model", "state", "container", "host_port", "in_flight", "ready_seconds",
-            "idle_seconds" (as `ModelStatus`), "last_start_seconds": float | null,
+            "idle_seconds", "gpu_memory": {GPU index: bytes} | null (as `ModelStatus`),
+            "last_start_seconds": float | null,
             "requests": int, "requests_per_s": float, "tokens_per_s": float}
     SWAP = {"at": epoch seconds when it ended, "model", "set": str | null, "evicted": [str],
             "cost": int, "seconds": float, "ok": bool, "error": str | null}

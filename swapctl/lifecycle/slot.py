@@ -20,6 +20,7 @@ import asyncio
 import enum
 import statistics
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from swapctl.backend import Container, Pulled
@@ -153,12 +154,13 @@ class ModelStatus:
     in_flight: int
     ready_seconds: float | None
     idle_seconds: float | None
+    gpu_memory: Mapping[str, int] | None = None  # bytes per GPU index, as last measured
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
 
     @classmethod
-    def of(cls, slot: Slot, now: float) -> ModelStatus:
+    def of(cls, slot: Slot, now: float, gpu_memory: Mapping[str, int] | None = None) -> ModelStatus:
         ready = slot.phase is State.READY
         return cls(
             model=slot.model,
@@ -168,4 +170,5 @@ class ModelStatus:
             in_flight=slot.in_flight,
             ready_seconds=now - slot.ready_since if ready and slot.ready_since is not None else None,
             idle_seconds=now - slot.last_used if ready and not slot.in_flight else None,
+            gpu_memory=gpu_memory,
         )

@@ -21,6 +21,10 @@ A reload swaps `config` between two decisions. Models whose container changed, m
 removed, and models the new policy forbids beside the rest are evicted the usual way (their
 requests in flight finish first); a removed model's slot goes once it has stopped, and until
 then it runs under `retiring`, the last config that named it.
+
+With a GPU inventory, each model's footprint (what its container holds on each GPU) is measured
+once it is ready, in a task of its own; a start that evicted models waits, after they stopped,
+until the inventory shows their memory back (bounded: see `GpuMemory`).
 """
 
 from __future__ import annotations
@@ -48,8 +52,10 @@ from swapctl.errors import (
     SwapctlError,
     UnknownModelError,
 )
+from swapctl.gpus import Inventory
 from swapctl.lifecycle.activity import Activity, Row, Swap
 from swapctl.lifecycle.changes import Changes, keep_fixed
+from swapctl.lifecycle.gpu_memory import RELEASE_WAIT, GpuMemory
 from swapctl.lifecycle.health import Clock, HealthCheck
 from swapctl.lifecycle.lease import Lease, Ticket
 from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
@@ -80,6 +86,8 @@ class Swapper:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: Metrics | None = None,
+        inventory: Inventory | None = None,
+        release_wait: float = RELEASE_WAIT,
     ) -> None:
         self.config = config
         self.backend = AsyncBackend(backend)
@@ -91,6 +99,9 @@ class Swapper:
         self.changed = asyncio.Condition()
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
+        self.gpu: GpuMemory | None = None  # footprints and verified evictions, where a GPU exists
+        if inventory is not None:
+            self.gpu = GpuMemory(inventory, self.health.clock, self.metrics, release_wait)
         self.activity = Activity(self.row, clock)  # what people and tools watch: swaps, rates, events
         statuses = lambda: [(s.model, s.state, s.in_flight) for s in self.status()]  # noqa: E731
         self.metrics.watch(statuses, [state.value for state in State])
@@ -198,6 +209,8 @@ class Swapper:
     def _launch(self, slot: Slot, step: Step) -> None:
         """The model is starting: requests wait on `slot.start`, which its task settles."""
         self._move(slot, State.STARTING, step=step)
+        if self.gpu is not None:
+            self.gpu.started(slot.model)
         slot.start = asyncio.get_running_loop().create_future()
         slot.start.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
 
@@ -221,6 +234,9 @@ class Swapper:
             decision = decided.decision
             await asyncio.gather(*(self._evict(self.slots[m]) for m in decision.evict))
             await self._until_gone(slot.model, decided.leaving)
+            if self.gpu is not None:  # a stopped container's memory may come back late
+                others = (s.model for s, _ in decided.leaving)
+                await self.gpu.until_freed(slot.model, (*decision.evict, *others))
             container = await self._start(slot, spec)
         except BaseException as error:
             await self._start_failed(slot, error)
@@ -325,6 +341,20 @@ class Swapper:
         self.metrics.starts.labels(slot.model, "ready").inc()
         assert slot.start is not None
         slot.start.set_result(None)
+        self._measure(slot, container)
+
+    def _measure(self, slot: Slot, container: Container) -> None:
+        """Measure what the ready model holds on the GPUs, in a task: nobody waits for it."""
+        if self.gpu is not None:
+            self._spawn(self._measured(slot, container, self.gpu))
+
+    async def _measured(self, slot: Slot, container: Container, gpu: GpuMemory) -> None:
+        found = await gpu.measure(container)
+        async with self.changed:
+            if found is not None and slot.container is not None and slot.container.id == container.id:
+                gpu.footprints[slot.model] = found
+                self.changed.notify_all()
+                self.activity.changed(slot.model)
 
     async def _start_failed(self, slot: Slot, error: BaseException) -> None:
         failure = error if isinstance(error, SwapctlError) else StartError(slot.model, repr(error))
@@ -372,6 +402,8 @@ class Swapper:
             self._move(slot, State.STOPPING)
         self.metrics.evictions.labels(slot.model).inc()
         try:
+            if self.gpu is not None:  # the memory it holds now, to see it come back
+                await self.gpu.stopping(slot.model, container)
             await self._remove(slot.model, container, self._grace(slot.model))
         except BaseException:
             await self._stuck(slot)
@@ -572,6 +604,7 @@ class Swapper:
         if await self.health.answers(container, self.config.models[slot.model].health):
             await self._set(slot, State.READY, container=container)
             log.info("adopted %s (%s)", slot.model, container.name)
+            self._measure(slot, container)
             return
         log.info("adopting %s (%s): waiting for its health check", slot.model, container.name)
         async with self.changed:
@@ -664,7 +697,11 @@ class Swapper:
 
     def status(self) -> list[ModelStatus]:
         now = self.clock()
-        return [ModelStatus.of(slot, now) for slot in self.slots.values()]
+        return [self._status(slot, now) for slot in self.slots.values()]
+
+    def _status(self, slot: Slot, now: float) -> ModelStatus:
+        measured = self.gpu.footprints.get(slot.model) if self.gpu else None
+        return ModelStatus.of(slot, now, measured.to_json() if measured else None)
 
     def row(self, model: str) -> Row | None:
         """The model's row for people: its status, its last start's duration, its rates."""
@@ -672,7 +709,7 @@ class Swapper:
         if slot is None:
             return None
         last_start = slot.durations[-1] if slot.durations else None
-        return self.activity.with_rates(ModelStatus.of(slot, self.clock()), last_start)
+        return self.activity.with_rates(self._status(slot, self.clock()), last_start)
 
     def rows(self) -> list[Row]:
         return [row for model in list(self.slots) if (row := self.row(model)) is not None]

@@ -1,6 +1,7 @@
-"""The pure core: the set DSL, its compiled program, the solver, and the legacy groups."""
+"""The pure core: the set DSL, its compiled program, the solver, fit mode, and the legacy groups."""
 
 from swapctl.matrix.decision import Candidate, Decision, Policy, allowed_part
+from swapctl.matrix.fit_solver import FitPolicy
 from swapctl.matrix.groups import DEFAULT_GROUP, Group, GroupPolicy
 from swapctl.matrix.program import Program, compile_matrix, compile_program, matrix_names
 from swapctl.matrix.solver import MatrixPolicy
@@ -9,6 +10,7 @@ __all__ = [
     "DEFAULT_GROUP",
     "Candidate",
     "Decision",
+    "FitPolicy",
     "Group",
     "GroupPolicy",
     "MatrixPolicy",

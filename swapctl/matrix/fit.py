@@ -11,8 +11,8 @@ failed. Tens of models on a few GPUs take microseconds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from itertools import combinations
 
 from swapctl.matrix.expand import expand_set
@@ -49,6 +49,15 @@ class FitReport:
     unchecked: tuple[str, ...]  # sets with more than MAX_CHECKED combinations
 
 
+def format_gpu_memory(size: int) -> str:
+    """`size` bytes exactly, as a person reads GPU memory: `18 GiB`, `1.5 GiB`, `18000 MiB`,
+    else bytes (a misfit by one byte must not read as equal sizes)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale and (size * 100) % scale == 0:
+            return f"{size / scale:.2f}".rstrip("0").rstrip(".") + f" {unit}"
+    return f"{size} bytes"
+
+
 def need(footprints: Mapping[str, Footprint]) -> int:
     return sum(f.vram * f.count for f in footprints.values())
 
@@ -71,7 +80,12 @@ def place(
         (f.vram, f.count - len(f.pinned), name) for name, f in footprints.items() if f.count > len(f.pinned)
     )
     rest.reverse()  # the largest first: they fail soonest
-    chosen = _search(free, [(name, footprints[name], extra) for _, extra, name in rest], set())
+    models = [(name, footprints[name], extra) for _, extra, name in rest]
+    needs = [0]  # needs[k]: the memory of the last k models of `models`
+    for _, footprint, extra in reversed(models):
+        needs.append(needs[-1] + footprint.vram * extra)
+    distinct = tuple(sorted({d for _, f, _ in models for d in f.pinned}))
+    chosen = _search(free, models, _Search(needs, distinct))
     if chosen is None:
         return None
     return {
@@ -80,27 +94,53 @@ def place(
     }
 
 
+@dataclass
+class _Search:
+    """What `_search` keeps across its calls. Devices that no model left to place pins are
+    interchangeable but for their free memory: a state holds their free amounts sorted, and
+    a choice among them is tried once per multiset of free amounts, so GPUs of one size are
+    not told apart (8 equal GPUs would otherwise multiply the states by up to 8!)."""
+
+    needs: list[int]  # needs[k]: the memory of the last k models to place
+    distinct: tuple[int, ...]  # the devices a model left to place pins: told apart
+    failed: set[tuple[object, ...]] = field(default_factory=set)  # states known to fail
+
+    def state(self, free: Sequence[int], left: int) -> tuple[object, ...]:
+        return left, *self.choice(free, range(len(free)))
+
+    def choice(self, free: Sequence[int], devices: Iterable[int]) -> tuple[object, ...]:
+        told = tuple((d, free[d]) for d in devices if d in self.distinct)
+        alike = sorted(free[d] for d in devices if d not in self.distinct)
+        return told, tuple(alike)
+
+
 def _search(
-    free: list[int], rest: list[tuple[str, Footprint, int]], failed: set[tuple[int, tuple[int, ...]]]
+    free: list[int], rest: list[tuple[str, Footprint, int]], known: _Search
 ) -> dict[str, tuple[int, ...]] | None:
-    """Devices for the models of `rest` (each needing `extra` more), or None; `failed` holds
-    the (models left, free memory) states already known to fail."""
+    """Devices for the models of `rest` (each needing `extra` more), or None."""
     if not rest:
         return {}
-    state = (len(rest), tuple(free))
-    if state in failed:
+    if known.needs[len(rest)] > sum(free):
+        return None
+    state = known.state(free, len(rest))
+    if state in known.failed:
         return None
     name, footprint, extra = rest[0]
     usable = [d for d, amount in enumerate(free) if d not in footprint.pinned and amount >= footprint.vram]
+    tried: set[tuple[object, ...]] = set()
     for devices in combinations(usable, extra):
+        choice = known.choice(free, devices)
+        if choice in tried:
+            continue
+        tried.add(choice)
         for device in devices:
             free[device] -= footprint.vram
-        found = _search(free, rest[1:], failed)
+        found = _search(free, rest[1:], known)
         for device in devices:
             free[device] += footprint.vram
         if found is not None:
             return {name: devices, **found}
-    failed.add(state)
+    known.failed.add(state)
     return None
 
 

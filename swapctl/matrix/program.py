@@ -216,6 +216,22 @@ def compile_matrix(
     return compile_program(names, tuple(models), evict_costs, sets, path)
 
 
+def compile_costs(
+    names: Names, models: tuple[str, ...], evict_costs: Mapping[str, int], path: str = "matrix"
+) -> dict[str, int]:
+    """Each model's eviction cost: its `evict_costs` entry (by var or model ID), else 1."""
+    costs = dict.fromkeys(models, 1)
+    for name, cost in evict_costs.items():
+        where = f"{path}.evict_costs.{name}"
+        named = names.resolve(name, SET_NAMES, where=where)
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
+            raise ConfigError(where, f"a cost is a positive integer, got {cost!r}")
+        if cost > MAX_COST:
+            raise ConfigError(where, f"a cost is at most {MAX_COST}, got {cost!r}")
+        costs[named] = cost
+    return costs
+
+
 def compile_program(
     names: Names,
     models: tuple[str, ...],
@@ -225,15 +241,8 @@ def compile_program(
 ) -> Program:
     """Build a Program over `models` (in their configured order), naming them by `names`."""
     index = {model: i for i, model in enumerate(models)}
-    costs = [1] * len(models)
-    for name, cost in evict_costs.items():
-        where = f"{path}.evict_costs.{name}"
-        named = names.resolve(name, SET_NAMES, where=where)
-        if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
-            raise ConfigError(where, f"a cost is a positive integer, got {cost!r}")
-        if cost > MAX_COST:
-            raise ConfigError(where, f"a cost is at most {MAX_COST}, got {cost!r}")
-        costs[index[named]] = cost
+    by_name = compile_costs(names, models, evict_costs, path)
+    costs = [by_name[model] for model in models]
 
     if not sets:
         raise ConfigError(f"{path}.sets", "no sets: the matrix needs at least one set")

@@ -56,6 +56,7 @@ ROW = {
     "in_flight",
     "ready_seconds",
     "idle_seconds",
+    "gpu_memory",
     "last_start_seconds",
     "requests",
     "requests_per_s",

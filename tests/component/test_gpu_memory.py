@@ -1,0 +1,276 @@
+"""Measured footprints and verified eviction: the swapper over the fake engine and a fake GPU
+whose processes are the engine's containers, a stopped one's memory released late."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import httpx
+import pytest
+
+from swapctl.backend import Container
+from swapctl.backend.fake import FakeBackend
+from swapctl.cli import _watch_gpus
+from swapctl.config import Config, parse_config
+from swapctl.gpus import Device, FakeInventory, GpuProcess, Snapshot
+from swapctl.lifecycle import Swapper
+from swapctl.metrics import Metrics
+from swapctl.proxy import build_app
+from swapctl.proxy.upstream import HttpxUpstream
+from swapctl.spec import ContainerSpec
+
+GIB = 2**30
+OTHERS = GIB  # held by a process outside any container
+VRAM = {"chat": 6 * GIB, "code": 4 * GIB, "big": 18 * GIB}
+MATRIX = {"vars": {"c": "chat", "k": "code", "B": "big"}, "sets": {"pair": "c & k", "alone": "B"}}
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def make_config() -> Config:
+    models = {name: {"image": "img", "stop_grace_period": 0} for name in VRAM}
+    return parse_config({"models": models, "matrix": MATRIX, "instance": "test"})
+
+
+class HexIds(FakeBackend):
+    """The fake engine with 64-hex container IDs, as Docker writes them into cgroup paths."""
+
+    def start(self, spec: ContainerSpec) -> Container:
+        container = super().start(spec)
+        box = self.boxes.pop(container.id)
+        box.container = replace(container, id=hashlib.sha256(container.id.encode()).hexdigest())
+        self.boxes[box.container.id] = box
+        return box.container
+
+
+@dataclass
+class Holder:
+    model: str
+    pid: int
+    reads_left: int | None = None  # once stopped: reads its memory lingers for (None: until freed)
+    stopped: bool = False
+
+
+class OneGpu:
+    """One 24 GiB GPU. Each running container of the engine has a process holding its model's
+    `vram`; a stopped one's memory lingers for `linger` reads after the stop is seen (None:
+    until `free()`), its process still `listed` by the driver or not. Records each container
+    that started while another's memory lingered."""
+
+    def __init__(
+        self, backend: FakeBackend, linger: int | None, listed: bool = True, vram: dict[str, int] = VRAM
+    ) -> None:
+        self.backend, self.linger, self.listed, self.vram = backend, linger, listed, vram
+        self.holders: dict[str, Holder] = {}  # container ID -> its process
+        self.beside: list[tuple[str, str]] = []  # (a model started, a model whose memory lingered)
+        self.reads = 0
+        self.freed = False
+        self.pids = itertools.count(100)
+        self.lock = threading.Lock()
+
+    def free(self) -> None:
+        with self.lock:
+            self.freed = True
+
+    def read(self) -> Snapshot:
+        with self.lock:
+            self.reads += 1
+            running = {c.id: c.model for c in self.backend.list("test") if c.running and c.model in self.vram}
+            self._forget_freed(running)
+            lingering = [h.model for cid, h in self.holders.items() if cid not in running]
+            for cid, model in running.items():
+                if cid not in self.holders:
+                    self.beside += [(model, old) for old in lingering]
+                    self.holders[cid] = Holder(model, next(self.pids))
+            return Snapshot((self._device(running),))
+
+    def _forget_freed(self, running: dict[str, str]) -> None:
+        for cid, holder in list(self.holders.items()):
+            if cid in running:
+                continue
+            if not holder.stopped:
+                holder.stopped, holder.reads_left = True, self.linger
+            if self.freed or holder.reads_left == 0:
+                del self.holders[cid]
+            elif holder.reads_left is not None:
+                holder.reads_left -= 1
+
+    def _device(self, running: dict[str, str]) -> Device:
+        held = sum(self.vram[h.model] for h in self.holders.values())
+        listed = [(cid, h) for cid, h in self.holders.items() if cid in running or self.listed]
+        processes = (GpuProcess(7, OTHERS), *(GpuProcess(h.pid, self.vram[h.model]) for _, h in listed))
+        return Device(0, "GPU-aaaa", "NVIDIA L4", 24 * GIB, OTHERS + held, processes)
+
+    def cgroup(self, pid: int) -> str | None:
+        """A running container's process names it; a stopped one's is gone from /proc."""
+        with self.lock:
+            running = {c.id for c in self.backend.list("test") if c.running}
+            for cid, holder in self.holders.items():
+                if holder.pid == pid and cid in running:
+                    return f"0::/system.slice/docker-{cid}.scope\n"
+        return "0::/user.slice\n" if pid == 7 else None
+
+
+class Clock:
+    """A manual clock: time moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def swapper_for() -> AsyncIterator[Callable[..., Swapper]]:
+    clients: list[httpx.AsyncClient] = []
+
+    def build(backend: FakeBackend, **options: Any) -> Swapper:
+        client = httpx.AsyncClient(transport=backend.transport)
+        clients.append(client)
+        clock = Clock()
+        return Swapper(make_config(), backend, client, clock=clock, sleep=clock.sleep, **options)
+
+    yield build
+    for client in clients:
+        await client.aclose()
+
+
+async def use(swapper: Swapper, model: str) -> None:
+    await (await swapper.acquire(model)).release()
+
+
+async def settled(swapper: Swapper) -> None:
+    """Until the swapper's tasks (a footprint's measure among them) are over."""
+    while swapper.tasks:
+        await asyncio.gather(*list(swapper.tasks))
+
+
+def released(swapper: Swapper, model: str, sample: str = "count") -> float | None:
+    labels = {"model": model}
+    return swapper.metrics.registry.get_sample_value(f"swapctl_gpu_release_seconds_{sample}", labels)
+
+
+async def test_the_footprint_measured_once_ready_shows_in_running(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = HexIds()
+    swapper = swapper_for(backend, inventory=OneGpu(backend, linger=0))
+    await use(swapper, "chat")
+    await settled(swapper)
+    async with httpx.AsyncClient(transport=backend.transport) as upstream:
+        app = build_app(swapper.config, swapper, HttpxUpstream(upstream), swapper.metrics)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+        ) as client:
+            answer = (await client.get("/running")).json()
+    by_model = {m["model"]: m for m in answer["models"]}
+    assert by_model["chat"]["gpu_memory"] == {"0": 6 * GIB}  # its process only, not the others'
+    assert by_model["code"]["gpu_memory"] is None  # never measured
+    row = swapper.row("chat")
+    assert row is not None and row["gpu_memory"] == {"0": 6 * GIB}
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["process-listed", "memory-only"])
+async def test_a_start_waits_until_evicted_memory_is_back(
+    swapper_for: Callable[..., Swapper], caplog: pytest.LogCaptureFixture, listed: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="swapctl")
+    backend = HexIds()
+    gpu = OneGpu(backend, linger=3, listed=listed)
+    swapper = swapper_for(backend, inventory=gpu)
+    await asyncio.gather(use(swapper, "chat"), use(swapper, "code"))
+    await settled(swapper)
+    await use(swapper, "big")  # evicts chat and code, whose memory comes back three reads late
+    await settled(swapper)
+    assert swapper.running() == ["big"]
+    assert gpu.beside == []  # big never started beside their memory
+    assert "waiting for GPU memory of chat, code to be freed" in caplog.messages
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert released(swapper, "chat") == released(swapper, "code") == 1
+    row = swapper.row("big")
+    assert row is not None and row["gpu_memory"] == {"0": 18 * GIB}
+
+
+async def test_memory_never_freed_lets_the_start_go_on_after_the_bound(
+    swapper_for: Callable[..., Swapper], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="swapctl")
+    backend = HexIds()
+    gpu = OneGpu(backend, linger=None)
+    swapper = swapper_for(backend, inventory=gpu, release_wait=30.0)
+    await use(swapper, "chat")
+    await settled(swapper)
+    await use(swapper, "big")  # the manual clock moves only as the wait sleeps
+    assert swapper.running() == ["big"]
+    assert "GPU memory of chat on GPU 0 not freed after 30s; starting big anyway" in caplog.messages
+    assert released(swapper, "chat") == 1
+    waited = released(swapper, "chat", "sum")
+    assert waited is not None and waited >= 30.0
+    await settled(swapper)
+    assert gpu.beside == [("big", "chat")]
+
+
+async def test_a_start_that_waited_on_a_release_the_test_frees(
+    swapper_for: Callable[..., Swapper],
+) -> None:
+    backend = HexIds()
+    gpu = OneGpu(backend, linger=None)
+    swapper = swapper_for(backend, inventory=gpu, release_wait=float("inf"))
+    await use(swapper, "chat")
+    await settled(swapper)
+    start = asyncio.create_task(use(swapper, "big"))
+    async with swapper.changed:  # chat stopped: big now waits on its memory alone
+        await swapper.changed.wait_for(lambda: swapper.slots["chat"].stops == 1)
+    assert not start.done() and "big" not in backend.running_models()
+    gpu.free()
+    await start
+    await settled(swapper)
+    assert gpu.beside == [] and released(swapper, "chat") == 1
+
+
+async def test_no_inventory_no_wait_and_nothing_measured(swapper_for: Callable[..., Swapper]) -> None:
+    backend = HexIds()
+    gpu = OneGpu(backend, linger=None)  # would never free: only read through the swapper's inventory
+    swapper = swapper_for(backend)
+    await use(swapper, "chat")
+    await use(swapper, "big")
+    assert swapper.running() == ["big"] and gpu.reads == 0
+    assert all(row["gpu_memory"] is None for row in swapper.rows())
+    assert "swapctl_gpu" not in swapper.metrics.render().decode()
+
+
+async def test_a_model_with_no_gpu_process_is_not_waited_for(swapper_for: Callable[..., Swapper]) -> None:
+    backend = HexIds()
+    gpu = OneGpu(backend, linger=None, vram={"big": 18 * GIB})  # chat runs on the CPU
+    swapper = swapper_for(backend, inventory=gpu)
+    await use(swapper, "chat")
+    await settled(swapper)
+    await use(swapper, "big")
+    assert swapper.running() == ["big"]
+    row = swapper.row("chat")
+    assert row is not None and row["gpu_memory"] is None
+    assert released(swapper, "chat") is None
+
+
+async def test_up_hands_the_swapper_an_inventory_only_where_it_finds_a_gpu() -> None:
+    backend = HexIds()
+    found = FakeInventory((Device(0, "GPU-aaaa", "NVIDIA L4", 24 * GIB, 0),))
+    assert await _watch_gpus(Metrics(), found, backend, "test") is found
+    assert await _watch_gpus(Metrics(), FakeInventory(reason="no driver"), backend, "test") is None
