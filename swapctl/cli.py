@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from swapctl.config import Config
     from swapctl.gpus import Inventory, NoGpu, Snapshot
     from swapctl.matrix import Decision
+    from swapctl.measures import MeasureStore
     from swapctl.metrics import Metrics
 
 BackendFactory = Callable[[], "Backend"]
@@ -132,12 +133,14 @@ def validate(config: ConfigOption = DEFAULT_CONFIG) -> None:
     models = len(loaded.models)
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    from swapctl.config.hardware import fit_problems
+    from swapctl.config.hardware import fit_problems, footprint_notes
+    from swapctl.measures import kept_footprints
 
     # A set that cannot fit the declared GPUs is an error, not a warning: the matrix promises
     # its models run together, and the broken promise would only show later, as a container
     # dying out of memory mid-request. Hardware declared wrongly is as much a config mistake.
     misfits, notes = fit_problems(loaded)
+    notes += footprint_notes(loaded, kept_footprints(loaded, _measures(loaded)))
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for misfit in misfits:
@@ -198,25 +201,44 @@ def plan(
     target = loaded.resolve_any(model)
     if running is None:
         _, statuses = _live_statuses(loaded, url, _engine(ctx))
-        names = sorted(s["model"] for s in statuses if s["state"] not in ("stopped", "stopping", "leaving"))
+        gone = ("stopped", "stopping", "leaving", "sleeping")  # asleep: counted as stopped
+        names = sorted(s["model"] for s in statuses if s["state"] not in gone)
     else:
         names = _running_names(loaded, running)
-    decision = loaded.policy.decide(target, names, explain=True)
     from swapctl.config import hardware
+    from swapctl.measures import costed_policy, effective_costs
+
+    measures = _measures(loaded)
+    decision = costed_policy(loaded, measures).decide(target, names, explain=True)
+    every_cost = effective_costs(loaded, measures)
+    costs = {} if decision.already_running else {m: every_cost[m] for m in names if m != target}
 
     after = sorted({*names, target} - set(decision.evict))
     before_use, after_use = hardware.memory_use(loaded, names), hardware.memory_use(loaded, after)
     shown = hardware.shows_memory(loaded)
     if as_json:
         memory = {"before": hardware.use_json(before_use), "after": hardware.use_json(after_use)}
-        print(json.dumps({**decision.to_json(), **({"gpu_memory": memory} if shown else {})}))
+        costs_json = {"costs": {m: cost.to_json() for m, cost in costs.items()}}
+        print(json.dumps({**decision.to_json(), **costs_json, **({"gpu_memory": memory} if shown else {})}))
         return
     _print_decision(decision, model)
+    if costs:
+        print("costs of the running models, and where each comes from:")
+        width = max(len(m) for m in costs)
+        for m, cost in costs.items():
+            print(f"  {m:<{width}}  {cost.cost:>4}  {cost.source}")
     if shown:
         print("GPU memory, before -> after (a placement that fits, models without vram not counted):")
         for index in range(len(loaded.gpu_memory or ())):
             was, will = hardware.use_text(before_use, index), hardware.use_text(after_use, index)
             print(f"  GPU {index}: {was} -> {will}")
+
+
+def _measures(loaded: Config) -> MeasureStore:
+    """The measurements kept for the config's instance (in the user's state directory)."""
+    from swapctl.measures import MeasureStore, measures_path
+
+    return MeasureStore.load(measures_path(state_dir(), loaded.instance))
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -284,6 +306,7 @@ def up(
         verbose=verbose,
         watch=watch_config,
         inventory=_gpus_of(ctx)(),
+        measures=_measures(loaded),
     )
     try:
         import uvloop  # optional: a faster event loop where installed
@@ -306,6 +329,7 @@ async def _serve(
     verbose: bool,
     watch: bool,
     inventory: Inventory | None = None,
+    measures: MeasureStore | None = None,
 ) -> None:
     """Adopt what runs, then serve until interrupted; the objects the app shares are built
     here. SIGHUP, POST /reload and, with `watch`, a change of the file reload `path`.
@@ -326,12 +350,16 @@ async def _serve(
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
     timeout = httpx.Timeout(None, connect=10.0)
     metrics = Metrics()
-    gpus = None if inventory is None else await _watch_gpus(metrics, inventory, backend, loaded.instance)
+    gpus = (
+        None
+        if inventory is None
+        else await _watch_gpus(metrics, inventory, backend, loaded.instance, loaded.gpu_memory)
+    )
     upstream = Http1Upstream()  # forwarding: kept-alive connections, httptools' parser
     async with httpx.AsyncClient(  # health checks
         timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
     ) as client:
-        swapper = Swapper(loaded, backend, client, metrics=metrics, inventory=gpus)
+        swapper = Swapper(loaded, backend, client, metrics=metrics, inventory=gpus, measures=measures)
         adopted = await swapper.adopt()
         logging.getLogger("swapctl").info(
             "swapctl %s: %d models, %s; adopted %s; listening on http://%s:%d",
@@ -357,17 +385,23 @@ async def _serve(
                 await _server(app_, host, port, verbose, closing=swapper.activity.close).serve()
         finally:
             await upstream.aclose()
+            await swapper.measures.flush()
 
 
 async def _watch_gpus(
-    metrics: Metrics, inventory: Inventory, backend: Backend, instance: str
+    metrics: Metrics,
+    inventory: Inventory,
+    backend: Backend,
+    instance: str,
+    declared: tuple[int, ...] | None = None,
 ) -> Inventory | None:
     """GPU gauges in /metrics, where the inventory finds a GPU now (else one log line why);
-    the inventory where it does, for the swapper to measure footprints and verify evictions."""
+    the inventory where it does, for the swapper to measure footprints and verify evictions.
+    The `declared` GPUs (`hardware.gpus`) are checked against it: a warning per mismatch."""
     import asyncio
     import logging
 
-    from swapctl.gpus import NoGpu, read_attributed
+    from swapctl.gpus import NoGpu, mismatches, read_attributed
 
     def read() -> Snapshot | NoGpu:
         return read_attributed(inventory, lambda: backend.list(instance))
@@ -376,6 +410,8 @@ async def _watch_gpus(
     if isinstance(found, NoGpu):
         logging.getLogger("swapctl").info("no GPU memory in /metrics: %s", found.reason)
         return None
+    for mismatch in mismatches(declared, found) if declared is not None else ():
+        logging.getLogger("swapctl").warning("%s%s", "note: " * mismatch.note, mismatch.line)
     metrics.watch_gpus(read)
     return inventory
 
@@ -512,6 +548,7 @@ def status(
     for column in ("model", "state", "container", "port", "up", "idle", "in flight"):
         table.add_column(column, overflow="fold")
     colours = {"ready": "green", "running": "green", "starting": "yellow", "stopping": "yellow"}
+    colours["sleeping"] = "blue"
     for s in statuses:
         state = s["state"]
         table.add_row(
@@ -538,12 +575,14 @@ def gpus(
 ) -> None:
     """Show each NVIDIA GPU: its memory, and the processes on it with the model each belongs
     to (found without a config too, then with no model names); no GPU is not an error."""
-    from swapctl.gpus import NoGpu, read_attributed
+    from swapctl.gpus import NoGpu, mismatches, read_attributed
 
     loaded = _load(config) if config.exists() else None
     found = read_attributed(_gpus_of(ctx)(), lambda: _containers(ctx, loaded))
+    declared = loaded.gpu_memory if loaded is not None else None
+    mismatch = mismatches(declared, found) if declared is not None and not isinstance(found, NoGpu) else []
     if as_json:
-        print(json.dumps(found.to_json()))
+        print(json.dumps({**found.to_json(), "mismatch": [m.to_json() for m in mismatch]}))
         return
     if isinstance(found, NoGpu):
         print(f"no GPU: {found.reason}")
@@ -562,6 +601,8 @@ def gpus(
             "\n".join(processes) or "-",
         )
     _stdout().print(table)
+    for found_mismatch in mismatch:
+        print(f"{'note' if found_mismatch.note else 'warning'}: {found_mismatch.line}")
 
 
 def _containers(ctx: typer.Context, loaded: Config | None) -> list[Container]:

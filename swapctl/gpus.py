@@ -6,7 +6,8 @@ them, or `NoGpu` with the reason (no driver, no device: a normal case, never an 
 `NvmlInventory` asks the driver through NVML (nvidia-ml-py, imported only when read);
 `FakeInventory` ships for tests. The rest is pure: finding a container ID in a cgroup file,
 naming each process's model, a container's footprint (what it holds on each device), whether a
-stopped container's memory is back, and the JSON form.
+stopped container's memory is back, the declared GPUs checked against the real ones, and the
+JSON form.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from swapctl.backend.base import Container
+from swapctl.matrix.fit import format_gpu_memory
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,13 @@ class MeasuredFootprint:
 @dataclass(frozen=True)
 class Release:
     """A container stopped with its footprint: each device's used memory just before the stop,
-    to see that memory come back."""
+    to see that memory come back, and the processes each device listed then: memory held by a
+    process that appeared since (another model starting on the same GPU) is not ours."""
 
     footprint: MeasuredFootprint
     used_before: tuple[tuple[int, int], ...]  # (device index, bytes)
+    listed: tuple[tuple[int, frozenset[int]], ...] = ()  # (device index, PIDs); a device absent: unknown
+    asleep: bool = False  # put to sleep, not stopped: its processes stay, only its memory comes back
 
 
 RELEASED = 0.9  # the share of a device's footprint whose return counts as the memory being back
@@ -161,23 +166,34 @@ def measured_footprint(
 
 def still_held(release: Release, snapshot: Snapshot, cgroup: Callable[[int], str | None]) -> tuple[int, ...]:
     """The devices where a stopped container's memory is not back yet: one of its processes is
-    still listed, or the used memory has not dropped by RELEASED of what it held there."""
+    still listed (unless it was put to sleep), or the used memory has not dropped by RELEASED
+    of what it held there."""
     ours = release.footprint
-    before, held = dict(release.used_before), dict(ours.memory)
+    before, held, listed = dict(release.used_before), dict(ours.memory), dict(release.listed)
 
     def holds(device: Device) -> bool:
-        if any(p.pid in ours.pids or _runs_in(p.pid, ours.container, cgroup) for p in device.processes):
+        mine = (p.pid in ours.pids or _runs_in(p.pid, ours.container, cgroup) for p in device.processes)
+        if not release.asleep and any(mine):
             return True
         if device.index not in held:
             return False  # it held nothing here: another model's start may fill this one
-        dropped = before.get(device.index, device.memory_used) - device.memory_used
+        dropped = before.get(device.index, device.memory_used) - (device.memory_used - arrived(device))
         return dropped < RELEASED * held[device.index]
+
+    def arrived(device: Device) -> int:
+        """What processes listed since the stop hold on `device` (they may fill it meanwhile)."""
+        known = listed.get(device.index)
+        return 0 if known is None else sum(p.memory_used or 0 for p in device.processes if p.pid not in known)
 
     return tuple(device.index for device in snapshot.devices if holds(device))
 
 
 def used_by_device(snapshot: Snapshot) -> tuple[tuple[int, int], ...]:
     return tuple((device.index, device.memory_used) for device in snapshot.devices)
+
+
+def listed_by_device(snapshot: Snapshot) -> tuple[tuple[int, frozenset[int]], ...]:
+    return tuple((device.index, frozenset(p.pid for p in device.processes)) for device in snapshot.devices)
 
 
 def _runs_in(pid: int, container: str, cgroup: Callable[[int], str | None]) -> bool:
@@ -269,3 +285,50 @@ def read_attributed(inventory: Inventory, containers: Callable[[], list[Containe
     if isinstance(found, NoGpu):
         return found
     return attribute(found, containers(), inventory.cgroup)
+
+
+def rounded(size: int) -> str:
+    """Bytes as GiB to two decimals, for sizes the driver reports: `22.49 GiB`, `24 GiB`."""
+    return f"{size / 2**30:.2f}".rstrip("0").rstrip(".") + " GiB"
+
+
+# A card reports a little under its nominal size (a 24 GiB one about 23.99 GiB, an 80 GiB
+# H100 79.6 GiB): a declared size up to 1% over the real total is taken as that card. Under
+# 90% of it is allowed (planning for less), and said in a note.
+OVER_TOLERANCE = 0.01
+UNDER_NOTE = 0.9
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A way the declared GPUs (`hardware.gpus`) differ from the driver's; a `note` is allowed."""
+
+    key: str  # the key path: `hardware.gpus`, `hardware.gpus.1.memory`
+    message: str
+    note: bool = False
+
+    @property
+    def line(self) -> str:
+        return f"{self.key}: {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "message": self.message, "note": self.note}
+
+
+def mismatches(declared: tuple[int, ...], snapshot: Snapshot) -> list[Mismatch]:
+    """The declared GPUs (bytes each, by index) checked against the devices the driver reports:
+    another number of GPUs; a declared size over the device's total (beyond OVER_TOLERANCE);
+    a note for one well under it."""
+    found: list[Mismatch] = []
+    if len(declared) != len(snapshot.devices):
+        names = "; ".join(f"GPU {d.index}: {d.name}" for d in snapshot.devices)
+        message = f"declared {len(declared)} GPU{'s' * (len(declared) != 1)}, the driver reports {len(snapshot.devices)}"
+        found.append(Mismatch("hardware.gpus", f"{message} ({names})" if names else message))
+    for index, (size, device) in enumerate(zip(declared, snapshot.devices, strict=False)):
+        real = f"GPU {device.index} ({device.name}, {device.uuid}) has {rounded(device.memory_total)}"
+        text = f"declared {format_gpu_memory(size)}, {real}"
+        if size > device.memory_total * (1 + OVER_TOLERANCE):
+            found.append(Mismatch(f"hardware.gpus.{index}.memory", text))
+        elif size < device.memory_total * UNDER_NOTE:
+            found.append(Mismatch(f"hardware.gpus.{index}.memory", f"{text}: planning for less", note=True))
+    return found

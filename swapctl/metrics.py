@@ -92,6 +92,13 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
+        self.wake_seconds = Histogram(
+            "swapctl_model_wake_duration_seconds",
+            "Time a sleeping model took to wake (POST /wake_up until GET /is_sleeping says false)",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
         self.evictions = Counter(
             "swapctl_model_evictions", "Stops to make room or on request", ["model"], registry=r
         )

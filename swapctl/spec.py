@@ -22,6 +22,7 @@ MANAGED = "swapctl.managed"
 MODEL = "swapctl.model"
 INSTANCE = "swapctl.instance"
 SPEC_HASH = "swapctl.spec-hash"
+PLACED = "swapctl.gpus"  # the GPU device IDs swapctl chose for a count request, comma-separated
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class ContainerSpec:
     @property
     def spec_hash(self) -> str:
         return self.labels[SPEC_HASH]
+
+
+def placed_ids(labels: Mapping[str, str]) -> tuple[str, ...]:
+    """The GPU device IDs a container's labels say swapctl placed it on; () where it did not."""
+    return tuple(filter(None, labels.get(PLACED, "").split(",")))
 
 
 def container_name(instance: str, model: str) -> str:

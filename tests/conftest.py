@@ -54,6 +54,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(folder)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Lock files and kept measurements go to a folder of the test session's, never the
+    user's (the `swapctl up` processes tests start inherit it); a test that needs its own
+    sets SWAPCTL_STATE_DIR again."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("state")
+        patch.setenv("SWAPCTL_STATE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def docker_engine() -> Iterator[docker.DockerClient]:
     """A client of a running Docker engine that has the test image; fails the test otherwise."""

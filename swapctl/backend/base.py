@@ -20,6 +20,7 @@ class Container:
     spec_hash: str
     started_at: float | None = None  # epoch seconds
     image_id: str = ""  # the image it runs, as the engine identifies it
+    placed: tuple[str, ...] = ()  # the GPU device IDs swapctl chose for it (label swapctl.gpus)
 
     @property
     def running(self) -> bool:

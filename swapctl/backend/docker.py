@@ -23,7 +23,7 @@ import requests.exceptions
 from swapctl.backend.base import Container
 from swapctl.backend.progress import LayerReport, PullListener
 from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing, PullFailed
-from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests
+from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests, placed_ids
 
 if TYPE_CHECKING:
     from swapctl.config import Network
@@ -149,6 +149,7 @@ def _from_inspect(attrs: dict[str, Any]) -> Container:
         spec_hash=labels.get(SPEC_HASH, ""),
         started_at=_epoch(attrs["State"].get("StartedAt")),
         image_id=attrs.get("Image", ""),
+        placed=placed_ids(labels),
     )
 
 
@@ -164,6 +165,7 @@ def _from_summary(attrs: dict[str, Any]) -> Container:
         spec_hash=labels.get(SPEC_HASH, ""),
         started_at=float(attrs["Created"]) if attrs.get("Created") else None,
         image_id=attrs.get("ImageID", ""),
+        placed=placed_ids(labels),
     )
 
 

@@ -17,7 +17,7 @@ import httpx
 from swapctl.backend.base import Container
 from swapctl.backend.progress import LayerReport, PullListener
 from swapctl.errors import BackendError, GpuUnavailable, ImageMissing, PullFailed
-from swapctl.spec import ContainerSpec
+from swapctl.spec import ContainerSpec, placed_ids
 
 Handler = Callable[[httpx.Request, "FakeContainer"], Awaitable[httpx.Response]]
 
@@ -134,6 +134,7 @@ class FakeBackend:
             spec.spec_hash,
             time.time(),
             self.image_id(spec.image) or "",
+            placed_ids(spec.labels),
         )
         box = FakeContainer(container, spec, self.clock(), behaviour.ready_after, clock=self.clock)
         if behaviour.exit_at_start is not None:

@@ -68,7 +68,7 @@ from swapctl.config.service import (
 )
 from swapctl.config.templates import TEMPLATE_DIR, TEMPLATE_NAME
 from swapctl.errors import ConfigError
-from swapctl.matrix.program import MAX_COST
+from swapctl.matrix.program import AUTO, MAX_COST, EvictCosts
 
 
 def _listen(text: str) -> str:
@@ -95,7 +95,24 @@ _GRACE_SCHEMA = WithJsonSchema(
         ]
     }
 )
-_COST = WithJsonSchema({"type": "integer", "minimum": 1, "maximum": MAX_COST})
+_COST = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_COST}, {"const": AUTO}]}
+
+
+def _evict_costs(value: object) -> EvictCosts:
+    """`auto`, or a map of names to costs; each cost is checked, under its own key path, as
+    the matrix compiles (`compile_cost_rules`)."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, dict) and all(isinstance(name, str) for name in value):
+        return value
+    raise ValueError("expected 'auto' or a map of models to costs (positive integers or 'auto')")
+
+
+EvictCostsKey = Annotated[
+    EvictCosts,
+    PlainValidator(_evict_costs),
+    WithJsonSchema({"anyOf": [{"const": AUTO}, {"type": "object", "additionalProperties": _COST}]}),
+]
 _IPV4_PART = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _LISTEN = WithJsonSchema(
@@ -385,6 +402,12 @@ class ModelConfig(_Strict):
         description="GPU memory the model holds on each GPU it uses, such as '18GiB'; `swapctl validate` "
         "checks the matrix's sets against `hardware`. Absent: unknown, not checked.",
     )
+    sleep: Literal[1, 2] | None = Field(
+        None,
+        description="vLLM's sleep level: evicting the model puts it to sleep (POST /sleep?level=N), freeing "
+        "its GPU memory, instead of stopping it; a request wakes it (POST /wake_up). Needs vLLM's "
+        "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (see the vllm template).",
+    )
     aliases: tuple[str, ...] = ()
     ttl: StrictInt | None = Field(
         None,
@@ -478,8 +501,10 @@ class ModelConfig(_Strict):
 
 class MatrixConfig(_Strict):
     vars: dict[str, str] = Field(default_factory=dict, description="Short names for model IDs.")
-    evict_costs: dict[str, Annotated[StrictInt, _COST]] = Field(
-        default_factory=dict, description="Cost of losing a running model (default 1)."
+    evict_costs: EvictCostsKey = Field(
+        default_factory=dict,
+        description="Cost of losing a running model (default 1), or `auto`: the median of its measured "
+        "starts (wakes, with `sleep`) in seconds. `auto` alone: every model.",
     )
     sets: dict[str, str] | None = Field(
         None, description="Named DSL expressions of models allowed to run together; required unless `fit`."

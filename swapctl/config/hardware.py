@@ -10,6 +10,7 @@ GPUs have no UUIDs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from swapctl.config.service import DeviceRequest
 from swapctl.errors import ConfigError
 from swapctl.matrix.fit import MAX_CHECKED, DeviceUse, Footprint, Misfit, check, use
 from swapctl.matrix.fit_solver import FitPolicy
-from swapctl.matrix.program import compile_costs
+from swapctl.matrix.program import EvictCosts, compile_costs
 from swapctl.matrix.solver import MatrixPolicy
 from swapctl.names import Names
 
@@ -57,7 +58,7 @@ def footprint(
 
 
 def fit_policy(
-    names: Names, models: Mapping[str, Model], evict_costs: Mapping[str, int], gpus: tuple[int, ...] | None
+    names: Names, models: Mapping[str, Model], evict_costs: EvictCosts, gpus: tuple[int, ...] | None
 ) -> FitPolicy:
     """`matrix: {fit: gpu}` on the declared GPUs. Where written sets leave a model of unknown
     memory unchecked (the sets are the user's promise), fit mode would have to guess it:
@@ -136,6 +137,40 @@ def fit_problems(config: Config) -> tuple[list[str], list[str]]:
     if report.unchecked:
         notes.append(f"sets with over {MAX_CHECKED} combinations not checked: {', '.join(report.unchecked)}")
     return errors, notes
+
+
+def footprint_notes(config: Config, measured: Mapping[str, Sequence[tuple[int, int]]]) -> list[str]:
+    """Notes for `swapctl validate` from the footprints last measured (model -> (device index,
+    bytes)): a model that held more than its `vram` on some GPU, and one that uses a GPU
+    without `vram`, with the measured value as a suggestion."""
+    notes = []
+    for name, memory in measured.items():
+        model = config.models.get(name)
+        if model is None or not memory:
+            continue
+        if model.vram is None:
+            held = ", ".join(f"{_measured_text(size)} on GPU {index}" for index, size in memory)
+            most = _measured_text(max(size for _, size in memory)).replace(" ", "")
+            notes.append(
+                f"models.{name}.vram: not set; {name} held {held} when last measured: vram: {most} would declare it"
+            )
+            continue
+        over = [(index, size) for index, size in memory if size > model.vram]
+        if over:
+            held = ", ".join(f"{_measured_text(size)} on GPU {index}" for index, size in over)
+            notes.append(
+                f"models.{name}.vram: {name} held {held} when last measured, "
+                f"over its vram of {format_gpu_memory(model.vram)}"
+            )
+    return notes
+
+
+def _measured_text(size: int) -> str:
+    """A measured size rounded up, as a person reads it: `19.1 GiB`, `512 MiB`."""
+    if size >= 2**30:
+        tenths = math.ceil(size * 10 / 2**30)
+        return f"{tenths // 10} GiB" if tenths % 10 == 0 else f"{tenths / 10:.1f} GiB"
+    return f"{max(1, math.ceil(size / 2**20))} MiB"
 
 
 def _uses_gpu(model: Model, devices: int) -> bool:

@@ -34,6 +34,7 @@ from swapctl.config.templates import load_template, template_name
 from swapctl.errors import ConfigError, UnknownModelError
 from swapctl.matrix import Group, GroupPolicy, MatrixPolicy, Policy, compile_program, matrix_names
 from swapctl.matrix.fit import Footprint
+from swapctl.matrix.program import CostRule, compile_cost_rules
 from swapctl.names import Kind, Names
 
 # the names a request (or a hook, which starts models as requests do) and a person may use;
@@ -77,6 +78,7 @@ class Model:
     cpus: float | None  # its own, else deploy.resources.limits.cpus
     device_requests: tuple[DeviceRequest, ...]  # deploy.resources.reservations.devices (gpus: is apart)
     vram: int | None  # bytes on each GPU it uses; None: unknown
+    sleep: int | None  # vLLM's sleep level when evicted (1 or 2); None: evicted by stopping
     aliases: tuple[str, ...]
     use_model_name: str | None
     concurrency_limit: int
@@ -105,6 +107,7 @@ class Config:
     allowed_hosts: tuple[str, ...]
     warnings: tuple[str, ...]  # what the file says that is likely a mistake: unset variables
     gpu_memory: tuple[int, ...] | None  # bytes of each declared GPU, by index; None: none declared
+    evict_costs: Mapping[str, CostRule]  # matrix.evict_costs by model ID, `auto` included; others cost 1
 
     @property
     def aliases(self) -> Mapping[str, str]:
@@ -273,6 +276,7 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
     models = {model_id: _model(model, shape) for model_id, model in shape.models.items()}
     gpus = tuple(gpu.memory for gpu in shape.hardware.gpus) if shape.hardware else None
     policy, names = _policy(shape, Names(frozenset(shape.models), _aliases(shape.models)), models, gpus)
+    matrix_costs = shape.matrix.evict_costs if shape.matrix else {}
     preload = tuple(
         names.resolve(name, REQUEST_NAMES, where=f"hooks.on_startup.preload.{i}")
         for i, name in enumerate(shape.hooks.on_startup.preload)
@@ -293,6 +297,7 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         allowed_hosts=shape.allowed_hosts,
         warnings=composed.warnings,
         gpu_memory=gpus,
+        evict_costs=compile_cost_rules(names, tuple(models), matrix_costs),
     )
 
 

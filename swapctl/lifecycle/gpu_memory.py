@@ -18,6 +18,7 @@ from swapctl.gpus import (
     MeasuredFootprint,
     Release,
     Snapshot,
+    listed_by_device,
     measured_footprint,
     still_held,
     used_by_device,
@@ -42,15 +43,21 @@ class GpuMemory:
         """What the container's processes hold on each GPU now; None if none runs on a GPU."""
         return await asyncio.to_thread(self._measure, container.id)
 
-    async def stopping(self, model: str, container: Container) -> None:
-        """The container is about to stop: note each device's used memory, if its footprint
-        is known, so that a start can see that memory come back."""
+    async def stopping(self, model: str, container: Container, asleep: bool = False) -> None:
+        """The container is about to stop (or its server to sleep: `asleep`): note each
+        device's used memory, if its footprint is known, so that a start can see that memory
+        come back."""
         measured = self.footprints.get(model)
         if measured is None or measured.container != container.id:
             return
         found = await asyncio.to_thread(self.inventory.read)
         if isinstance(found, Snapshot):
-            self.releases[model] = Release(measured, used_by_device(found))
+            self.releases[model] = Release(measured, used_by_device(found), listed_by_device(found), asleep)
+
+    async def snapshot(self) -> Snapshot | None:
+        """The devices now (read in a thread); None where the driver shows none."""
+        found = await asyncio.to_thread(self.inventory.read)
+        return found if isinstance(found, Snapshot) else None
 
     def started(self, model: str) -> None:
         """The model starts again: its last stop concerns no one now."""

@@ -9,6 +9,10 @@ no new request and stops once those in flight finish. A starting model may be ch
 it finishes its start (the requests that joined it are served), then leaves; one still
 pulling its image, not yet decided, does not start: once the pull is over it is stopped.
 `stop-failed`: its container outlived a stop and a kill, so it still counts as running.
+`sleeping` (a model with vLLM's `sleep` level, evicted to make room): its server freed its GPU
+memory but its container runs on; it counts as stopped for decisions, and a request wakes it
+(sleeping -> starting -> ready, the same container). Stopping it for real (unload, ttl, a reload)
+goes sleeping -> stopping -> stopped.
 A start goes through steps (`Step`): its image, pulled when its pull_policy says so (before
 anything is decided, so nothing is evicted for a pull), evicting what is in its way, creating
 the container, then loading until the health check answers.
@@ -33,6 +37,7 @@ class State(enum.Enum):
     LEAVING = "leaving"  # derived: ready, and chosen to stop
     STOPPING = "stopping"
     STOP_FAILED = "stop-failed"
+    SLEEPING = "sleeping"  # its container runs, its server asleep: counted as stopped
 
 
 class Step(enum.Enum):
@@ -40,6 +45,7 @@ class Step(enum.Enum):
 
     PULLING = "pulling"  # its image is looked for, and pulled if need be (`pulled`: how far)
     EVICTING = "evicting"  # the models in its way finish their requests and stop
+    WAKING = "waking"  # its sleeping container wakes (in place of the two steps below)
     STARTING = "starting"  # its container is being created and started
     LOADING = "loading"  # its container runs; its server does not answer its health check yet
 
@@ -47,11 +53,12 @@ class Step(enum.Enum):
 RECENT_STARTS = 5  # measured starts kept per model, for estimates
 # The moves `Slot.move` allows, between the states a slot stores (never LEAVING).
 MOVES: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING, State.READY, State.STOP_FAILED}),  # ready: adopted
+    State.STOPPED: frozenset({State.STARTING, State.READY, State.STOP_FAILED, State.SLEEPING}),  # adopted
     State.STARTING: frozenset({State.READY, State.STOPPED, State.STOP_FAILED}),
     State.READY: frozenset({State.STOPPING}),
-    State.STOPPING: frozenset({State.STOPPED, State.STOP_FAILED}),
+    State.STOPPING: frozenset({State.STOPPED, State.STOP_FAILED, State.SLEEPING}),
     State.STOP_FAILED: frozenset({State.STOPPING}),
+    State.SLEEPING: frozenset({State.STARTING, State.STOPPING}),  # woken; or stopped for real
 }
 
 
@@ -68,7 +75,7 @@ class Slot:
     last_used: float = 0.0
     ready_since: float | None = None
     start: asyncio.Future[None] | None = field(default=None, repr=False)
-    stops: int = 0  # times it returned to stopped: a stop awaited is over even if it started again
+    stops: int = 0  # times it stopped or fell asleep: a stop awaited is over even if it started again
     step: Step | None = None  # while starting
     evicting: tuple[str, ...] = ()  # while starting: the models stopped to make room
     pulled: Pulled | None = None  # while starting: how far the pull of its image has come
@@ -82,7 +89,7 @@ class Slot:
     @property
     def running(self) -> bool:
         """Counted by decisions: its container may run, and it is not already on its way out."""
-        return self.phase is not State.STOPPED and not self.leaving
+        return self.phase not in (State.STOPPED, State.SLEEPING) and not self.leaving
 
     def move(
         self,
@@ -95,9 +102,9 @@ class Slot:
         pulled: Pulled | None = None,
         now: float = 0.0,
     ) -> None:
-        """The one writer. Moving to stopped forgets the container and counts a stop;
-        moving to ready records when; moving to starting, when it began (a start's step
-        and evictions hold only while it starts)."""
+        """The one writer. Moving to stopped forgets the container and counts a stop (falling
+        asleep keeps it, and counts one); moving to ready records when; moving to starting,
+        when it began (a start's step and evictions hold only while it starts)."""
         if phase is not None and phase is not self.phase:
             assert phase in MOVES[self.phase], f"{self.model}: no move from {self.phase} to {phase}"
             if self.phase is State.STARTING:
@@ -105,6 +112,8 @@ class Slot:
             self.phase = phase
             if phase is State.STOPPED:
                 self.container, self.stops = None, self.stops + 1
+            elif phase is State.SLEEPING:
+                self.stops += 1  # its memory is back: an eviction awaited is over; its container stays
             elif phase is State.READY:
                 self.ready_since = self.last_used = now
             elif phase is State.STARTING:
@@ -131,6 +140,7 @@ class Progress:
     elapsed: float  # seconds since its start began (a pull before its decision included)
     last_starts: tuple[float, ...]  # its last measured starts, in seconds, oldest first
     pulled: Pulled | None = None  # how far the pull of its image has come, once one began
+    waking: bool = False  # its sleeping container is woken: `last_starts` are its last wakes
 
     @property
     def estimate(self) -> float | None:

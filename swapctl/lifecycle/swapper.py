@@ -24,7 +24,18 @@ then it runs under `retiring`, the last config that named it.
 
 With a GPU inventory, each model's footprint (what its container holds on each GPU) is measured
 once it is ready, in a task of its own; a start that evicted models waits, after they stopped,
-until the inventory shows their memory back (bounded: see `GpuMemory`).
+until the inventory shows their memory back (bounded: see `GpuMemory`). A model asking for a
+count of GPUs then gets the devices with the most free memory, fixed in its container (see
+`placement`): free as the inventory shows it, else as declared less the running footprints.
+
+A model with vLLM's `sleep` level, evicted to make room, is put to sleep instead of stopped
+(see `SleepMode`): its container runs on, counted as stopped by decisions. A request for it is
+decided as a start, then wakes that container; a sleep that fails stops it, a wake that fails
+starts a new container. Unload, ttl, a reload that retires it and crashes stop it for real.
+
+Each start's own duration (its container's start to ready, the stops it waited for left out)
+and each measured footprint are kept in `measures`, a file per instance that outlives the
+process; decisions take the costs of `evict_costs: auto` models from it (`policy()`).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -53,18 +64,21 @@ from swapctl.errors import (
     UnknownModelError,
 )
 from swapctl.gpus import Inventory
+from swapctl.lifecycle import placement
 from swapctl.lifecycle.activity import Activity, Row, Swap
 from swapctl.lifecycle.changes import Changes, keep_fixed
 from swapctl.lifecycle.gpu_memory import RELEASE_WAIT, GpuMemory
 from swapctl.lifecycle.health import Clock, HealthCheck
 from swapctl.lifecycle.lease import Lease, Ticket
+from swapctl.lifecycle.sleep_mode import NotDone, SleepMode
 from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
 from swapctl.matrix import Decision, Policy, allowed_part
+from swapctl.measures import MeasureStore, costed_policy
 from swapctl.metrics import Metrics
 from swapctl.spec import ContainerSpec, build_spec
 
 log = logging.getLogger("swapctl")
-SETTLED = (State.READY, State.STOPPED, State.STOP_FAILED)  # no start or stop under way
+SETTLED = (State.READY, State.STOPPED, State.STOP_FAILED, State.SLEEPING)  # no start or stop under way
 
 
 @dataclass(frozen=True)
@@ -88,18 +102,23 @@ class Swapper:
         metrics: Metrics | None = None,
         inventory: Inventory | None = None,
         release_wait: float = RELEASE_WAIT,
+        measures: MeasureStore | None = None,
     ) -> None:
         self.config = config
         self.backend = AsyncBackend(backend)
         self.clock = clock
         self.health = HealthCheck(self.backend, client, Clock(clock, sleep))
+        self.sleep_mode = SleepMode(client, self.health.clock)  # vLLM's sleep and wake, for `sleep` models
         self.slots = {model: Slot(model) for model in config.models}
         self.retiring: dict[str, Config] = {}  # removed by a reload, not yet stopped: their config
         self.images: set[str] = set()  # known to be on the machine: a start needs no pull first
         self.changed = asyncio.Condition()
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
+        self.measures = measures or MeasureStore()  # starts, wakes and footprints, kept across restarts
+        self._costed: tuple[Config, int, Policy] | None = None  # policy() as last built, and from what
         self.gpu: GpuMemory | None = None  # footprints and verified evictions, where a GPU exists
+        self.placed: dict[str, tuple[int, ...]] = {}  # model -> the GPUs swapctl chose for its container
         if inventory is not None:
             self.gpu = GpuMemory(inventory, self.health.clock, self.metrics, release_wait)
         self.activity = Activity(self.row, clock)  # what people and tools watch: swaps, rates, events
@@ -128,7 +147,7 @@ class Swapper:
                 raise Busy(model, limit)
             slot.in_flight += 1
             self.activity.touched(model)
-            if slot.phase is State.STOPPED:
+            if slot.phase in (State.STOPPED, State.SLEEPING):
                 self._claim(slot)
             ready = slot.container if slot.phase is State.READY else None
         return Ticket(model, ready, lambda: self._join(slot), lambda: self._release(slot))
@@ -165,19 +184,26 @@ class Swapper:
         return self.config if model in self.config.models else self.retiring[model]
 
     def _claim(self, slot: Slot) -> None:
-        """Start a stopped model (the lock held): decide now, or, if its image may need a
-        pull, once the image is here."""
+        """Start a stopped (or wake a sleeping) model, the lock held: decide now, or, if its
+        image may need a pull, once the image is here."""
         model = self.config.models[slot.model]
-        pull_first = model.pull_policy == "always" or model.image not in self.images
+        pull_first = slot.container is None and (
+            model.pull_policy == "always" or model.image not in self.images
+        )
         self._launch(slot, Step.PULLING)
-        self._spawn(self._swap(slot, None if pull_first else self._decide(slot)))
+        try:
+            decided = None if pull_first else self._decide(slot)
+        except Exception as error:  # a policy that cannot decide fails this start, nothing else
+            self._spawn(self._start_failed(slot, error))
+            return
+        self._spawn(self._swap(slot, decided))
 
     def _decide(self, slot: Slot) -> Decided:
         """Decide and mark, with no await in between: the next decision sees this one. The
         model, starting already, is not among the running it is decided against."""
         began = time.perf_counter()
         running = [m for m in self.running() if m != slot.model]
-        decision = self.config.policy.decide(slot.model, running)
+        decision = self.policy().decide(slot.model, running)
         seconds = time.perf_counter() - began
         keep = set(decision.target_set)
         leaving = tuple((s, s.stops) for s in self.slots.values() if s.leaving and s.model not in keep)
@@ -186,6 +212,14 @@ class Swapper:
         evicting = (*decision.evict, *(s.model for s, _ in leaving))
         self._move(slot, step=Step.EVICTING if evicting else Step.STARTING, evicting=evicting)
         return Decided(decision, leaving, seconds)
+
+    def policy(self) -> Policy:
+        """The config's policy, deciding with the measured cost of each `evict_costs: auto`
+        model; built again only when the config or a kept measurement changed."""
+        config, generation = self.config, self.measures.generation
+        if self._costed is None or self._costed[0] is not config or self._costed[1] != generation:
+            self._costed = (config, generation, costed_policy(config, self.measures))
+        return self._costed[2]
 
     async def _decide_pulled(self, slot: Slot) -> Decided:
         """The decision of a start whose image is here now, unless one taken during its pull
@@ -223,8 +257,10 @@ class Swapper:
 
     async def _swap(self, slot: Slot, decided: Decided | None) -> None:
         """The start: its image then its decision if not decided yet, the evictions, the
-        container, its health check. Its duration leaves the pull out."""
+        container (or the wake of its sleeping one), its health check. Its duration leaves the
+        pull out."""
         began = self.clock()
+        asleep = slot.container  # a sleeping model's container, to wake
         try:
             spec = build_spec(self._config_for(slot.model), slot.model)
             if decided is None:
@@ -232,12 +268,15 @@ class Swapper:
                 decided = await self._decide_pulled(slot)
                 began = self.clock()
             decision = decided.decision
-            await asyncio.gather(*(self._evict(self.slots[m]) for m in decision.evict))
+            await asyncio.gather(*(self._evict(self.slots[m], sleep=True) for m in decision.evict))
             await self._until_gone(slot.model, decided.leaving)
             if self.gpu is not None:  # a stopped container's memory may come back late
                 others = (s.model for s, _ in decided.leaving)
                 await self.gpu.until_freed(slot.model, (*decision.evict, *others))
-            container = await self._start(slot, spec)
+            if asleep is None:
+                container, woke = await self._start(slot, await self._place(spec)), None
+            else:
+                container, woke = await self._wake(slot, spec, asleep)
         except BaseException as error:
             await self._start_failed(slot, error)
             self._record(slot, decided.decision if decided else None, self.clock() - began, error)
@@ -245,6 +284,9 @@ class Swapper:
                 raise
             return
         took = self.clock() - began
+        if woke is not None:
+            await self._awake(slot, container, decided, took, woke)
+            return
         slot.durations.append(took)  # before the model is ready: whoever it wakes sees it
         await self._ready(slot, container)
         self._record(slot, decision, took)
@@ -276,11 +318,49 @@ class Swapper:
         )
         self.activity.swapped(swap)
 
+    async def _place(self, spec: ContainerSpec) -> ContainerSpec:
+        """A count of GPUs fixed on the devices with the most free memory now, after the
+        evictions (see `placement`); the spec as written where nothing says what is free."""
+        self.placed.pop(spec.model, None)
+        wanted = placement.ask(spec)
+        free = await self._free_memory(spec.model) if wanted is not None else None
+        devices = placement.choose(free, wanted) if wanted is not None and free is not None else None
+        if devices is None or free is None:
+            return spec
+        self.placed[spec.model] = devices
+        log.info(placement.placing_line(spec.model, devices, free))
+        return placement.place(spec, devices)
+
+    async def _free_memory(self, model: str) -> dict[int, int] | None:
+        """Each GPU's free bytes: as the driver reports them (less the `vram` of models placed
+        but not measured yet: they may not have allocated), else as declared less the `vram`
+        of the other models holding GPUs; None where neither is known."""
+        snapshot = await self.gpu.snapshot() if self.gpu is not None else None
+        config = self._config_for(model)
+        if snapshot is not None:
+            unmeasured = {
+                m: placement.devices_of(config.footprints.get(m), self.placed.get(m))
+                for m, s in self.slots.items()
+                if m != model and s.running and not self._measured_now(m, s)
+            }
+            return placement.less_declared(placement.measured_free(snapshot), config.footprints, unmeasured)
+        if config.gpu_memory is None:
+            return None
+        holding = [m for m, s in self.slots.items() if (s.running or s.leaving) and m != model]
+        footprints = config.footprints
+        running = {m: placement.devices_of(footprints.get(m), self.placed.get(m)) for m in holding}
+        return placement.declared_free(config.gpu_memory, footprints, running)
+
+    def _measured_now(self, model: str, slot: Slot) -> bool:
+        """Whether the footprint of the model's current container has been measured."""
+        measured = self.gpu.footprints.get(model) if self.gpu is not None else None
+        return measured is not None and slot.container is not None and measured.container == slot.container.id
+
     async def _until_gone(self, model: str, leaving: tuple[tuple[Slot, int], ...]) -> None:
         """Wait for models another swap is evicting. Each has stopped once since the decision;
         one claimed again since then was decided with this model counted as running, so it
         waits for us, not we for it. One whose stop failed still runs: this start fails."""
-        gone = (State.STOPPED, State.STOP_FAILED)
+        gone = (State.STOPPED, State.STOP_FAILED, State.SLEEPING)
         async with self.changed:
             await self.changed.wait_for(lambda: all(s.phase in gone or s.stops != n for s, n in leaving))
         stuck = [s.model for s, n in leaving if s.phase is State.STOP_FAILED and s.stops == n]
@@ -290,16 +370,20 @@ class Swapper:
     async def _start(self, slot: Slot, spec: ContainerSpec) -> Container:
         log.info("starting %s (%s)", slot.model, spec.image)
         await self._set(slot, step=Step.STARTING)
+        began = self.clock()  # its own start, kept as a measure: the stops it waited for are others'
         try:
             container = await self.backend.start(spec)
         except ImageMissing:  # removed since it was seen: late, as its pull_policy says
             self.images.discard(spec.image)
             await self._ensure_image(slot, spec)
             await self._set(slot, step=Step.STARTING)
+            began = self.clock()
             container = await self.backend.start(spec)
         self.images.add(spec.image)
         await self._set(slot, container=container, step=Step.LOADING)
-        return await self._until_healthy(slot, container)
+        healthy = await self._until_healthy(slot, container)
+        self.measures.record_start(slot.model, spec.spec_hash, self.clock() - began)
+        return healthy
 
     async def _ensure_image(self, slot: Slot, spec: ContainerSpec) -> None:
         """Pull the image as its pull_policy says: when absent (missing), before every start
@@ -336,9 +420,55 @@ class Swapper:
             await self._remove(slot.model, container, 0)
             raise
 
-    async def _ready(self, slot: Slot, container: Container) -> None:
+    async def _wake(
+        self, slot: Slot, spec: ContainerSpec, asleep: Container
+    ) -> tuple[Container, float | None]:
+        """Wake the model's sleeping container: it, with the seconds the wake took. One that
+        cannot wake, or runs an older spec, is removed and a new one started (seconds None)."""
+        await self._set(slot, step=Step.WAKING)
+        timeout = self._config_for(slot.model).models[slot.model].health_check_timeout
+        began = self.clock()
+        if asleep.spec_hash != spec.spec_hash:
+            log.info(
+                "%s: its sleeping container %s runs an older spec; starting a new one",
+                slot.model,
+                asleep.name,
+            )
+        else:
+            log.info("waking %s (%s)", slot.model, asleep.name)
+            try:
+                await self.sleep_mode.wake(asleep, timeout)
+                return asleep, self.clock() - began
+            except NotDone as error:
+                log.warning(
+                    "%s: wake failed (%s); stopping its container and starting a new one", slot.model, error
+                )
+        await self._remove(slot.model, asleep, self._grace(slot.model))
+        return await self._start(slot, await self._place(spec)), None
+
+    async def _awake(
+        self, slot: Slot, container: Container, decided: Decided, took: float, woke: float
+    ) -> None:
+        """The woken model is ready: its wake measured (`woke` seconds), the swap recorded."""
+        decision = decided.decision
+        await self._ready(slot, container, started=False)
+        self._record(slot, decision, took)
+        self.metrics.wake_seconds.labels(slot.model).observe(woke)
+        self.measures.record_wake(slot.model, container.spec_hash, woke)
+        log.info(
+            "wake: %s awake in %.2fs (set %s, evicted %s, cost %d, swap %.2fs)",
+            slot.model,
+            woke,
+            decision.set or "-",
+            ", ".join(decision.evict) or "nothing",
+            decision.cost,
+            took,
+        )
+
+    async def _ready(self, slot: Slot, container: Container, started: bool = True) -> None:
         await self._set(slot, State.READY, container=container)
-        self.metrics.starts.labels(slot.model, "ready").inc()
+        if started:  # a container started, not a sleeping one woken
+            self.metrics.starts.labels(slot.model, "ready").inc()
         assert slot.start is not None
         slot.start.set_result(None)
         self._measure(slot, container)
@@ -353,6 +483,7 @@ class Swapper:
         async with self.changed:
             if found is not None and slot.container is not None and slot.container.id == container.id:
                 gpu.footprints[slot.model] = found
+                self.measures.record_footprint(slot.model, container.spec_hash, found.memory)
                 self.changed.notify_all()
                 self.activity.changed(slot.model)
 
@@ -385,9 +516,11 @@ class Swapper:
                 return  # dead; the upkeep check removes its remains
             raise StopFailed(f"its container {container.name} could not be stopped: {error}", model) from None
 
-    async def _evict(self, slot: Slot, patience: float | None = None) -> None:
+    async def _evict(self, slot: Slot, patience: float | None = None, sleep: bool = False) -> None:
         """Stop the model once its requests in flight finish, or after `patience` seconds
-        regardless of them (a start under way always finishes first)."""
+        regardless of them (a start under way always finishes first). With `sleep` (to make
+        room), a ready model with a sleep level is put to sleep instead, or stopped if it
+        cannot; without, a sleeping one is stopped for real."""
         async with self.changed:
             self._move(slot, leaving=True)
             try:
@@ -399,10 +532,14 @@ class Swapper:
                 self._move(slot, leaving=False)
                 return
             container = slot.container
+            level = self._sleep_level(slot, container) if sleep and slot.phase is State.READY else None
+            was_asleep = slot.phase is State.SLEEPING  # its memory is freed already
             self._move(slot, State.STOPPING)
         self.metrics.evictions.labels(slot.model).inc()
         try:
-            if self.gpu is not None:  # the memory it holds now, to see it come back
+            if level is not None and await self._sleep(slot, container, level):
+                return
+            if self.gpu is not None and not was_asleep:  # the memory it holds now, to see it come back
                 await self.gpu.stopping(slot.model, container)
             await self._remove(slot.model, container, self._grace(slot.model))
         except BaseException:
@@ -410,6 +547,29 @@ class Swapper:
             raise
         await self._set(slot, State.STOPPED, leaving=False)
         log.info("stopped %s", slot.model)
+
+    def _sleep_level(self, slot: Slot, container: Container) -> int | None:
+        """The level to put the evicted model to sleep at: its `sleep`, while the current config
+        would run its container as it is; None: stop it."""
+        model = self.config.models.get(slot.model)
+        if model is None or model.sleep is None:
+            return None
+        return model.sleep if build_spec(self.config, slot.model).spec_hash == container.spec_hash else None
+
+    async def _sleep(self, slot: Slot, container: Container, level: int) -> bool:
+        """Put the stopping model to sleep: True once it sleeps, False (warned) if it must be
+        stopped instead."""
+        if self.gpu is not None:  # its process stays: only its memory is seen come back
+            await self.gpu.stopping(slot.model, container, asleep=True)
+        timeout = self.config.models[slot.model].health_check_timeout
+        try:
+            await self.sleep_mode.sleep(container, level, timeout)
+        except NotDone as error:
+            log.warning("%s: sleep failed (%s); stopping it instead", slot.model, error)
+            return False
+        await self._set(slot, State.SLEEPING, leaving=False)
+        log.info("sleep: %s asleep at level %d (%s)", slot.model, level, container.name)
+        return True
 
     async def _stuck(self, slot: Slot) -> None:
         """Its container would not stop: it keeps counting as running until it is gone."""
@@ -419,7 +579,7 @@ class Swapper:
     async def mark_crashed(self, slot: Slot) -> bool:
         """The container died: remove its remains; the model is stopped. False if already handled."""
         async with self.changed:
-            if slot.phase is not State.READY or slot.container is None:
+            if slot.phase not in (State.READY, State.SLEEPING) or slot.container is None:
                 return False
             container = slot.container
             self._move(slot, State.STOPPING)
@@ -471,7 +631,7 @@ class Swapper:
             self._take(old, removed)
             for model in (*removed, *replaced):
                 self._retire(self.slots[model])
-            forbidden = self._enforce(config.policy)
+            forbidden = self._enforce(self.policy())
         unchanged = tuple(m for m in kept if m not in replaced)
         changes = Changes(added, removed, replaced, unchanged, forbidden, needs_restart)
         self.activity.reloaded(changes.to_json())
@@ -532,7 +692,8 @@ class Swapper:
 
     async def _retired(self, slot: Slot, stops: int) -> None:
         try:
-            if slot.stops == stops:  # else another eviction stopped it since, and it may be new
+            # else another eviction stopped it since, and it may be new; asleep, it still runs
+            if slot.stops == stops or slot.phase is State.SLEEPING:
                 await self._evict(slot)
         except SwapctlError as error:  # a failed stop is logged and tried again by the upkeep
             log.warning("reload: stopping %s: %s", slot.model, error)
@@ -564,12 +725,18 @@ class Swapper:
             else:
                 log.info("removing %s: %s", container.name, why)
                 await self._discard(container)
-        allowed = allowed_part(self.config.policy, matching)
+        for model, container in list(matching.items()):
+            if self.config.models[model].sleep is not None and await self.sleep_mode.asleep(container):
+                del matching[model]  # counted as stopped, as when it fell asleep here
+                await self._set(self.slots[model], State.SLEEPING, container=container)
+                log.info("adopted %s (%s), asleep", model, container.name)
+        allowed = allowed_part(self.policy(), matching)
         for model, container in matching.items():
             if model not in allowed:
                 log.info("stopping %s: the policy does not allow it beside %s", model, ", ".join(allowed))
                 await self._discard(container)
         for model in allowed:
+            self.placed[model] = tuple(int(i) for i in matching[model].placed if i.isdigit())
             await self._take_over(self.slots[model], matching[model])
         return list(allowed)
 
@@ -654,7 +821,7 @@ class Swapper:
 
     async def _check_crashes(self, present: Mapping[str, Container]) -> None:
         for slot in list(self.slots.values()):  # a reload may add or drop slots meanwhile
-            if slot.state is State.READY and slot.container is not None:
+            if slot.state in (State.READY, State.SLEEPING) and slot.container is not None:
                 current = present.get(slot.container.id)
                 if current is None or not current.running:
                     await self.mark_crashed(slot)
@@ -662,8 +829,8 @@ class Swapper:
     async def _check_ttl(self) -> None:
         now = self.clock()
         for slot in list(self.slots.values()):
-            if slot.state is not State.READY or slot.in_flight:
-                continue
+            if slot.state not in (State.READY, State.SLEEPING) or slot.in_flight:
+                continue  # asleep past its ttl: stopped for real
             ttl = self._config_for(slot.model).models[slot.model].ttl
             if ttl and now - slot.last_used >= ttl:
                 log.info("ttl: %s idle for %.0fs", slot.model, now - slot.last_used)
@@ -717,12 +884,17 @@ class Swapper:
     def plan(self, model: str) -> Decision:
         """What a request for `model` would decide now, changing nothing."""
         self._slot(model)
-        return self.config.policy.decide(model, self.running())
+        return self.policy().decide(model, self.running())
 
     def progress(self, model: str) -> Progress | None:
         """How far the start of `model` has come; None unless it is starting."""
         slot = self.slots.get(model)
-        return Progress.of(slot, self.clock()) if slot is not None else None
+        progress = Progress.of(slot, self.clock()) if slot is not None else None
+        before_wake = (Step.PULLING, Step.EVICTING, Step.WAKING)
+        if progress is None or slot is None or slot.container is None or progress.step not in before_wake:
+            return progress
+        measured = self.measures.get(model, slot.container.spec_hash)  # a sleeping one, woken
+        return replace(progress, waking=True, last_starts=measured.wakes if measured else ())
 
     def last_starts(self, model: str) -> tuple[float, ...]:
         """The durations of its last measured starts, in seconds, oldest first."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +55,11 @@ class Policy(Protocol):
 
     def cost(self, model: str) -> int:
         """What losing `model` costs when it runs."""
+        ...
+
+    def with_costs(self, costs: Mapping[str, int]) -> Policy:
+        """The same policy, deciding with `costs` for the models they name (each at least 1;
+        a name it does not know is ignored) and its own costs for the rest."""
         ...
 
 

@@ -11,6 +11,8 @@ failed. Tens of models on a few GPUs take microseconds.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -62,10 +64,24 @@ def need(footprints: Mapping[str, Footprint]) -> int:
     return sum(f.vram * f.count for f in footprints.values())
 
 
+@dataclass
+class Steps:
+    """A budget of search steps shared by calls of `place`: packing is NP-hard, and a few
+    near-full packings of tens of models take seconds to settle."""
+
+    left: int
+
+
+class _OutOfSteps(Exception):
+    pass
+
+
 def place(
-    capacities: Sequence[int], footprints: Mapping[str, Footprint]
+    capacities: Sequence[int], footprints: Mapping[str, Footprint], steps: Steps | None = None
 ) -> dict[str, tuple[int, ...]] | None:
-    """The devices each model gets (sorted indexes) so that all fit `capacities`, or None."""
+    """The devices each model gets (sorted indexes) so that all fit `capacities`, or None.
+    With `steps`, a search that spends them all also answers None: for callers that must
+    stay quick and may safely count such a set as not fitting."""
     free = list(capacities)
     for footprint in footprints.values():
         if len(set(footprint.pinned)) != len(footprint.pinned) or footprint.count < len(footprint.pinned):
@@ -77,15 +93,21 @@ def place(
     if any(amount < 0 for amount in free):
         return None
     rest = sorted(
-        (f.vram, f.count - len(f.pinned), name) for name, f in footprints.items() if f.count > len(f.pinned)
+        (f.count - len(f.pinned), f.vram, name) for name, f in footprints.items() if f.count > len(f.pinned)
     )
-    rest.reverse()  # the largest first: they fail soonest
-    models = [(name, footprints[name], extra) for _, extra, name in rest]
-    needs = [0]  # needs[k]: the memory of the last k models of `models`
+    rest.reverse()  # those needing the most GPUs, then the largest, first: they fail soonest
+    models = [(name, footprints[name], extra) for extra, _, name in rest]
+    # of the last k models of `models`: their memory, and their vram once per GPU, ascending
+    needs: list[int] = [0]
+    units: list[tuple[int, ...]] = [()]
     for _, footprint, extra in reversed(models):
         needs.append(needs[-1] + footprint.vram * extra)
+        units.append(tuple(sorted((*units[-1], *[footprint.vram] * extra))))
     distinct = tuple(sorted({d for _, f, _ in models for d in f.pinned}))
-    chosen = _search(free, models, _Search(needs, distinct))
+    try:
+        chosen = _search(free, models, _Search(needs, units, distinct, steps))
+    except _OutOfSteps:
+        return None
     if chosen is None:
         return None
     return {
@@ -102,7 +124,9 @@ class _Search:
     not told apart (8 equal GPUs would otherwise multiply the states by up to 8!)."""
 
     needs: list[int]  # needs[k]: the memory of the last k models to place
+    units: list[tuple[int, ...]]  # units[k]: their vram, once per GPU each still needs, ascending
     distinct: tuple[int, ...]  # the devices a model left to place pins: told apart
+    steps: Steps | None  # what calls of `_search` may still spend; None: no limit
     failed: set[tuple[object, ...]] = field(default_factory=set)  # states known to fail
 
     def state(self, free: Sequence[int], left: int) -> tuple[object, ...]:
@@ -114,19 +138,48 @@ class _Search:
         return told, tuple(alike)
 
 
+def _may_fit(free: Sequence[int], units: Sequence[int], need: int) -> bool:
+    """False when `units` (vram amounts, ascending, each on its own device) surely cannot fit
+    `free`: a device with room for one unit only holds at most the largest that fits it, the
+    rest of its memory lost; and units too big to share any device (each over half the most
+    free) need devices of their own, the i-th largest one the i-th most free."""
+    if not free:
+        return False
+    two = units[0] + units[1] if len(units) > 1 else math.inf
+    room = 0
+    for amount in free:
+        if amount >= two:
+            room += amount
+        elif amount >= units[0]:
+            room += units[bisect_right(units, amount) - 1]
+    if room < need:
+        return False
+    most = max(free)
+    alone = units[bisect_right(units, most // 2) :]
+    frees = sorted(free, reverse=True)
+    return len(alone) <= len(frees) and all(
+        unit <= amount for unit, amount in zip(reversed(alone), frees, strict=False)
+    )
+
+
 def _search(
     free: list[int], rest: list[tuple[str, Footprint, int]], known: _Search
 ) -> dict[str, tuple[int, ...]] | None:
     """Devices for the models of `rest` (each needing `extra` more), or None."""
     if not rest:
         return {}
-    if known.needs[len(rest)] > sum(free):
+    if not _may_fit(free, known.units[len(rest)], known.needs[len(rest)]):
         return None
+    if known.steps is not None:
+        known.steps.left -= 1
+        if known.steps.left < 0:
+            raise _OutOfSteps
     state = known.state(free, len(rest))
     if state in known.failed:
         return None
     name, footprint, extra = rest[0]
     usable = [d for d, amount in enumerate(free) if d not in footprint.pinned and amount >= footprint.vram]
+    usable.sort(key=lambda d: -free[d])  # the emptiest first, as containers will be placed
     tried: set[tuple[object, ...]] = set()
     for devices in combinations(usable, extra):
         choice = known.choice(free, devices)

@@ -11,21 +11,27 @@ whose lower bound reaches the best found is cut. Models are decided most valuabl
 first, keep before evict; the bound adds to what is evicted already the least a fractional
 eviction of the undecided models can pay to free the memory still missing in all (the
 knapsack relaxation: GPUs as one pool). A branch stops as soon as all it has not evicted
-fits. Placements are memoised by the set of models kept.
+fits. Placements are memoised by the set of models kept. Exact while the placement
+searches stay within DECISION_STEPS; past them, safe but maybe not the cheapest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from itertools import combinations
 
 from swapctl.errors import ConfigError
 from swapctl.matrix.decision import Candidate, Decision
-from swapctl.matrix.fit import Footprint, format_gpu_memory, place
+from swapctl.matrix.fit import Footprint, Steps, format_gpu_memory, place
 
 SET_NAME = "fit"  # the set a decision names, as a matrix decision names its set
+# The placement search steps one decision may spend (a step takes microseconds; most
+# placements of tens of models take tens). Past them, a set not yet placed counts as not
+# fitting: the decision stays quick and safe (it may stop a model more than needed, never
+# start one that cannot fit) and is no longer sure to be the cheapest.
+DECISION_STEPS = 5_000
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class FitPolicy:
 
     def cost(self, model: str) -> int:
         return self.costs.get(model, 1)
+
+    def with_costs(self, costs: Mapping[str, int]) -> FitPolicy:
+        return replace(self, costs={model: costs.get(model, cost) for model, cost in self.costs.items()})
 
     def alone_problem(self, model: str) -> str | None:
         """Why `model` cannot run even alone (its need and the GPUs'), or None."""
@@ -105,13 +114,16 @@ def cheapest_eviction(
     capacity = sum(capacities) - (mine.vram * mine.count if mine else 0)
     rest_memory = [sum(memory[m] for m in order[i:]) for i in range(n + 1)]
     known: dict[frozenset[str], bool] = {}
+    steps = Steps(DECISION_STEPS)
 
     def fits(kept: frozenset[str]) -> bool:
+        if not kept:
+            return True  # `model` alone, whatever steps are left
         if kept not in known:
             held = {m: footprints[m] for m in sorted(kept)}
             if mine is not None:
                 held[model] = mine
-            known[kept] = place(capacities, held) is not None
+            known[kept] = place(capacities, held, steps) is not None
         return known[kept]
 
     def bound(i: int, missing: int) -> int | None:
@@ -154,12 +166,15 @@ def exhaustive_eviction(
     model: str,
     running: Collection[str],
 ) -> tuple[str, ...]:
-    """`cheapest_eviction` by trying every subset of `running`: the oracle of the tests and
-    the baseline of the benchmark (2^n placements)."""
+    """`cheapest_eviction` by trying every subset of `running`, the smallest first, up to
+    the size past which none can cost less (costs are at least 1): the oracle of the tests
+    and the baseline of the benchmark (up to 2^n placements)."""
     holding = sorted(running)
     mine = {model: footprints[model]} if model in footprints else {}
     best: tuple[int, int, tuple[str, ...]] | None = None
     for size in range(len(holding) + 1):
+        if best is not None and best[0] < size:
+            break  # every cost is at least 1: no larger set can cost less
         for evict in combinations(holding, size):
             key = (sum(costs[m] for m in evict), size, evict)
             if best is not None and key >= best:

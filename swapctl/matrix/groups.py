@@ -7,7 +7,7 @@ exclusive set: one model at a time, the classic behaviour.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from swapctl.matrix.decision import Candidate, Decision
@@ -43,6 +43,10 @@ class GroupPolicy:
 
     def cost(self, model: str) -> int:
         return 1
+
+    def with_costs(self, costs: Mapping[str, int]) -> GroupPolicy:
+        """Groups weigh no costs: a request stops what its group says, whatever it costs."""
+        return self
 
     def decide(self, model: str, running: Collection[str], explain: bool = False) -> Decision:
         if model in running:

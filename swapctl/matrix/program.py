@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from swapctl.errors import ConfigError
 from swapctl.matrix import dsl
@@ -24,6 +25,9 @@ MAX_DEPTH = 200
 # once inlined; this bounds the tree the solver and `combinations_count` walk.
 MAX_NAMES = 100_000
 SET_NAMES = Kind.VAR | Kind.ID  # what sets and evict_costs name models by (once: a Flag's | is slow)
+AUTO: Literal["auto"] = "auto"  # an evict_costs value: the cost is measured (see swapctl.measures)
+CostRule = int | Literal["auto"]  # what evict_costs says of one model
+EvictCosts = Literal["auto"] | Mapping[str, object]  # `matrix.evict_costs` as written
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,7 +208,7 @@ def matrix_names(variables: Mapping[str, str], names: Names, path: str = "matrix
 
 def compile_matrix(
     variables: Mapping[str, str],
-    evict_costs: Mapping[str, int],
+    evict_costs: EvictCosts,
     sets: Mapping[str, str],
     models: Collection[str],
     aliases: Mapping[str, str] | None = None,
@@ -216,26 +220,49 @@ def compile_matrix(
     return compile_program(names, tuple(models), evict_costs, sets, path)
 
 
-def compile_costs(
-    names: Names, models: tuple[str, ...], evict_costs: Mapping[str, int], path: str = "matrix"
-) -> dict[str, int]:
-    """Each model's eviction cost: its `evict_costs` entry (by var or model ID), else 1."""
-    costs = dict.fromkeys(models, 1)
+def compile_cost_rules(
+    names: Names, models: tuple[str, ...], evict_costs: EvictCosts, path: str = "matrix"
+) -> dict[str, CostRule]:
+    """What `evict_costs` says of each model it names, by model ID: a cost, or `auto` (a cost
+    measured while swapctl runs). `auto` alone says it of every model."""
+    if evict_costs == AUTO:
+        return dict.fromkeys(models, AUTO)
+    if not isinstance(evict_costs, Mapping):
+        expected = "expected 'auto' or a map of models to costs"
+        raise ConfigError(f"{path}.evict_costs", f"{expected}, got {evict_costs!r}")
+    rules: dict[str, CostRule] = {}
     for name, cost in evict_costs.items():
         where = f"{path}.evict_costs.{name}"
         named = names.resolve(name, SET_NAMES, where=where)
-        if isinstance(cost, bool) or not isinstance(cost, int) or cost <= 0:
+        if cost == AUTO:
+            rules[named] = AUTO
+            continue
+        if isinstance(cost, bool) or not isinstance(cost, int):
+            raise ConfigError(where, f"a cost is a positive integer or 'auto', got {cost!r}")
+        if cost <= 0:
             raise ConfigError(where, f"a cost is a positive integer, got {cost!r}")
         if cost > MAX_COST:
             raise ConfigError(where, f"a cost is at most {MAX_COST}, got {cost!r}")
-        costs[named] = cost
+        rules[named] = cost
+    return rules
+
+
+def compile_costs(
+    names: Names, models: tuple[str, ...], evict_costs: EvictCosts, path: str = "matrix"
+) -> dict[str, int]:
+    """Each model's eviction cost: its `evict_costs` entry (by var or model ID), else 1. An
+    `auto` model costs 1 until measured: the swapper gives its policy the measured costs
+    (`Policy.with_costs`)."""
+    costs = dict.fromkeys(models, 1)
+    for model, rule in compile_cost_rules(names, models, evict_costs, path).items():
+        costs[model] = rule if isinstance(rule, int) else 1
     return costs
 
 
 def compile_program(
     names: Names,
     models: tuple[str, ...],
-    evict_costs: Mapping[str, int],
+    evict_costs: EvictCosts,
     sets: Mapping[str, str],
     path: str = "matrix",
 ) -> Program:

@@ -10,8 +10,8 @@ turned back into one real combination of its set.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, replace
 
 from swapctl.matrix.decision import Candidate, Decision
 from swapctl.matrix.program import Node, Program, combinations_count
@@ -104,6 +104,12 @@ class MatrixPolicy:
 
     def cost(self, model: str) -> int:
         return self.program.costs[self.program.index[model]]
+
+    def with_costs(self, costs: Mapping[str, int]) -> MatrixPolicy:
+        """The program's costs are its only part that depends on them (the sets' trees do not)."""
+        program = self.program
+        updated = zip(program.models, program.costs, strict=True)
+        return MatrixPolicy(replace(program, costs=tuple(costs.get(m, cost) for m, cost in updated)))
 
     def decide(self, model: str, running: Collection[str], explain: bool = False) -> Decision:
         program = self.program

@@ -102,7 +102,8 @@ class Admin:
 
     async def running(self, request: Request) -> Response:
         statuses = [s.to_json() for s in self.swapper.status()]
-        return JSONResponse({"running": [s for s in statuses if s["state"] != "stopped"], "models": statuses})
+        idle = ("stopped", "sleeping")  # a sleeping model's container runs, but it holds no GPU
+        return JSONResponse({"running": [s for s in statuses if s["state"] not in idle], "models": statuses})
 
     async def unload(self, request: Request) -> Response:
         """Stop one model or all once their requests finish, or after `?timeout=SECONDS`."""

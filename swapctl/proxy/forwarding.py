@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import posixpath
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Collection
@@ -78,6 +79,8 @@ HOP_BY_HOP = frozenset(
     }
 )  # and every header that `Connection` names
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"  # RFC 3986 pchar: a path keeps them as they are
+# vLLM's development routes that swapctl uses on a model with `sleep`: never passed on for one
+SLEEP_ROUTES = frozenset({"/sleep", "/wake_up", "/is_sleeping", "/collective_rpc"})
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 SMALL = 2**20  # answers of a known length up to this are read whole and sent in one piece
 NO_BUFFERING = (b"x-accel-buffering", b"no")  # reverse proxies (nginx) pass each event at once
@@ -332,7 +335,15 @@ class Forwarder:
         return await self._pass_on(self.resolve(name), request, request.url.path)
 
     async def _pass_on(self, model: str, request: Request, path: str) -> Response:
-        """Forward a request untouched; its path as the client spelled it (quoted again)."""
+        """Forward a request untouched; its path as the client spelled it (quoted again). A
+        model that swapctl puts to sleep keeps its sleep routes to swapctl alone: a sleep
+        behind its back would leave it forwarding to a sleeping server."""
+        if (
+            self.config.models[model].sleep is not None
+            and posixpath.normpath("/" + path.lstrip("/")) in SLEEP_ROUTES
+        ):
+            message = f"model '{model}': {path} is swapctl's own (it puts this model to sleep and wakes it)"
+            raise RequestError(403, message, "forbidden")
         raw = await read_body(request.scope, request.receive, self.config.max_request_bytes)
         return await self._send(model, request.scope, request.receive, quote(path, safe=_PATH_SAFE), raw)
 

@@ -75,6 +75,7 @@ class Comments:
 
 STEPS = {
     Step.PULLING: "Pulling its image…",
+    Step.WAKING: "Waking it from sleep…",
     Step.STARTING: "Starting its container…",
     Step.LOADING: "Its container runs; waiting for the model to load…",
 }
@@ -94,11 +95,12 @@ def pulling(progress: Progress | None) -> Pulled | None:
 
 
 def estimate(progress: Progress) -> str:
-    """`about 4s (last starts 3.8s, 4.1s)`, from the model's last measured starts."""
+    """`about 4s (last starts 3.8s, 4.1s)`, from the model's last measured starts (or wakes)."""
+    what = "wake" if progress.waking else "start"
     if progress.estimate is None:
-        return "no start of it measured yet, so no estimate"
+        return f"no {what} of it measured yet, so no estimate"
     last = ", ".join(f"{seconds:.1f}s" for seconds in progress.last_starts)
-    return f"about {progress.estimate:.0f}s (last starts {last})"
+    return f"about {progress.estimate:.0f}s (last {what}s {last})"
 
 
 class Reasoning:

@@ -124,7 +124,7 @@ def test_no_gpu_is_one_line_and_exit_0(
     code, out, err = run(capsys, lambda: backend, FakeInventory(reason=reason), *argv)
     assert (code, err) == (0, "")
     if as_json:
-        assert json.loads(out) == {"gpus": [], "reason": reason}
+        assert json.loads(out) == {"gpus": [], "reason": reason, "mismatch": []}
     else:
         assert out == f"no GPU: {reason}\n"
 

@@ -422,3 +422,25 @@ async def test_unload_with_a_timeout_stops_a_model_with_requests_in_flight(
     await held.release()
     assert swapper.slots["chat"].in_flight == 0
     await use(swapper, "chat")  # and it starts again as usual
+
+
+async def test_a_policy_that_cannot_decide_fails_that_start_and_nothing_else(
+    swapper_for: Callable[..., Swapper], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = FakeBackend()
+    swapper = swapper_for(make_config(), backend)
+    await use(swapper, "chat")
+    policy = swapper.policy()
+
+    class Broken:
+        def decide(self, model: str, running: object, explain: bool = False) -> object:
+            raise RuntimeError("no decision")
+
+    monkeypatch.setattr(swapper, "policy", lambda: Broken())
+    with pytest.raises(StartError, match="no decision"):
+        await use(swapper, "code")
+    assert state(swapper, "code") is State.STOPPED
+    assert backend.running_models() == {"chat"}
+    monkeypatch.setattr(swapper, "policy", lambda: policy)
+    await use(swapper, "code")
+    assert backend.running_models() == {"chat", "code"}

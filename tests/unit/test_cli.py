@@ -79,6 +79,10 @@ def test_plan_json_contract(capsys: pytest.CaptureFixture[str]) -> None:
                 "cost": 50,
             }
         ],
+        "costs": {
+            "gemma-model": {"cost": 1, "source": "default"},
+            "voxtral-model": {"cost": 50, "source": "evict_costs"},
+        },
     }
 
 

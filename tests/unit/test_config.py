@@ -74,7 +74,7 @@ def with_model(**keys: Any) -> dict[str, Any]:
         (
             base(matrix={"evict_costs": {"a": "lots"}, "sets": {"s": "a"}}),
             "matrix.evict_costs.a",
-            "valid integer",
+            "a cost is a positive integer or 'auto'",
         ),
         (
             base(matrix={"evict_costs": {"a": 0}, "sets": {"s": "a"}}),
@@ -84,7 +84,7 @@ def with_model(**keys: Any) -> dict[str, Any]:
         (
             base(matrix={"evict_costs": {"a": True}, "sets": {"s": "a"}}),
             "matrix.evict_costs.a",
-            "valid integer",
+            "a cost is a positive integer or 'auto'",
         ),
         (base(matrix={"sets": {"s": 5}}), "matrix.sets.s", "valid string"),
         (base(groups={"g": {"members": ["zz"]}}), "groups.g.members", "unknown model 'zz'"),

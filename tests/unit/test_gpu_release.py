@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from swapctl.gpus import (
@@ -57,3 +59,26 @@ def test_memory_is_back_once_the_processes_are_gone_and_most_of_it_is_free(
     devices: tuple[Device, ...], held: tuple[int, ...]
 ) -> None:
     assert still_held(RELEASE, Snapshot(devices), CGROUPS.get) == held
+
+
+# ours (10 GiB on GPU 0) stopped while pid 7 (outside any container, 2 GiB) ran there
+LISTED = Release(RELEASE.footprint, ((0, 12 * GIB),), ((0, frozenset({10, 7})),))
+NEWCOMER = GpuProcess(20, 6 * GIB)  # another model's, started since the stop
+
+
+@pytest.mark.parametrize(
+    ("device_now", "held"),
+    [
+        (device(0, 2 * GIB, GpuProcess(7, 2 * GIB)), ()),
+        (device(0, 8 * GIB, GpuProcess(7, 2 * GIB), NEWCOMER), ()),
+        (device(0, 9 * GIB + GIB // 2, GpuProcess(7, 2 * GIB), NEWCOMER), (0,)),  # 1.5 GiB not back
+        (device(0, 8 * GIB, GpuProcess(7, 8 * GIB)), (0,)),  # listed then, grown since: may be ours
+        (device(0, 8 * GIB, GpuProcess(7, 2 * GIB), GpuProcess(20, None)), (0,)),  # its size unknown
+    ],
+)
+def test_memory_held_by_processes_that_came_since_the_stop_is_not_ours(
+    device_now: Device, held: tuple[int, ...]
+) -> None:
+    assert still_held(LISTED, Snapshot((device_now,)), CGROUPS.get) == held
+    if held == () and device_now.memory_used > 2 * GIB:  # without the list it would look held
+        assert still_held(replace(LISTED, listed=()), Snapshot((device_now,)), CGROUPS.get) == (0,)
