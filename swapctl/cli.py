@@ -199,17 +199,19 @@ def plan(
     """Preview what a request for MODEL would start and stop, changing nothing."""
     loaded = _load(config)
     target = loaded.resolve_any(model)
+    placed: dict[str, tuple[int, ...]] = {}  # the GPUs containers were given: they stay there
     if running is None:
         _, statuses = _live_statuses(loaded, url, _engine(ctx))
         gone = ("stopped", "stopping", "leaving", "sleeping")  # asleep: counted as stopped
         names = sorted(s["model"] for s in statuses if s["state"] not in gone)
+        placed = {s["model"]: tuple(s["gpus"]) for s in statuses if s.get("gpus")}
     else:
         names = _running_names(loaded, running)
     from swapctl.config import hardware
     from swapctl.measures import costed_policy, effective_costs
 
     measures = _measures(loaded)
-    decision = costed_policy(loaded, measures).decide(target, names, explain=True)
+    decision = costed_policy(loaded, measures).with_placement(placed).decide(target, names, explain=True)
     every_cost = effective_costs(loaded, measures)
     costs = {} if decision.already_running else {m: every_cost[m] for m in names if m != target}
 
@@ -502,6 +504,7 @@ def _live_statuses(
                 "in_flight": None,
                 "ready_seconds": now - found.started_at if found and found.started_at else None,
                 "idle_seconds": None,
+                "gpus": [int(i) for i in found.placed if i.isdigit()] or None if found else None,
             }
         )
     return "docker", statuses

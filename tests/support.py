@@ -3,6 +3,7 @@ definitions, Docker read by labels, polling; and the fake stack the component te
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,8 +26,10 @@ import yaml
 from openai import OpenAI
 from starlette.types import ASGIApp
 
+from swapctl.backend import Backend
 from swapctl.backend.fake import FakeBackend
-from swapctl.config import parse_config
+from swapctl.cli import BackendFactory, main
+from swapctl.config import Config, parse_config
 from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
 from swapctl.proxy.upstream import HttpxUpstream
@@ -345,3 +348,89 @@ class FakeStack:
         await self.swapper.unload()
         await self.client.aclose()
         await self.upstream.aclose()
+
+
+class Clock:
+    """A manual clock: time moves only when a test moves it, or when the code under test
+    sleeps, and not while `frozen`."""
+
+    def __init__(self, frozen: bool = False) -> None:
+        self.now = 1000.0
+        self.frozen = frozen
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += 0 if self.frozen else seconds
+        await asyncio.sleep(0)
+
+
+class Swappers:
+    """Builds Swappers over fake engines, each with an httpx client on the engine's transport;
+    `aclose` closes those clients. A Swapper given no clock runs on a fresh manual Clock when
+    `clocked`, on the real time otherwise. `options` go to Swapper."""
+
+    def __init__(self, clocked: bool = False) -> None:
+        self.clocked = clocked
+        self.clients: list[httpx.AsyncClient] = []
+
+    def __call__(
+        self, config: Config, backend: FakeBackend, clock: Clock | None = None, **options: Any
+    ) -> Swapper:
+        client = httpx.AsyncClient(transport=backend.transport)
+        self.clients.append(client)
+        if clock is None and self.clocked:
+            clock = Clock()
+        if clock is not None:
+            options.update(clock=clock, sleep=clock.sleep)
+        return Swapper(config, backend, client, **options)
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+def swappers_fixture(clocked: bool = False) -> Callable[[], AsyncIterator[Swappers]]:
+    """A fixture (bind it to a name in a test module: `swapper_for = swappers_fixture()`)
+    giving a test its Swappers(clocked), whose clients close after the test."""
+
+    @pytest.fixture
+    async def swappers() -> AsyncIterator[Swappers]:
+        built = Swappers(clocked)
+        yield built
+        await built.aclose()
+
+    return swappers
+
+
+def config_file(folder: Path, config: str | dict[str, Any], name: str = "swapctl.yaml") -> Path:
+    """`config` (YAML text, or a document to dump as YAML) written to folder/name; its path."""
+    path = folder / name
+    if isinstance(config, str):
+        path.write_text(config, encoding="utf-8")
+        return path
+    return write_yaml(path, config)
+
+
+def run_cli(
+    capsys: pytest.CaptureFixture[str], backend_factory: BackendFactory, *argv: str
+) -> tuple[int, str, str]:
+    """`swapctl ARGV` in process over the engine `backend_factory` builds: its exit code,
+    stdout and stderr."""
+    try:
+        main(list(argv), backend_factory=backend_factory)
+        code = 0
+    except SystemExit as done:
+        code = int(done.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def no_engine() -> Backend:
+    raise AssertionError("--running was given: the engine is not asked")
+
+
+def run_without_engine(capsys: pytest.CaptureFixture[str], path: Path, *argv: str) -> tuple[int, str, str]:
+    """`swapctl ARGV -c PATH` in process, failing if the command asks for the engine."""
+    return run_cli(capsys, no_engine, *argv, "-c", str(path))

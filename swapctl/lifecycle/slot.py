@@ -165,12 +165,19 @@ class ModelStatus:
     ready_seconds: float | None
     idle_seconds: float | None
     gpu_memory: Mapping[str, int] | None = None  # bytes per GPU index, as last measured
+    gpus: tuple[int, ...] | None = None  # the GPUs swapctl placed its container on, if it did
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
 
     @classmethod
-    def of(cls, slot: Slot, now: float, gpu_memory: Mapping[str, int] | None = None) -> ModelStatus:
+    def of(
+        cls,
+        slot: Slot,
+        now: float,
+        gpu_memory: Mapping[str, int] | None = None,
+        gpus: tuple[int, ...] | None = None,
+    ) -> ModelStatus:
         ready = slot.phase is State.READY
         return cls(
             model=slot.model,
@@ -181,4 +188,5 @@ class ModelStatus:
             ready_seconds=now - slot.ready_since if ready and slot.ready_since is not None else None,
             idle_seconds=now - slot.last_used if ready and not slot.in_flight else None,
             gpu_memory=gpu_memory,
+            gpus=gpus if slot.container else None,
         )

@@ -116,7 +116,8 @@ class Swapper:
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
         self.measures = measures or MeasureStore()  # starts, wakes and footprints, kept across restarts
-        self._costed: tuple[Config, int, Policy] | None = None  # policy() as last built, and from what
+        # policy() as last built, and from what: the config, the measures' generation, placements
+        self._costed: tuple[Config, int, dict[str, tuple[int, ...]], Policy] | None = None
         self.gpu: GpuMemory | None = None  # footprints and verified evictions, where a GPU exists
         self.placed: dict[str, tuple[int, ...]] = {}  # model -> the GPUs swapctl chose for its container
         if inventory is not None:
@@ -215,11 +216,14 @@ class Swapper:
 
     def policy(self) -> Policy:
         """The config's policy, deciding with the measured cost of each `evict_costs: auto`
-        model; built again only when the config or a kept measurement changed."""
-        config, generation = self.config, self.measures.generation
-        if self._costed is None or self._costed[0] is not config or self._costed[1] != generation:
-            self._costed = (config, generation, costed_policy(config, self.measures))
-        return self._costed[2]
+        model and the GPUs each container was given; built again only when the config, a
+        kept measurement or a placement changed."""
+        config, generation, placed = self.config, self.measures.generation, dict(self.placed)
+        built = self._costed
+        if built is None or built[0] is not config or built[1] != generation or built[2] != placed:
+            policy = costed_policy(config, self.measures).with_placement(placed)
+            self._costed = built = (config, generation, placed, policy)
+        return built[3]
 
     async def _decide_pulled(self, slot: Slot) -> Decided:
         """The decision of a start whose image is here now, unless one taken during its pull
@@ -868,7 +872,9 @@ class Swapper:
 
     def _status(self, slot: Slot, now: float) -> ModelStatus:
         measured = self.gpu.footprints.get(slot.model) if self.gpu else None
-        return ModelStatus.of(slot, now, measured.to_json() if measured else None)
+        return ModelStatus.of(
+            slot, now, measured.to_json() if measured else None, self.placed.get(slot.model)
+        )
 
     def row(self, model: str) -> Row | None:
         """The model's row for people: its status, its last start's duration, its rates."""

@@ -62,6 +62,11 @@ class Policy(Protocol):
         a name it does not know is ignored) and its own costs for the rest."""
         ...
 
+    def with_placement(self, placed: Mapping[str, tuple[int, ...]]) -> Policy:
+        """The same policy, knowing the GPUs each model's container was given (model ->
+        device indexes): a policy that places models on GPUs keeps those where they are."""
+        ...
+
 
 def allowed_part(policy: Policy, running: Iterable[str]) -> tuple[str, ...]:
     """The models of `running` that may go on running together: the costliest to lose are

@@ -54,6 +54,16 @@ class FitPolicy:
     def with_costs(self, costs: Mapping[str, int]) -> FitPolicy:
         return replace(self, costs={model: costs.get(model, cost) for model, cost in self.costs.items()})
 
+    def with_placement(self, placed: Mapping[str, tuple[int, ...]]) -> FitPolicy:
+        """A container's GPUs are fixed when it starts: a model placed on some keeps them, so
+        a decision may not count on moving it to make room (and a sleeping one wakes there)."""
+        footprints = dict(self.footprints)
+        for model, devices in placed.items():
+            found = footprints.get(model)
+            if found is not None and len(set(devices)) == found.count:
+                footprints[model] = Footprint(found.vram, found.count, tuple(sorted(set(devices))))
+        return replace(self, footprints=footprints)
+
     def alone_problem(self, model: str) -> str | None:
         """Why `model` cannot run even alone (its need and the GPUs'), or None."""
         footprint = self.footprints.get(model)

@@ -48,6 +48,9 @@ class GroupPolicy:
         """Groups weigh no costs: a request stops what its group says, whatever it costs."""
         return self
 
+    def with_placement(self, placed: Mapping[str, tuple[int, ...]]) -> GroupPolicy:
+        return self
+
     def decide(self, model: str, running: Collection[str], explain: bool = False) -> Decision:
         if model in running:
             return Decision(model, True, None, tuple(sorted(running)), (), 0)

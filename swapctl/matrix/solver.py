@@ -111,6 +111,10 @@ class MatrixPolicy:
         updated = zip(program.models, program.costs, strict=True)
         return MatrixPolicy(replace(program, costs=tuple(costs.get(m, cost) for m, cost in updated)))
 
+    def with_placement(self, placed: Mapping[str, tuple[int, ...]]) -> MatrixPolicy:
+        """The sets say what runs together, whatever the GPUs."""
+        return self
+
     def decide(self, model: str, running: Collection[str], explain: bool = False) -> Decision:
         program = self.program
         running = tuple(dict.fromkeys(running))  # a name given twice is one model

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import json_server
+from support import config_file, json_server, run_cli
 
 from swapctl.backend import Backend
 from swapctl.backend.fake import FakeBackend
-from swapctl.cli import main
 from swapctl.config import Config, load_config
 from swapctl.spec import build_spec
 
@@ -38,20 +37,10 @@ class World:
 
     def run(self, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
         """`swapctl ARGV -c CONFIG`: its exit code, stdout and stderr."""
-        return run(capsys, lambda: self.backend, *argv, "-c", str(self.path))
+        return run_cli(capsys, lambda: self.backend, *argv, "-c", str(self.path))
 
     def container_id(self, model: str) -> str:
         return next(c.id for c in self.backend.list(self.config.instance) if c.model == model)
-
-
-def run(capsys: pytest.CaptureFixture[str], backend: Any, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv), backend_factory=backend)
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def no_backend() -> Backend:
@@ -75,8 +64,7 @@ def no_proxy() -> str:
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     """Instance `cli-test` running a and b, beside instance `other` running its own a."""
-    path = tmp_path / "swapctl.yaml"
-    path.write_text(CONFIG)
+    path = config_file(tmp_path, CONFIG)
     config = load_config(path)
     backend = FakeBackend()
     start(backend, config, "a", "b")
@@ -109,6 +97,7 @@ def test_status_json_from_labels(capsys: pytest.CaptureFixture[str], world: Worl
         "in_flight": None,
         "ready_seconds": None,
         "idle_seconds": None,
+        "gpus": None,
     }
 
 
@@ -201,10 +190,10 @@ def test_status_from_the_proxy(capsys: pytest.CaptureFixture[str], world: World)
     model |= {"in_flight": 2, "ready_seconds": 75.0, "idle_seconds": 0.5}
     seen: list[str] = []
     with fake_proxy({"GET /running": {"running": ["a"], "models": [model]}}, seen) as url:
-        code, out, _ = run(capsys, no_backend, "status", "-c", str(world.path), "--url", url, "--json")
+        code, out, _ = run_cli(capsys, no_backend, "status", "-c", str(world.path), "--url", url, "--json")
         assert code == 0
         assert json.loads(out) == {"source": "proxy", "models": [model]}
-        code, out, _ = run(capsys, no_backend, "status", "-c", str(world.path), "--url", url)
+        code, out, _ = run_cli(capsys, no_backend, "status", "-c", str(world.path), "--url", url)
     assert code == 0
     assert "models from the proxy" in out
     assert "box-a" in out and "1m15s" in out
@@ -238,7 +227,7 @@ def test_reload_asks_the_proxy_and_says_what_changed(
 def test_unload_through_the_proxy(capsys: pytest.CaptureFixture[str], world: World) -> None:
     seen: list[str] = []
     with fake_proxy({"POST /unload/a": {"unloaded": ["a"]}}, seen) as url:
-        code, out, _ = run(capsys, no_backend, "unload", "alpha", "-c", str(world.path), "--url", url)
+        code, out, _ = run_cli(capsys, no_backend, "unload", "alpha", "-c", str(world.path), "--url", url)
     assert (code, out) == (0, "unloaded: a\n")
     assert seen == ["POST /unload/a"]  # by its model ID; the proxy stops it, not the CLI
     assert {c.model for c in world.backend.list("cli-test")} == {"a", "b"}

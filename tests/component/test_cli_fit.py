@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from swapctl.backend import Backend
-from swapctl.cli import main
+from support import config_file, run_without_engine
 
 CONFIG = """
 hardware:
@@ -27,31 +25,15 @@ matrix:
 """
 
 
-def no_backend() -> Backend:
-    raise AssertionError("--running was given: the engine is not asked")
-
-
-def run(capsys: pytest.CaptureFixture[str], path: Path, *argv: str) -> tuple[int, str, str]:
-    try:
-        main([*argv, "-c", str(path)], backend_factory=no_backend)
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
-    written = tmp_path / "swapctl.yaml"
-    written.write_text(CONFIG)
-    return written
+    return config_file(tmp_path, CONFIG)
 
 
 def test_validate_reports_each_combination_that_cannot_fit(
     capsys: pytest.CaptureFixture[str], path: Path
 ) -> None:
-    code, out, err = run(capsys, path, "validate")
+    code, out, err = run_without_engine(capsys, path, "validate")
     assert code == 2
     assert out == ""
     assert err.splitlines() == [
@@ -63,7 +45,7 @@ def test_validate_reports_each_combination_that_cannot_fit(
 
 def test_validate_all_fitting_is_ok(capsys: pytest.CaptureFixture[str], path: Path) -> None:
     path.write_text(CONFIG.replace('greedy: "big & (pair | small)"', 'greedy: "big & small"'))
-    code, out, err = run(capsys, path, "validate")
+    code, out, err = run_without_engine(capsys, path, "validate")
     assert code == 0
     assert out.startswith("ok: ")
     assert "error" not in err
@@ -71,20 +53,20 @@ def test_validate_all_fitting_is_ok(capsys: pytest.CaptureFixture[str], path: Pa
 
 def test_validate_without_hardware_checks_nothing(capsys: pytest.CaptureFixture[str], path: Path) -> None:
     path.write_text(CONFIG.replace("hardware:\n  gpus: [{memory: 24GiB}, {memory: 24GiB}]\n", ""))
-    code, out, err = run(capsys, path, "validate")
+    code, out, err = run_without_engine(capsys, path, "validate")
     assert (code, err) == (0, "")
     assert out.startswith("ok: ")
 
 
 def test_validate_a_bad_size_names_its_key_path(capsys: pytest.CaptureFixture[str], path: Path) -> None:
     path.write_text(CONFIG.replace("{memory: 24GiB}]", "{memory: 24 GiBs}]"))
-    code, _, err = run(capsys, path, "validate")
+    code, _, err = run_without_engine(capsys, path, "validate")
     assert code == 2
     assert err.startswith("error: hardware.gpus.1.memory: expected bytes, or a size such as '24GiB'")
 
 
 def test_plan_shows_memory_before_and_after(capsys: pytest.CaptureFixture[str], path: Path) -> None:
-    code, out, _ = run(capsys, path, "plan", "pair", "--running", "big,small,cpu")
+    code, out, _ = run_without_engine(capsys, path, "plan", "pair", "--running", "big,small,cpu")
     assert code == 0
     assert "start pair in set 'wide'; stop big, cpu (cost 2)" in out
     assert out.splitlines()[-3:] == [
@@ -95,7 +77,7 @@ def test_plan_shows_memory_before_and_after(capsys: pytest.CaptureFixture[str], 
 
 
 def test_plan_json_has_gpu_memory(capsys: pytest.CaptureFixture[str], path: Path) -> None:
-    code, out, _ = run(capsys, path, "plan", "small", "--running", "", "--json")
+    code, out, _ = run_without_engine(capsys, path, "plan", "small", "--running", "", "--json")
     assert code == 0
     memory = json.loads(out)["gpu_memory"]
     assert memory["before"] == [
@@ -107,7 +89,7 @@ def test_plan_json_has_gpu_memory(capsys: pytest.CaptureFixture[str], path: Path
 
 def test_plan_without_hardware_shows_no_memory(capsys: pytest.CaptureFixture[str], path: Path) -> None:
     path.write_text(CONFIG.replace("hardware:\n  gpus: [{memory: 24GiB}, {memory: 24GiB}]\n", ""))
-    code, out, _ = run(capsys, path, "plan", "small", "--running", "big")
+    code, out, _ = run_without_engine(capsys, path, "plan", "small", "--running", "big")
     assert code == 0
     assert "GPU memory" not in out
-    assert "gpu_memory" not in run(capsys, path, "plan", "small", "--running", "", "--json")[1]
+    assert "gpu_memory" not in run_without_engine(capsys, path, "plan", "small", "--running", "", "--json")[1]

@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from support import config_file, run_cli, run_without_engine
 
-from swapctl.backend import Backend
-from swapctl.cli import main
+from swapctl.backend.fake import FakeBackend
+from swapctl.config import load_config
+from swapctl.lifecycle import placement
+from swapctl.spec import build_spec
 
 CONFIG = """
 hardware:
@@ -24,36 +27,20 @@ matrix:
 """
 
 
-def no_backend() -> Backend:
-    raise AssertionError("--running was given: the engine is not asked")
-
-
-def run(capsys: pytest.CaptureFixture[str], path: Path, *argv: str) -> tuple[int, str, str]:
-    try:
-        main([*argv, "-c", str(path)], backend_factory=no_backend)
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def path(tmp_path: Path) -> Path:
-    written = tmp_path / "swapctl.yaml"
-    written.write_text(CONFIG)
-    return written
+    return config_file(tmp_path, CONFIG)
 
 
 def test_plan_evicts_the_cheapest_that_frees_enough(capsys: pytest.CaptureFixture[str], path: Path) -> None:
-    code, out, err = run(capsys, path, "plan", "pair", "--running", "big,mid,cpu")
+    code, out, err = run_without_engine(capsys, path, "plan", "pair", "--running", "big,mid,cpu")
     assert (code, err) == (0, "")
     assert "start pair in set 'fit'; stop big (cost 5)" in out
     assert "GPU 0: 18 GiB / 24 GiB (big) -> " in out
 
 
 def test_plan_json(capsys: pytest.CaptureFixture[str], path: Path) -> None:
-    code, out, _ = run(capsys, path, "plan", "mid", "--running", "big,pair", "--json")
+    code, out, _ = run_without_engine(capsys, path, "plan", "mid", "--running", "big,pair", "--json")
     assert code == 0
     decided = json.loads(out)
     assert (decided["set"], decided["evict"], decided["cost"]) == ("fit", ["pair"], 1)
@@ -65,7 +52,7 @@ def test_plan_json(capsys: pytest.CaptureFixture[str], path: Path) -> None:
 
 
 def test_validate_summarises_fit_mode(capsys: pytest.CaptureFixture[str], path: Path) -> None:
-    code, out, err = run(capsys, path, "validate")
+    code, out, err = run_without_engine(capsys, path, "validate")
     assert (code, err) == (0, "")
     assert "fit: any models that fit 2 GPUs (48 GiB in all)" in out
 
@@ -74,9 +61,36 @@ def test_a_model_too_big_is_refused_naming_need_and_capacity(
     capsys: pytest.CaptureFixture[str], path: Path
 ) -> None:
     path.write_text(CONFIG.replace("vram: 18GiB", "vram: 30GiB"))
-    code, out, err = run(capsys, path, "validate")
+    code, out, err = run_without_engine(capsys, path, "validate")
     assert (code, out) == (2, "")
     assert err.strip() == (
         "error: models.big.vram: big cannot fit the GPUs even alone: it needs 30 GiB on each of 1 GPU; "
         "the GPUs hold 24 GiB, 24 GiB"
     )
+
+
+def test_plan_takes_running_containers_on_the_gpus_they_were_given(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """x and y (12 GiB each) would share a GPU, but their containers run on GPUs 0 and 1, as
+    their labels say: z (a whole GPU) must stop one of them."""
+    text = """
+hardware:
+  gpus: [{memory: 24GiB}, {memory: 24GiB}]
+models:
+  x: {image: x, gpus: 1, vram: 12GiB}
+  y: {image: x, gpus: 1, vram: 12GiB}
+  z: {image: x, gpus: 1, vram: 24GiB}
+matrix:
+  fit: gpu
+"""
+    path = config_file(tmp_path, text)
+    config = load_config(path)
+    backend = FakeBackend(gpus=True)
+    for model, device in (("x", 0), ("y", 1)):
+        backend.start(placement.place(build_spec(config, model), (device,)))
+    code, out, _ = run_cli(capsys, lambda: backend, "plan", "z", "--json", "-c", str(path))
+    assert code == 0
+    assert json.loads(out)["evict"] == ["x"]
+    unplaced = run_without_engine(capsys, path, "plan", "z", "--running", "x,y", "--json")[1]
+    assert json.loads(unplaced)["evict"] == []  # named, not found running: no GPUs known

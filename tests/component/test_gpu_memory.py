@@ -8,12 +8,11 @@ import hashlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import httpx
 import pytest
+from support import Swappers, swappers_fixture
 
 from swapctl.backend import Container
 from swapctl.backend.fake import FakeBackend
@@ -123,33 +122,7 @@ class OneGpu:
         return "0::/user.slice\n" if pid == 7 else None
 
 
-class Clock:
-    """A manual clock: time moves only when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def swapper_for() -> AsyncIterator[Callable[..., Swapper]]:
-    clients: list[httpx.AsyncClient] = []
-
-    def build(backend: FakeBackend, **options: Any) -> Swapper:
-        client = httpx.AsyncClient(transport=backend.transport)
-        clients.append(client)
-        clock = Clock()
-        return Swapper(make_config(), backend, client, clock=clock, sleep=clock.sleep, **options)
-
-    yield build
-    for client in clients:
-        await client.aclose()
+swapper_for = swappers_fixture(clocked=True)  # each Swapper on its own manual Clock
 
 
 async def use(swapper: Swapper, model: str) -> None:
@@ -168,10 +141,10 @@ def released(swapper: Swapper, model: str, sample: str = "count") -> float | Non
 
 
 async def test_the_footprint_measured_once_ready_shows_in_running(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = HexIds()
-    swapper = swapper_for(backend, inventory=OneGpu(backend, linger=0))
+    swapper = swapper_for(make_config(), backend, inventory=OneGpu(backend, linger=0))
     await use(swapper, "chat")
     await settled(swapper)
     async with httpx.AsyncClient(transport=backend.transport) as upstream:
@@ -189,12 +162,12 @@ async def test_the_footprint_measured_once_ready_shows_in_running(
 
 @pytest.mark.parametrize("listed", [True, False], ids=["process-listed", "memory-only"])
 async def test_a_start_waits_until_evicted_memory_is_back(
-    swapper_for: Callable[..., Swapper], caplog: pytest.LogCaptureFixture, listed: bool
+    swapper_for: Swappers, caplog: pytest.LogCaptureFixture, listed: bool
 ) -> None:
     caplog.set_level(logging.INFO, logger="swapctl")
     backend = HexIds()
     gpu = OneGpu(backend, linger=3, listed=listed)
-    swapper = swapper_for(backend, inventory=gpu)
+    swapper = swapper_for(make_config(), backend, inventory=gpu)
     await asyncio.gather(use(swapper, "chat"), use(swapper, "code"))
     await settled(swapper)
     await use(swapper, "big")  # evicts chat and code, whose memory comes back three reads late
@@ -209,12 +182,12 @@ async def test_a_start_waits_until_evicted_memory_is_back(
 
 
 async def test_memory_never_freed_lets_the_start_go_on_after_the_bound(
-    swapper_for: Callable[..., Swapper], caplog: pytest.LogCaptureFixture
+    swapper_for: Swappers, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="swapctl")
     backend = HexIds()
     gpu = OneGpu(backend, linger=None)
-    swapper = swapper_for(backend, inventory=gpu, release_wait=30.0)
+    swapper = swapper_for(make_config(), backend, inventory=gpu, release_wait=30.0)
     await use(swapper, "chat")
     await settled(swapper)
     await use(swapper, "big")  # the manual clock moves only as the wait sleeps
@@ -228,11 +201,11 @@ async def test_memory_never_freed_lets_the_start_go_on_after_the_bound(
 
 
 async def test_a_start_that_waited_on_a_release_the_test_frees(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = HexIds()
     gpu = OneGpu(backend, linger=None)
-    swapper = swapper_for(backend, inventory=gpu, release_wait=float("inf"))
+    swapper = swapper_for(make_config(), backend, inventory=gpu, release_wait=float("inf"))
     await use(swapper, "chat")
     await settled(swapper)
     start = asyncio.create_task(use(swapper, "big"))
@@ -245,10 +218,10 @@ async def test_a_start_that_waited_on_a_release_the_test_frees(
     assert gpu.beside == [] and released(swapper, "chat") == 1
 
 
-async def test_no_inventory_no_wait_and_nothing_measured(swapper_for: Callable[..., Swapper]) -> None:
+async def test_no_inventory_no_wait_and_nothing_measured(swapper_for: Swappers) -> None:
     backend = HexIds()
     gpu = OneGpu(backend, linger=None)  # would never free: only read through the swapper's inventory
-    swapper = swapper_for(backend)
+    swapper = swapper_for(make_config(), backend)
     await use(swapper, "chat")
     await use(swapper, "big")
     assert swapper.running() == ["big"] and gpu.reads == 0
@@ -256,10 +229,10 @@ async def test_no_inventory_no_wait_and_nothing_measured(swapper_for: Callable[.
     assert "swapctl_gpu" not in swapper.metrics.render().decode()
 
 
-async def test_a_model_with_no_gpu_process_is_not_waited_for(swapper_for: Callable[..., Swapper]) -> None:
+async def test_a_model_with_no_gpu_process_is_not_waited_for(swapper_for: Swappers) -> None:
     backend = HexIds()
     gpu = OneGpu(backend, linger=None, vram={"big": 18 * GIB})  # chat runs on the CPU
-    swapper = swapper_for(backend, inventory=gpu)
+    swapper = swapper_for(make_config(), backend, inventory=gpu)
     await use(swapper, "chat")
     await settled(swapper)
     await use(swapper, "big")

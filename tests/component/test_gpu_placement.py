@@ -10,13 +10,13 @@ import itertools
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from support import Clock, Swappers, swappers_fixture
 
 from swapctl.backend import Container
 from swapctl.backend.fake import FakeBackend
@@ -129,34 +129,7 @@ class Gpus:
         return "0::/user.slice\n" if pid == OUTSIDE else None
 
 
-class Clock:
-    """A manual clock: time moves only when the code under test sleeps, and not while frozen."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.frozen = False
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += 0 if self.frozen else seconds
-        await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def swapper_for() -> AsyncIterator[Callable[..., Swapper]]:
-    clients: list[httpx.AsyncClient] = []
-
-    def build(config: Config, backend: FakeBackend, clock: Clock | None = None, **options: Any) -> Swapper:
-        client = httpx.AsyncClient(transport=backend.transport)
-        clients.append(client)
-        clock = clock or Clock()
-        return Swapper(config, backend, client, clock=clock, sleep=clock.sleep, **options)
-
-    yield build
-    for client in clients:
-        await client.aclose()
+swapper_for = swappers_fixture(clocked=True)  # a Swapper given no clock gets its own manual Clock
 
 
 async def use(swapper: Swapper, model: str) -> None:
@@ -169,7 +142,7 @@ async def settled(swapper: Swapper) -> None:
 
 
 async def test_a_count_model_goes_to_the_gpu_with_the_most_free_memory(
-    swapper_for: Callable[..., Swapper], caplog: pytest.LogCaptureFixture
+    swapper_for: Swappers, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="swapctl")
     config = make_config({"chat": {"gpus": 1}}, {}, gpus=None)  # no declarations: the driver says
@@ -185,7 +158,7 @@ async def test_a_count_model_goes_to_the_gpu_with_the_most_free_memory(
 
 
 async def test_declared_gpus_alone_place_by_the_running_footprints(
-    swapper_for: Callable[..., Swapper], caplog: pytest.LogCaptureFixture
+    swapper_for: Swappers, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="swapctl")
     models: dict[str, dict[str, Any]] = {
@@ -202,7 +175,7 @@ async def test_declared_gpus_alone_place_by_the_running_footprints(
     assert "placing chat on GPU 1 (24 GiB free)" in caplog.messages
 
 
-async def test_two_count_models_are_spread_over_the_gpus(swapper_for: Callable[..., Swapper]) -> None:
+async def test_two_count_models_are_spread_over_the_gpus(swapper_for: Swappers) -> None:
     models = {"chat": {"gpus": 1, "vram": "6GiB"}, "code": {"gpus": 1, "vram": "4GiB"}}
     backend = HexIds()
     swapper = swapper_for(make_config(models, {"pair": "chat & code"}), backend)
@@ -212,7 +185,7 @@ async def test_two_count_models_are_spread_over_the_gpus(swapper_for: Callable[.
 
 
 @pytest.mark.parametrize("gpus", ["all", ["0"]])
-async def test_all_and_pinned_ids_are_left_as_written(swapper_for: Callable[..., Swapper], gpus: Any) -> None:
+async def test_all_and_pinned_ids_are_left_as_written(swapper_for: Swappers, gpus: Any) -> None:
     config = make_config({"chat": {"gpus": gpus}}, {}, gpus=None)
     backend = HexIds()
     swapper = swapper_for(config, backend, inventory=Gpus(backend, {"chat": GIB}, outside={0: 20 * GIB}))
@@ -220,7 +193,7 @@ async def test_all_and_pinned_ids_are_left_as_written(swapper_for: Callable[...,
     assert backend.spec("chat") == build_spec(config, "chat")
 
 
-async def test_nothing_known_leaves_the_count_to_docker(swapper_for: Callable[..., Swapper]) -> None:
+async def test_nothing_known_leaves_the_count_to_docker(swapper_for: Swappers) -> None:
     config = make_config({"chat": {"gpus": 1}}, {}, gpus=None)  # no inventory, no declarations
     backend = HexIds()
     await use(swapper_for(config, backend), "chat")
@@ -228,7 +201,7 @@ async def test_nothing_known_leaves_the_count_to_docker(swapper_for: Callable[..
 
 
 async def test_a_restart_adopts_placed_containers_and_remembers_where_they_run(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     models = {"chat": {"gpus": 1, "vram": "6GiB"}, "code": {"gpus": 1, "vram": "4GiB"}}
     config = make_config(models, {"pair": "chat & code"})
@@ -244,7 +217,7 @@ async def test_a_restart_adopts_placed_containers_and_remembers_where_they_run(
 
 
 async def test_a_model_starting_beside_an_eviction_does_not_make_it_wait(
-    swapper_for: Callable[..., Swapper], caplog: pytest.LogCaptureFixture
+    swapper_for: Swappers, caplog: pytest.LogCaptureFixture
 ) -> None:
     """big evicts chat, and waits for its memory; code, allowed beside big, starts on the same
     GPU meanwhile. Its new process must not count as chat's memory not back."""
@@ -316,7 +289,7 @@ async def test_up_warns_of_each_mismatch_at_start(caplog: pytest.LogCaptureFixtu
 
 
 async def test_a_model_placed_but_not_measured_yet_counts_by_its_vram_under_the_driver(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     """The driver shows nothing yet of a model that has not allocated (it is starting, or
     never measured): its declared vram is counted, or two starts would share one GPU."""
@@ -328,3 +301,26 @@ async def test_a_model_placed_but_not_measured_yet_counts_by_its_vram_under_the_
     await use(swapper, "code")
     assert backend.spec("chat").gpus == ("0",)
     assert backend.spec("code").gpus == ("1",)
+
+
+async def test_fit_mode_decides_with_running_models_on_the_gpus_they_were_given(
+    swapper_for: Swappers,
+) -> None:
+    """x and y would share one GPU, but their containers were placed on two; z needs a
+    whole GPU: one of them must stop (x: the first name), and z goes where it left."""
+    models = {m: {"gpus": 1, "vram": "12GiB"} for m in ("x", "y")} | {"z": {"gpus": 1, "vram": "24GiB"}}
+    raw = {
+        "instance": "test",
+        "models": {name: {"image": "img", "stop_grace_period": 0, **keys} for name, keys in models.items()},
+        "matrix": {"fit": "gpu"},
+        "hardware": {"gpus": [{"memory": "24GiB"}] * 2},
+    }
+    backend = HexIds()
+    swapper = swapper_for(parse_config(raw), backend)
+    await use(swapper, "x")
+    await use(swapper, "y")
+    assert (backend.spec("x").gpus, backend.spec("y").gpus) == (("0",), ("1",))
+    assert swapper.plan("z").evict == ("x",)
+    await use(swapper, "z")
+    assert backend.running_models() == {"y", "z"}
+    assert backend.spec("z").gpus == ("0",)

@@ -6,19 +6,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import yaml
-from support import FakeStack
+from support import Clock, FakeStack, Swappers, config_file, run_cli, swappers_fixture
 
 from swapctl.backend import Container
 from swapctl.backend.fake import FakeBackend, FakeModel
-from swapctl.cli import main
 from swapctl.config import Config, load_config, parse_config
 from swapctl.gpus import Device, GpuProcess, Snapshot
 from swapctl.lifecycle import Swapper
@@ -43,32 +39,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Clock:
-    """A manual clock: time moves only when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
-@pytest.fixture
-async def swapper_for() -> AsyncIterator[Callable[..., Swapper]]:
-    clients: list[httpx.AsyncClient] = []
-
-    def build(config: Config, backend: FakeBackend, clock: Clock, **options: Any) -> Swapper:
-        client = httpx.AsyncClient(transport=backend.transport)
-        clients.append(client)
-        return Swapper(config, backend, client, clock=clock, sleep=clock.sleep, **options)
-
-    yield build
-    for client in clients:
-        await client.aclose()
+swapper_for = swappers_fixture()
 
 
 async def use(swapper: Swapper, model: str) -> None:
@@ -86,7 +57,7 @@ def slow_and_quick(clock: Clock, slow: float, quick: float) -> FakeBackend:
 
 @pytest.mark.parametrize(("slow", "quick", "evicted"), [(30.0, 2.0, "quick"), (2.0, 30.0, "slow")])
 async def test_the_quicker_to_restart_is_evicted(
-    swapper_for: Callable[..., Swapper], tmp_path: Path, slow: float, quick: float, evicted: str
+    swapper_for: Swappers, tmp_path: Path, slow: float, quick: float, evicted: str
 ) -> None:
     clock = Clock()
     config = parse_config(DOCUMENT)
@@ -101,7 +72,7 @@ async def test_the_quicker_to_restart_is_evicted(
     await swapper.unload()
 
 
-async def test_a_restart_keeps_the_measurements(swapper_for: Callable[..., Swapper], tmp_path: Path) -> None:
+async def test_a_restart_keeps_the_measurements(swapper_for: Swappers, tmp_path: Path) -> None:
     path = measures_path(tmp_path / "state", "test")
     config = parse_config(DOCUMENT)
     clock = Clock()
@@ -153,7 +124,7 @@ class OneGpu:
         return f"0::/system.slice/docker-{cid}.scope\n" if cid else None
 
 
-async def test_a_measured_footprint_is_kept(swapper_for: Callable[..., Swapper], tmp_path: Path) -> None:
+async def test_a_measured_footprint_is_kept(swapper_for: Swappers, tmp_path: Path) -> None:
     path = measures_path(tmp_path, "test")
     config = parse_config(DOCUMENT)
     backend = HexIds()
@@ -187,13 +158,7 @@ async def test_the_plan_route_decides_with_the_kept_costs() -> None:
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv), backend_factory=FakeBackend)
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, FakeBackend, *argv)
 
 
 @pytest.fixture
@@ -204,8 +169,7 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def write_config(tmp_path: Path, document: dict[str, Any]) -> tuple[Path, Config]:
-    path = tmp_path / "swapctl.yaml"
-    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    path = config_file(tmp_path, document)
     return path, load_config(path)
 
 

@@ -57,6 +57,7 @@ ROW = {
     "ready_seconds",
     "idle_seconds",
     "gpu_memory",
+    "gpus",
     "last_start_seconds",
     "requests",
     "requests_per_s",

@@ -16,10 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
+from support import config_file, run_cli
 
 from swapctl.backend import Container
 from swapctl.backend.fake import FakeBackend, FakeImage, FakeModel
-from swapctl.cli import main
 from swapctl.config import parse_config
 from swapctl.errors import ImageMissing, PullFailed
 from swapctl.lifecycle import State, Step, Swapper
@@ -386,20 +386,12 @@ models:
 def run(
     capsys: pytest.CaptureFixture[str], backend: FakeBackend, path: Path, *argv: str
 ) -> tuple[int, str, str]:
-    try:
-        main(["pull", *argv, "-c", str(path)], backend_factory=lambda: backend)
-        code = 0
-    except SystemExit as done:
-        code = int(done.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, lambda: backend, "pull", *argv, "-c", str(path))
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
-    path = tmp_path / "swapctl.yaml"
-    path.write_text(CONFIG, encoding="utf-8")
-    return path
+    return config_file(tmp_path, CONFIG)
 
 
 def test_swapctl_pull_pulls_each_image_once_with_bars(

@@ -89,11 +89,16 @@ def sleepy() -> Sleepy:
     return Sleepy()
 
 
-@pytest.fixture
-async def stack(sleepy: Sleepy) -> AsyncIterator[FakeStack]:
+def sleepy_stack(sleepy: Sleepy, **a: Any) -> FakeStack:
+    """The fake stack over config(**a), `a` served by `sleepy`."""
     backend = FakeBackend()
     backend.behaviour["a"] = FakeModel(handler=sleepy)
-    stack = FakeStack(config(), backend)
+    return FakeStack(config(**a), backend)
+
+
+@pytest.fixture
+async def stack(sleepy: Sleepy) -> AsyncIterator[FakeStack]:
+    stack = sleepy_stack(sleepy)
     yield stack
     await stack.close()
 
@@ -139,9 +144,7 @@ async def test_evicted_it_sleeps_and_its_next_request_wakes_the_same_container(
 
 
 async def test_level_2_wakes_its_weights_reloads_them_then_its_kv_cache(sleepy: Sleepy) -> None:
-    backend = FakeBackend()
-    backend.behaviour["a"] = FakeModel(handler=sleepy)
-    stack = FakeStack(config(sleep=2), backend)
+    stack = sleepy_stack(sleepy, sleep=2)
     try:
         await stack.use("a")
         await stack.use("b")
@@ -223,9 +226,7 @@ async def test_a_wake_that_fails_starts_a_new_container_and_serves_the_request(
 async def test_a_server_that_stays_asleep_is_replaced_after_its_health_check_timeout(
     sleepy: Sleepy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    backend = FakeBackend()
-    backend.behaviour["a"] = FakeModel(handler=sleepy)
-    stack = FakeStack(config(healthCheckTimeout=1), backend)
+    stack = sleepy_stack(sleepy, healthCheckTimeout=1)
     try:
         await stack.use("a")
         await stack.use("b")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+from support import Clock, Swappers, swappers_fixture
 
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import Config, parse_config
@@ -29,37 +30,10 @@ def make_config(**extra: Any) -> Config:
     return parse_config({"models": models, "matrix": MATRIX, "instance": "test", **extra})
 
 
-class Clock:
-    """A manual clock: time moves only when a test moves it, or when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
-
-
 Run = Callable[[Config], Awaitable[tuple[Swapper, FakeBackend]]]
 
 
-@pytest.fixture
-async def swapper_for() -> AsyncIterator[Callable[..., Swapper]]:
-    clients: list[httpx.AsyncClient] = []
-
-    def build(config: Config, backend: FakeBackend, clock: Clock | None = None) -> Swapper:
-        client = httpx.AsyncClient(transport=backend.transport)
-        clients.append(client)
-        if clock is None:
-            return Swapper(config, backend, client)
-        return Swapper(config, backend, client, clock=clock, sleep=clock.sleep)
-
-    yield build
-    for client in clients:
-        await client.aclose()
+swapper_for = swappers_fixture()
 
 
 pytestmark = pytest.mark.anyio
@@ -79,7 +53,7 @@ async def use(swapper: Swapper, model: str) -> None:
     await (await swapper.acquire(model)).release()
 
 
-async def test_the_matrix_decides_what_runs(swapper_for: Callable[..., Swapper]) -> None:
+async def test_the_matrix_decides_what_runs(swapper_for: Swappers) -> None:
     backend = FakeBackend()
     swapper = swapper_for(make_config(), backend)
     await use(swapper, "chat")
@@ -92,7 +66,7 @@ async def test_the_matrix_decides_what_runs(swapper_for: Callable[..., Swapper])
     assert swapper.running() == ["chat"]
 
 
-async def test_concurrent_requests_join_one_start(swapper_for: Callable[..., Swapper]) -> None:
+async def test_concurrent_requests_join_one_start(swapper_for: Swappers) -> None:
     backend = FakeBackend()
     backend.behaviour["chat"] = FakeModel(ready_after=0.1)
     swapper = swapper_for(make_config(), backend)
@@ -102,7 +76,7 @@ async def test_concurrent_requests_join_one_start(swapper_for: Callable[..., Swa
 
 
 async def test_a_busy_model_is_not_evicted_until_its_requests_finish(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = FakeBackend()
     swapper = swapper_for(make_config(), backend)
@@ -124,7 +98,7 @@ async def test_a_busy_model_is_not_evicted_until_its_requests_finish(
     assert backend.starts == {"chat": 2, "big": 1}
 
 
-async def test_disjoint_swaps_overlap(swapper_for: Callable[..., Swapper]) -> None:
+async def test_disjoint_swaps_overlap(swapper_for: Swappers) -> None:
     backend = FakeBackend()
 
     def ready_once_started(other: str) -> FakeModel:
@@ -141,7 +115,7 @@ async def test_disjoint_swaps_overlap(swapper_for: Callable[..., Swapper]) -> No
     assert backend.running_models() == {"chat", "code"}
 
 
-async def test_a_start_that_exits_fails_at_once_quoting_the_log(swapper_for: Callable[..., Swapper]) -> None:
+async def test_a_start_that_exits_fails_at_once_quoting_the_log(swapper_for: Swappers) -> None:
     backend = FakeBackend()
     backend.behaviour["chat"] = FakeModel(exit_at_start="error: model file not found")
     swapper = swapper_for(make_config(), backend)
@@ -156,7 +130,7 @@ async def test_a_start_that_exits_fails_at_once_quoting_the_log(swapper_for: Cal
     assert swapper.slots["chat"].in_flight == 0
 
 
-async def test_health_timeout_leaves_nothing_running(swapper_for: Callable[..., Swapper]) -> None:
+async def test_health_timeout_leaves_nothing_running(swapper_for: Swappers) -> None:
     clock = Clock()  # the swapper's waits move it: a minute of timeout takes no real time
     backend = FakeBackend(clock=clock)
     backend.behaviour["chat"] = FakeModel(ready_after=600)
@@ -167,7 +141,7 @@ async def test_health_timeout_leaves_nothing_running(swapper_for: Callable[..., 
     assert backend.boxes == {}
 
 
-async def test_engine_errors_name_the_model(swapper_for: Callable[..., Swapper]) -> None:
+async def test_engine_errors_name_the_model(swapper_for: Swappers) -> None:
     config = make_config(models={"big": {"image": "missing", "gpus": "all", "pull_policy": "never"}})
     swapper = swapper_for(config, FakeBackend(images={"img"}))
     with pytest.raises(ImageMissing, match="'big'"):
@@ -185,7 +159,7 @@ async def test_engine_errors_name_the_model(swapper_for: Callable[..., Swapper])
     assert backend.running_models() == {"chat"}  # big runs alone, yet chat never stopped
 
 
-async def test_a_crash_while_ready_returns_the_model_to_stopped(swapper_for: Callable[..., Swapper]) -> None:
+async def test_a_crash_while_ready_returns_the_model_to_stopped(swapper_for: Swappers) -> None:
     backend = FakeBackend()
     swapper = swapper_for(make_config(), backend)
     await use(swapper, "chat")
@@ -197,7 +171,7 @@ async def test_a_crash_while_ready_returns_the_model_to_stopped(swapper_for: Cal
     assert backend.running_models() == {"chat"}
 
 
-async def test_ttl_counts_from_the_end_of_the_last_request(swapper_for: Callable[..., Swapper]) -> None:
+async def test_ttl_counts_from_the_end_of_the_last_request(swapper_for: Swappers) -> None:
     backend, clock = FakeBackend(), Clock()
     config = make_config(models={"chat": {"image": "img", "ttl": 60}}, globalTTL=300)
     swapper = swapper_for(config, backend, clock)
@@ -218,7 +192,7 @@ async def test_ttl_counts_from_the_end_of_the_last_request(swapper_for: Callable
     assert backend.running_models() == set()
 
 
-async def test_a_ttl_of_0_never_expires_even_with_a_global_ttl(swapper_for: Callable[..., Swapper]) -> None:
+async def test_a_ttl_of_0_never_expires_even_with_a_global_ttl(swapper_for: Swappers) -> None:
     backend, clock = FakeBackend(), Clock()
     config = make_config(models={"chat": {"image": "img", "ttl": 0}}, globalTTL=60)
     swapper = swapper_for(config, backend, clock)
@@ -233,7 +207,7 @@ async def test_a_ttl_of_0_never_expires_even_with_a_global_ttl(swapper_for: Call
 
 
 async def test_an_absent_health_check_timeout_takes_the_global_one(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend, clock = FakeBackend(), Clock()
     backend.behaviour["chat"] = FakeModel(ready_after=600)
@@ -244,7 +218,7 @@ async def test_an_absent_health_check_timeout_takes_the_global_one(
 
 
 async def test_adoption_keeps_matching_containers_and_replaces_changed_ones(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = FakeBackend()
     old = make_config(models={"code": {"image": "img", "environment": {"A": "1"}}})
@@ -259,7 +233,7 @@ async def test_adoption_keeps_matching_containers_and_replaces_changed_ones(
     assert backend.starts == {"chat": 2, "code": 1}  # the adopted one served, no new start
 
 
-async def test_unload(swapper_for: Callable[..., Swapper]) -> None:
+async def test_unload(swapper_for: Swappers) -> None:
     backend = FakeBackend()
     swapper = swapper_for(make_config(), backend)
     await use(swapper, "chat")
@@ -270,7 +244,7 @@ async def test_unload(swapper_for: Callable[..., Swapper]) -> None:
     assert backend.running_models() == set()
 
 
-async def test_preload_goes_through_the_matrix(swapper_for: Callable[..., Swapper]) -> None:
+async def test_preload_goes_through_the_matrix(swapper_for: Swappers) -> None:
     backend = FakeBackend()
     config = make_config(hooks={"on_startup": {"preload": ["chat", "code", "big"]}})
     swapper = swapper_for(config, backend)
@@ -280,7 +254,7 @@ async def test_preload_goes_through_the_matrix(swapper_for: Callable[..., Swappe
 
 
 async def test_a_leaving_model_started_again_does_not_deadlock_the_swap_waiting_for_it(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = FakeBackend()
     swapper = swapper_for(make_config(), backend)
@@ -296,7 +270,7 @@ async def test_a_leaving_model_started_again_does_not_deadlock_the_swap_waiting_
     assert backend.starts == {"big": 2, "code": 1, "chat": 1}
 
 
-async def test_remains_of_a_dead_container_are_removed(swapper_for: Callable[..., Swapper]) -> None:
+async def test_remains_of_a_dead_container_are_removed(swapper_for: Swappers) -> None:
     backend = FakeBackend()
     swapper = swapper_for(make_config(), backend)
     await use(swapper, "chat")
@@ -308,7 +282,7 @@ async def test_remains_of_a_dead_container_are_removed(swapper_for: Callable[...
 
 
 async def test_adoption_replaces_a_container_whose_image_was_rebuilt(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = FakeBackend()
     backend.start(build_spec(make_config(), "chat"))
@@ -320,7 +294,7 @@ async def test_adoption_replaces_a_container_whose_image_was_rebuilt(
 
 
 async def test_adoption_keeps_only_what_the_matrix_allows_together(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     """Both ran under a config that allowed them together; the new config forbids it."""
     backend = FakeBackend()
@@ -346,7 +320,7 @@ def test_allowed_part_keeps_the_costliest_allowed_combination() -> None:
 
 
 async def test_an_adopted_container_is_starting_until_its_health_check_answers(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = FakeBackend()
     backend.behaviour["chat"] = FakeModel(ready_after=0.3)
@@ -360,7 +334,7 @@ async def test_an_adopted_container_is_starting_until_its_health_check_answers(
 
 
 async def test_an_adopted_container_that_never_becomes_healthy_is_removed(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     clock = Clock()
     backend = FakeBackend(clock=clock)
@@ -376,7 +350,7 @@ async def test_an_adopted_container_that_never_becomes_healthy_is_removed(
 
 
 async def test_a_container_that_will_not_stop_still_counts_as_running(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = FakeBackend()
     backend.behaviour["chat"] = FakeModel(unstoppable=True)
@@ -398,7 +372,7 @@ async def test_a_container_that_will_not_stop_still_counts_as_running(
 
 
 async def test_a_container_that_will_not_stop_at_adoption_counts_as_running(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = FakeBackend()
     backend.behaviour["chat"] = FakeModel(unstoppable=True)
@@ -412,7 +386,7 @@ async def test_a_container_that_will_not_stop_at_adoption_counts_as_running(
 
 
 async def test_unload_with_a_timeout_stops_a_model_with_requests_in_flight(
-    swapper_for: Callable[..., Swapper],
+    swapper_for: Swappers,
 ) -> None:
     backend = FakeBackend()
     swapper = swapper_for(make_config(), backend)
@@ -425,7 +399,7 @@ async def test_unload_with_a_timeout_stops_a_model_with_requests_in_flight(
 
 
 async def test_a_policy_that_cannot_decide_fails_that_start_and_nothing_else(
-    swapper_for: Callable[..., Swapper], monkeypatch: pytest.MonkeyPatch
+    swapper_for: Swappers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend = FakeBackend()
     swapper = swapper_for(make_config(), backend)

@@ -66,12 +66,18 @@ def say(proxy: Proxy, model: str) -> str:
     return text
 
 
-def test_an_evicted_model_sleeps_and_wakes_in_the_same_container(
-    instance: str, tmp_path: Path, docker_engine: docker.DockerClient, proxies: list[Proxy]
-) -> None:
+def started(instance: str, tmp_path: Path, proxies: list[Proxy]) -> Proxy:
+    """A `swapctl up` of config(instance), started; stopped after the test."""
     proxy = Proxy(write_yaml(tmp_path / "swapctl.yaml", config(instance)), instance, tmp_path)
     proxies.append(proxy)
     proxy.start()
+    return proxy
+
+
+def test_an_evicted_model_sleeps_and_wakes_in_the_same_container(
+    instance: str, tmp_path: Path, docker_engine: docker.DockerClient, proxies: list[Proxy]
+) -> None:
+    proxy = started(instance, tmp_path, proxies)
 
     assert say(proxy, "a") == "a answers, awake (woken 0 times)"
     first = containers(docker_engine, instance)["a"]
@@ -102,9 +108,7 @@ def test_an_evicted_model_sleeps_and_wakes_in_the_same_container(
 def test_up_adopts_a_sleeping_container_as_sleeping(
     instance: str, tmp_path: Path, docker_engine: docker.DockerClient, proxies: list[Proxy]
 ) -> None:
-    proxy = Proxy(write_yaml(tmp_path / "swapctl.yaml", config(instance)), instance, tmp_path)
-    proxies.append(proxy)
-    proxy.start()
+    proxy = started(instance, tmp_path, proxies)
     say(proxy, "a")
     say(proxy, "b")
     before = containers(docker_engine, instance)

@@ -227,3 +227,14 @@ def test_place_matches_every_placement_tried(
     capacities, footprints, _, _, running = problem
     chosen = {m: footprints[m] for m in running[:6]}
     assert (place(capacities, chosen) is not None) == brute_fits(capacities, chosen)
+
+
+def test_placed_models_stay_where_their_containers_were_given_gpus() -> None:
+    """x and y fit together on one GPU, but their containers run on two: z (a whole GPU)
+    needs one of them gone, where a free repacking would say nothing must stop."""
+    fits = policy((24 * GiB,) * 2, {m: Footprint(12 * GiB, 1) for m in "xy"} | {"z": Footprint(24 * GiB, 1)})
+    assert fits.decide("z", ["x", "y"]).evict == ()
+    placed = fits.with_placement({"x": (0,), "y": (1,)})
+    assert placed.decide("z", ["x", "y"]).evict == ("x",)
+    assert fits.with_placement({"x": (0,), "y": (0,)}).decide("z", ["x", "y"]).evict == ()
+    assert placed.with_costs({"x": 5}).decide("z", ["x", "y"]).evict == ("y",)  # both seams at once
