@@ -493,12 +493,15 @@ def _live_statuses(
     containers = {c.model: c for c in backend().list(loaded.instance)}
     now = time.time()
     statuses = []
-    for model in loaded.models:
+    for model, config in loaded.models.items():
         found = containers.get(model)
+        state = "stopped" if found is None else found.state
+        if found is not None and found.running and config.sleep is not None and _asleep(found):
+            state = "sleeping"  # its container runs, its server sleeps
         statuses.append(
             {
                 "model": model,
-                "state": "stopped" if found is None else found.state,
+                "state": state,
                 "container": found.name if found else None,
                 "host_port": found.host_port if found else None,
                 "in_flight": None,
@@ -508,6 +511,18 @@ def _live_statuses(
             }
         )
     return "docker", statuses
+
+
+def _asleep(container: Container) -> bool:
+    """Whether the container's server says it sleeps (vLLM's GET /is_sleeping); asked of a
+    model with `sleep` only, briefly: a server that does not answer is taken as awake."""
+    import httpx
+
+    try:
+        answer = httpx.get(container.url + "/is_sleeping", timeout=1.0).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    return isinstance(answer, dict) and answer.get("is_sleeping") is True
 
 
 def _seconds(value: float | None) -> str:

@@ -75,29 +75,23 @@ class Metrics:
         self.requests = Counter(
             "swapctl_requests", "Requests answered, by model and HTTP status", ["model", "code"], registry=r
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = self._per_model_seconds(
             "swapctl_request_duration_seconds",
             "Time from a request's arrival to the end of its answer",
-            ["model"],
-            buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
-            registry=r,
+            (0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
         )
         self.starts = Counter(
             "swapctl_model_starts", "Container starts, by result", ["model", "result"], registry=r
         )
-        self.start_seconds = Histogram(
+        self.start_seconds = self._per_model_seconds(
             "swapctl_model_start_duration_seconds",
             "Time from the start of a swap to the model answering its health check",
-            ["model"],
-            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-            registry=r,
+            (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
-        self.wake_seconds = Histogram(
+        self.wake_seconds = self._per_model_seconds(
             "swapctl_model_wake_duration_seconds",
             "Time a sleeping model took to wake (POST /wake_up until GET /is_sleeping says false)",
-            ["model"],
-            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-            registry=r,
+            (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
         self.evictions = Counter(
             "swapctl_model_evictions", "Stops to make room or on request", ["model"], registry=r
@@ -120,14 +114,16 @@ class Metrics:
         """The histogram of waits for a stopped model's GPU memory to be back; registered on
         first use, so that a proxy with no GPU exports no GPU series."""
         if self._release_seconds is None:
-            self._release_seconds = Histogram(
+            self._release_seconds = self._per_model_seconds(
                 "swapctl_gpu_release_seconds",
                 "Time a start waited, once an evicted model stopped, for its GPU memory to be back",
-                ["model"],
-                buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-                registry=self.registry,
+                (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             )
         return self._release_seconds
+
+    def _per_model_seconds(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+        """A histogram of durations in this registry, a series per model."""
+        return Histogram(name, documentation, ["model"], buckets=buckets, registry=self.registry)
 
     async def scrape(self) -> bytes:
         """The text exposition, GPU memory read first (in a thread) where it is watched."""

@@ -1,10 +1,13 @@
 """Helpers shared by the tests: the real `swapctl up` as a subprocess, llama-server model
-definitions, Docker read by labels, polling; and the fake stack the component tests use."""
+definitions, Docker read by labels, polling; and the fakes the component tests use (the
+stack, an engine with Docker's container IDs, GPUs whose processes are its containers)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import json
 import os
 import signal
@@ -13,11 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import docker
 import httpx
@@ -26,14 +29,14 @@ import yaml
 from openai import OpenAI
 from starlette.types import ASGIApp
 
-from swapctl.backend import Backend
+from swapctl.backend import Backend, Container
 from swapctl.backend.fake import FakeBackend
 from swapctl.cli import BackendFactory, main
 from swapctl.config import Config, parse_config
 from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
 from swapctl.proxy.upstream import HttpxUpstream
-from swapctl.spec import INSTANCE, MODEL
+from swapctl.spec import INSTANCE, MODEL, ContainerSpec
 
 
 def asgi_scope(path: str = "/v1/chat/completions", method: str = "POST") -> dict[str, Any]:
@@ -112,6 +115,14 @@ def long_model(models_dir: Path, seed: int) -> dict[str, Any]:
     return llama_model(
         models_dir, seed, "--override-kv", "llama.context_length=int:16384", "-np", "1", ctx=16384
     )
+
+
+def config_document(
+    instance: str, models: dict[str, Any], matrix: dict[str, Any], **top: Any
+) -> dict[str, Any]:
+    """A config of `instance` for `swapctl up`: `models`, each given 30 s to pass its health
+    check, the `matrix`, and the `top` keys."""
+    return {"instance": instance, "healthCheckTimeout": 30, **top, "models": models, "matrix": matrix}
 
 
 def write_yaml(path: Path, config: dict[str, Any]) -> Path:
@@ -348,6 +359,55 @@ class FakeStack:
         await self.swapper.unload()
         await self.client.aclose()
         await self.upstream.aclose()
+
+
+class HexIds(FakeBackend):
+    """The fake engine with 64-hex container IDs, as Docker writes them into cgroup paths."""
+
+    def start(self, spec: ContainerSpec) -> Container:
+        container = super().start(spec)
+        box = self.boxes.pop(container.id)
+        box.container = replace(container, id=hashlib.sha256(container.id.encode()).hexdigest())
+        self.boxes[box.container.id] = box
+        return box.container
+
+
+OUTSIDE = 7  # the PID of a process in no container, on a fake GPU
+
+
+@dataclass
+class ModelProcess:
+    """A process on a fake GPU, holding a model's memory."""
+
+    model: str
+    pid: int
+
+
+Process = TypeVar("Process", bound=ModelProcess)
+
+
+class ContainerGpus(Generic[Process]):
+    """Fake GPUs whose processes are those of the engine's running containers (instance
+    `test`) of the models that have a `vram`; subclasses say which hold what, in `read`."""
+
+    def __init__(self, backend: FakeBackend, vram: Mapping[str, int]) -> None:
+        self.backend, self.vram = backend, vram
+        self.holders: dict[str, Process] = {}  # container ID -> its process
+        self.pids = itertools.count(100)
+        self.lock = threading.Lock()
+
+    def running(self) -> dict[str, str]:
+        """Container ID -> model, for each running container whose model has a `vram`."""
+        return {c.id: c.model for c in self.backend.list("test") if c.running and c.model in self.vram}
+
+    def cgroup(self, pid: int) -> str | None:
+        """A running container's process names it; a stopped one's is gone from /proc."""
+        with self.lock:
+            running = {c.id for c in self.backend.list("test") if c.running}
+            for cid, holder in self.holders.items():
+                if holder.pid == pid and cid in running:
+                    return f"0::/system.slice/docker-{cid}.scope\n"
+        return "0::/user.slice\n" if pid == OUTSIDE else None
 
 
 class Clock:

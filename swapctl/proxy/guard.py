@@ -9,7 +9,9 @@ each HTTP request, in this order:
    An IP literal always passes: a rebinding attack needs a name the attacker controls.
 2. Origin: a request from a browser page of another origin (its `Origin`, or, without one,
    `Sec-Fetch-Site: cross-site|same-site`) is refused with 403 unless `cors` allows that
-   origin, so a page cannot blindly start, stop or use models either.
+   origin, so a page cannot blindly start, stop or use models either. A link from another
+   site to `GET /ui` or `/health` is followed: they hold no data and change nothing, and
+   the page cannot be framed (its `frame-ancestors 'none'`).
 3. A CORS preflight from an allowed origin is answered here (204), never forwarded.
 4. With `apiKeys`, every route but `GET /health` and `GET /ui` needs a key (401 otherwise);
    the headers that carried one are not passed on upstream. The page at /ui holds no data:
@@ -123,7 +125,8 @@ class Guard:
         origin = got.get(b"origin")
         cors = origin is not None and (self.any_origin or origin.lower() in self.origins)
         reply = self._reply(send, origin if cors else None)
-        refusal = self._refusal(host, origin, cors, got.get(b"sec-fetch-site"))
+        opened = scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")
+        refusal = self._refusal(host, origin, cors, None if opened else got.get(b"sec-fetch-site"))
         if refusal is not None:
             await refusal(scope, receive, reply)
             return
@@ -131,7 +134,7 @@ class Guard:
             requested = got.get(b"access-control-request-headers")
             await self._preflight(origin, cors, requested)(scope, receive, send)
             return
-        if self._keys and not (scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")):
+        if self._keys and not opened:
             carried = self._carrying_a_key(got)
             if not carried:
                 given = b"authorization" in got or b"x-api-key" in got

@@ -83,9 +83,12 @@ ORDER = list(Step)  # a start goes through its steps in this order
 
 
 def told(step: Step, progress: Progress) -> bool:
-    """Whether a step of this start has a line: a pull once it began, evictions if any."""
+    """Whether a step of this start has a line: a pull once it began, evictions if any, a
+    wake if it wakes a sleeping container."""
     if step is Step.PULLING:
         return progress.pulled is not None
+    if step is Step.WAKING:
+        return progress.waking
     return step is not Step.EVICTING or bool(progress.evicting)
 
 

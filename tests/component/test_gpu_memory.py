@@ -4,17 +4,13 @@ whose processes are the engine's containers, a stopped one's memory released lat
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import logging
-import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import httpx
 import pytest
-from support import Swappers, swappers_fixture
+from support import OUTSIDE, ContainerGpus, HexIds, ModelProcess, Swappers, swappers_fixture
 
-from swapctl.backend import Container
 from swapctl.backend.fake import FakeBackend
 from swapctl.cli import _watch_gpus
 from swapctl.config import Config, parse_config
@@ -23,7 +19,6 @@ from swapctl.lifecycle import Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy import build_app
 from swapctl.proxy.upstream import HttpxUpstream
-from swapctl.spec import ContainerSpec
 
 GIB = 2**30
 OTHERS = GIB  # held by a process outside any container
@@ -43,26 +38,13 @@ def make_config() -> Config:
     return parse_config({"models": models, "matrix": MATRIX, "instance": "test"})
 
 
-class HexIds(FakeBackend):
-    """The fake engine with 64-hex container IDs, as Docker writes them into cgroup paths."""
-
-    def start(self, spec: ContainerSpec) -> Container:
-        container = super().start(spec)
-        box = self.boxes.pop(container.id)
-        box.container = replace(container, id=hashlib.sha256(container.id.encode()).hexdigest())
-        self.boxes[box.container.id] = box
-        return box.container
-
-
 @dataclass
-class Holder:
-    model: str
-    pid: int
+class Holder(ModelProcess):
     reads_left: int | None = None  # once stopped: reads its memory lingers for (None: until freed)
     stopped: bool = False
 
 
-class OneGpu:
+class OneGpu(ContainerGpus[Holder]):
     """One 24 GiB GPU. Each running container of the engine has a process holding its model's
     `vram`; a stopped one's memory lingers for `linger` reads after the stop is seen (None:
     until `free()`), its process still `listed` by the driver or not. Records each container
@@ -71,13 +53,11 @@ class OneGpu:
     def __init__(
         self, backend: FakeBackend, linger: int | None, listed: bool = True, vram: dict[str, int] = VRAM
     ) -> None:
-        self.backend, self.linger, self.listed, self.vram = backend, linger, listed, vram
-        self.holders: dict[str, Holder] = {}  # container ID -> its process
+        super().__init__(backend, vram)
+        self.linger, self.listed = linger, listed
         self.beside: list[tuple[str, str]] = []  # (a model started, a model whose memory lingered)
         self.reads = 0
         self.freed = False
-        self.pids = itertools.count(100)
-        self.lock = threading.Lock()
 
     def free(self) -> None:
         with self.lock:
@@ -86,7 +66,7 @@ class OneGpu:
     def read(self) -> Snapshot:
         with self.lock:
             self.reads += 1
-            running = {c.id: c.model for c in self.backend.list("test") if c.running and c.model in self.vram}
+            running = self.running()
             self._forget_freed(running)
             lingering = [h.model for cid, h in self.holders.items() if cid not in running]
             for cid, model in running.items():
@@ -109,17 +89,8 @@ class OneGpu:
     def _device(self, running: dict[str, str]) -> Device:
         held = sum(self.vram[h.model] for h in self.holders.values())
         listed = [(cid, h) for cid, h in self.holders.items() if cid in running or self.listed]
-        processes = (GpuProcess(7, OTHERS), *(GpuProcess(h.pid, self.vram[h.model]) for _, h in listed))
+        processes = (GpuProcess(OUTSIDE, OTHERS), *(GpuProcess(h.pid, self.vram[h.model]) for _, h in listed))
         return Device(0, "GPU-aaaa", "NVIDIA L4", 24 * GIB, OTHERS + held, processes)
-
-    def cgroup(self, pid: int) -> str | None:
-        """A running container's process names it; a stopped one's is gone from /proc."""
-        with self.lock:
-            running = {c.id for c in self.backend.list("test") if c.running}
-            for cid, holder in self.holders.items():
-                if holder.pid == pid and cid in running:
-                    return f"0::/system.slice/docker-{cid}.scope\n"
-        return "0::/user.slice\n" if pid == 7 else None
 
 
 swapper_for = swappers_fixture(clocked=True)  # each Swapper on its own manual Clock

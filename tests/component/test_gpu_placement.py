@@ -5,21 +5,16 @@ the fake engine and a fake GPU whose processes are the engine's containers."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import itertools
 import json
 import logging
-import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Clock, Swappers, swappers_fixture
+from support import OUTSIDE, Clock, ContainerGpus, HexIds, ModelProcess, Swappers, swappers_fixture
 
-from swapctl.backend import Container
-from swapctl.backend.fake import FakeBackend
 from swapctl.cli import _watch_gpus, main
 from swapctl.config import Config, parse_config
 from swapctl.gpus import Device, GpuProcess, Snapshot
@@ -28,7 +23,6 @@ from swapctl.metrics import Metrics
 from swapctl.spec import PLACED, ContainerSpec, build_spec
 
 GIB = 2**30
-OUTSIDE = 7  # the PID of a process in no container
 
 pytestmark = pytest.mark.anyio
 
@@ -52,18 +46,11 @@ def make_config(
     return parse_config(raw)
 
 
-class HexIds(FakeBackend):
-    """The fake engine with 64-hex container IDs, as Docker writes them into cgroup paths."""
+class GpuHexIds(HexIds):
+    """HexIds with GPUs."""
 
     def __init__(self) -> None:
         super().__init__(gpus=True)
-
-    def start(self, spec: ContainerSpec) -> Container:
-        container = super().start(spec)
-        box = self.boxes.pop(container.id)
-        box.container = replace(container, id=hashlib.sha256(container.id.encode()).hexdigest())
-        self.boxes[box.container.id] = box
-        return box.container
 
     def spec(self, model: str) -> ContainerSpec:
         """The spec the model's running container was created with."""
@@ -72,26 +59,22 @@ class HexIds(FakeBackend):
 
 
 @dataclass
-class Holder:
-    model: str
-    pid: int
+class Holder(ModelProcess):
     devices: tuple[int, ...]
 
 
-class Gpus:
+class Gpus(ContainerGpus[Holder]):
     """24 GiB GPUs. `outside` bytes are held on a device by a process in no container; each
     running container holds its model's `vram` on each GPU its request names (a count Docker
     places lands on the first). With `linger`, a stopped container's process stays listed,
     its memory held, until `free()`."""
 
     def __init__(
-        self, backend: HexIds, vram: Mapping[str, int], count: int = 2, outside: Mapping[int, int] = {}
+        self, backend: GpuHexIds, vram: Mapping[str, int], count: int = 2, outside: Mapping[int, int] = {}
     ) -> None:
-        self.backend, self.vram, self.count, self.outside = backend, vram, count, outside
+        super().__init__(backend, vram)
+        self.count, self.outside = count, outside
         self.linger = False
-        self.holders: dict[str, Holder] = {}  # container ID -> its process
-        self.pids = itertools.count(100)
-        self.lock = threading.Lock()
 
     def free(self) -> None:
         with self.lock:
@@ -99,7 +82,7 @@ class Gpus:
 
     def read(self) -> Snapshot:
         with self.lock:
-            running = {c.id: c.model for c in self.backend.list("test") if c.running and c.model in self.vram}
+            running = self.running()
             for cid in [cid for cid in self.holders if cid not in running and not self.linger]:
                 del self.holders[cid]
             for cid, model in running.items():
@@ -119,15 +102,6 @@ class Gpus:
         used = sum(p.memory_used or 0 for p in processes)
         return Device(index, f"GPU-{index}", "NVIDIA L4", 24 * GIB, used, tuple(processes))
 
-    def cgroup(self, pid: int) -> str | None:
-        """A running container's process names it; a stopped one's is gone from /proc."""
-        with self.lock:
-            running = {c.id for c in self.backend.list("test") if c.running}
-            for cid, holder in self.holders.items():
-                if holder.pid == pid and cid in running:
-                    return f"0::/system.slice/docker-{cid}.scope\n"
-        return "0::/user.slice\n" if pid == OUTSIDE else None
-
 
 swapper_for = swappers_fixture(clocked=True)  # a Swapper given no clock gets its own manual Clock
 
@@ -146,7 +120,7 @@ async def test_a_count_model_goes_to_the_gpu_with_the_most_free_memory(
 ) -> None:
     caplog.set_level(logging.INFO, logger="swapctl")
     config = make_config({"chat": {"gpus": 1}}, {}, gpus=None)  # no declarations: the driver says
-    backend = HexIds()
+    backend = GpuHexIds()
     gpus = Gpus(backend, {"chat": 6 * GIB}, outside={0: 20 * GIB})  # GPU 0 busy
     swapper = swapper_for(config, backend, inventory=gpus)
     await use(swapper, "chat")
@@ -165,7 +139,7 @@ async def test_declared_gpus_alone_place_by_the_running_footprints(
         "big": {"gpus": ["0"], "vram": "18GiB"},
         "chat": {"gpus": 1, "vram": "6GiB"},
     }
-    backend = HexIds()
+    backend = GpuHexIds()
     swapper = swapper_for(make_config(models, {"all": "big & chat"}), backend)  # no inventory
     await use(swapper, "big")
     await use(swapper, "chat")
@@ -177,7 +151,7 @@ async def test_declared_gpus_alone_place_by_the_running_footprints(
 
 async def test_two_count_models_are_spread_over_the_gpus(swapper_for: Swappers) -> None:
     models = {"chat": {"gpus": 1, "vram": "6GiB"}, "code": {"gpus": 1, "vram": "4GiB"}}
-    backend = HexIds()
+    backend = GpuHexIds()
     swapper = swapper_for(make_config(models, {"pair": "chat & code"}), backend)
     await use(swapper, "chat")
     await use(swapper, "code")
@@ -187,7 +161,7 @@ async def test_two_count_models_are_spread_over_the_gpus(swapper_for: Swappers) 
 @pytest.mark.parametrize("gpus", ["all", ["0"]])
 async def test_all_and_pinned_ids_are_left_as_written(swapper_for: Swappers, gpus: Any) -> None:
     config = make_config({"chat": {"gpus": gpus}}, {}, gpus=None)
-    backend = HexIds()
+    backend = GpuHexIds()
     swapper = swapper_for(config, backend, inventory=Gpus(backend, {"chat": GIB}, outside={0: 20 * GIB}))
     await use(swapper, "chat")
     assert backend.spec("chat") == build_spec(config, "chat")
@@ -195,7 +169,7 @@ async def test_all_and_pinned_ids_are_left_as_written(swapper_for: Swappers, gpu
 
 async def test_nothing_known_leaves_the_count_to_docker(swapper_for: Swappers) -> None:
     config = make_config({"chat": {"gpus": 1}}, {}, gpus=None)  # no inventory, no declarations
-    backend = HexIds()
+    backend = GpuHexIds()
     await use(swapper_for(config, backend), "chat")
     assert backend.spec("chat") == build_spec(config, "chat")
 
@@ -205,7 +179,7 @@ async def test_a_restart_adopts_placed_containers_and_remembers_where_they_run(
 ) -> None:
     models = {"chat": {"gpus": 1, "vram": "6GiB"}, "code": {"gpus": 1, "vram": "4GiB"}}
     config = make_config(models, {"pair": "chat & code"})
-    backend = HexIds()
+    backend = GpuHexIds()
     await use(swapper_for(config, backend), "chat")  # a tie: GPU 0
     [before] = backend.list("test")
     again = swapper_for(config, backend)
@@ -224,7 +198,7 @@ async def test_a_model_starting_beside_an_eviction_does_not_make_it_wait(
     caplog.set_level(logging.INFO, logger="swapctl")
     models = {name: {"gpus": 1} for name in ("chat", "code", "big")}
     config = make_config(models, {"pair": "chat & code", "mix": "code & big"}, gpus=None)
-    backend = HexIds()
+    backend = GpuHexIds()
     gpus = Gpus(backend, {"chat": 6 * GIB, "code": 4 * GIB, "big": 12 * GIB}, count=1)
     clock = Clock()
     swapper = swapper_for(config, backend, clock, inventory=gpus, release_wait=30.0)
@@ -256,7 +230,7 @@ hardware:
 def test_gpus_command_names_each_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "swapctl.yaml"
     path.write_text(MISMATCHED)
-    backend = HexIds()
+    backend = GpuHexIds()
     gpus = Gpus(backend, {})
     lines = [
         "warning: hardware.gpus.0.memory: declared 48 GiB, GPU 0 (NVIDIA L4, GPU-0) has 24 GiB",
@@ -281,7 +255,7 @@ def test_gpus_command_names_each_mismatch(tmp_path: Path, capsys: pytest.Capture
 
 async def test_up_warns_of_each_mismatch_at_start(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="swapctl")
-    backend = HexIds()
+    backend = GpuHexIds()
     gpus = Gpus(backend, {}, count=1)
     assert await _watch_gpus(Metrics(), gpus, backend, "test", (24 * GIB, 24 * GIB)) is gpus
     warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
@@ -294,7 +268,7 @@ async def test_a_model_placed_but_not_measured_yet_counts_by_its_vram_under_the_
     """The driver shows nothing yet of a model that has not allocated (it is starting, or
     never measured): its declared vram is counted, or two starts would share one GPU."""
     models = {"chat": {"gpus": 1, "vram": "20GiB"}, "code": {"gpus": 1, "vram": "20GiB"}}
-    backend = HexIds()
+    backend = GpuHexIds()
     gpus = Gpus(backend, {})  # no model's memory shows on the driver
     swapper = swapper_for(make_config(models, {"pair": "chat & code"}), backend, inventory=gpus)
     await use(swapper, "chat")
@@ -315,7 +289,7 @@ async def test_fit_mode_decides_with_running_models_on_the_gpus_they_were_given(
         "matrix": {"fit": "gpu"},
         "hardware": {"gpus": [{"memory": "24GiB"}] * 2},
     }
-    backend = HexIds()
+    backend = GpuHexIds()
     swapper = swapper_for(parse_config(raw), backend)
     await use(swapper, "x")
     await use(swapper, "y")

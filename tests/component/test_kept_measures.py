@@ -4,22 +4,19 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Clock, FakeStack, Swappers, config_file, run_cli, swappers_fixture
+from support import Clock, FakeStack, HexIds, Swappers, config_file, run_cli, swappers_fixture
 
-from swapctl.backend import Container
 from swapctl.backend.fake import FakeBackend, FakeModel
 from swapctl.config import Config, load_config, parse_config
 from swapctl.gpus import Device, GpuProcess, Snapshot
 from swapctl.lifecycle import Swapper
 from swapctl.measures import MeasureStore, measures_path
-from swapctl.spec import ContainerSpec, build_spec
+from swapctl.spec import build_spec
 
 GIB = 2**30
 DOCUMENT: dict[str, Any] = {
@@ -92,17 +89,6 @@ async def test_a_restart_keeps_the_measurements(swapper_for: Swappers, tmp_path:
     await cold.adopt()
     assert cold.plan("new").evict == ("quick",)
     await second.unload()
-
-
-class HexIds(FakeBackend):
-    """The fake engine with 64-hex container IDs, as cgroup paths name Docker's containers."""
-
-    def start(self, spec: ContainerSpec) -> Container:
-        container = super().start(spec)
-        box = self.boxes.pop(container.id)
-        box.container = replace(container, id=hashlib.sha256(container.id.encode()).hexdigest())
-        self.boxes[box.container.id] = box
-        return box.container
 
 
 class OneGpu:

@@ -190,6 +190,7 @@ async def test_send_loading_state_tells_the_wait_as_reasoning_content(harness: H
     assert reasoning.startswith("Loading told: no start of it measured yet")
     assert "Stopping other to make room" in reasoning
     assert "Starting its container" in reasoning
+    assert "Waking" not in reasoning  # a cold start: nothing sleeps
     assert "waiting for the model to load" in reasoning
     assert "told is ready after" in reasoning
     assert sent.content() == "hello from told"  # then the real answer

@@ -543,3 +543,18 @@ def test_up_warns_when_anyone_on_the_network_can_use_it(
     assert (code, err.strip()) == (1, "error: no Docker in this test")
     assert ("anyone on the network can use and stop your models" in caplog.text) == warned
     assert KEY not in caplog.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", ["/ui", "/health"])
+async def test_a_link_from_another_site_opens_the_page(proxy: Proxy, path: str) -> None:
+    """A top-level navigation carries no Origin, only Sec-Fetch-Site: the page holds no data,
+    changes nothing and cannot be framed; what it then calls comes from its own origin."""
+    client, backend = proxy
+    navigation = {"sec-fetch-site": "cross-site", "sec-fetch-mode": "navigate", "sec-fetch-dest": "document"}
+    assert (await client.get(path, headers=navigation)).status_code == 200
+    assert_openai_error(await client.post("/unload", headers=navigation), 403, "origin_not_allowed")
+    assert_openai_error(await client.get("/running", headers=navigation), 403, "origin_not_allowed")
+    fetched = await client.get(path, headers={"origin": EVIL, "sec-fetch-site": "cross-site"})
+    assert_openai_error(fetched, 403, "origin_not_allowed")  # a script on that site: no
+    assert backend.running_models() == set()

@@ -25,6 +25,7 @@ from support import (
     Proxy,
     Streamed,
     chat,
+    config_document,
     containers,
     llama_model,
     long_model,
@@ -54,23 +55,19 @@ def fault_config(instance: str, models_dir: Path, **top: Any) -> dict[str, Any]:
         "command": ["echo boom >&2; exit 3"],
         "healthCheckTimeout": 60,
     }
-    return {
-        "instance": instance,
-        "healthCheckTimeout": 30,
-        **top,
-        "models": {
-            "chat": llama_model(models_dir, 1),
-            "big": llama_model(models_dir, 3),
-            "long": long_model(models_dir, 2),
-            "never": never,  # in no set: runs alone
-            "broken": broken,  # in no set: runs alone
-        },
-        "matrix": {
-            "vars": {"c": "chat", "B": "big", "L": "long"},
-            "sets": {"small": "c & L", "alone": "B"},
-            "evict_costs": {"B": 10},
-        },
+    models = {
+        "chat": llama_model(models_dir, 1),
+        "big": llama_model(models_dir, 3),
+        "long": long_model(models_dir, 2),
+        "never": never,  # in no set: runs alone
+        "broken": broken,  # in no set: runs alone
     }
+    matrix = {
+        "vars": {"c": "chat", "B": "big", "L": "long"},
+        "sets": {"small": "c & L", "alone": "B"},
+        "evict_costs": {"B": 10},
+    }
+    return config_document(instance, models, matrix, **top)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from support import (
     Proxy,
     Streamed,
     ask,
+    config_document,
     containers,
     llama_model,
     long_model,
@@ -30,12 +31,8 @@ STREAM_TOKENS = 4000  # about 10 s on a 2-core machine: the reload lands mid-str
 
 
 def config(instance: str, models_dir: Path, **models: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "instance": instance,
-        "healthCheckTimeout": 30,
-        "models": {"a": llama_model(models_dir, 1), "long": long_model(models_dir, 3), **models},
-        "matrix": {"sets": {"pair": "a & long"}},
-    }
+    models = {"a": llama_model(models_dir, 1), "long": long_model(models_dir, 3), **models}
+    return config_document(instance, models, {"sets": {"pair": "a & long"}})
 
 
 def model_ids(proxy: Proxy) -> list[str]:

@@ -19,6 +19,7 @@ from support import (
     Proxy,
     Streamed,
     ask,
+    config_document,
     free_port,
     llama_model,
     long_model,
@@ -32,12 +33,8 @@ pytestmark = pytest.mark.docker
 
 
 def config(instance: str, models_dir: Path, sets: dict[str, str], **extra: Any) -> dict[str, Any]:
-    return {
-        "instance": instance,
-        "healthCheckTimeout": 30,
-        "models": {"a": llama_model(models_dir, 1), "b": llama_model(models_dir, 2), **extra},
-        "matrix": {"sets": sets, "evict_costs": {"b": 5}},
-    }
+    models = {"a": llama_model(models_dir, 1), "b": llama_model(models_dir, 2), **extra}
+    return config_document(instance, models, {"sets": sets, "evict_costs": {"b": 5}})
 
 
 def test_a_restart_under_a_config_that_forbids_what_runs_keeps_the_matrix(

@@ -113,6 +113,9 @@ def test_up_adopts_a_sleeping_container_as_sleeping(
     say(proxy, "b")
     before = containers(docker_engine, instance)
     proxy.stop()  # the containers keep running, for the next `up` to adopt
+    seen = proxy.swapctl_json("status")  # from Docker: a's server is asked whether it sleeps
+    assert seen["source"] == "docker"
+    assert {row["model"]: row["state"] for row in seen["models"]} == {"a": "sleeping", "b": "running"}
 
     proxy.start()
     assert "adopted a (" in proxy.log() and "), asleep" in proxy.log()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -90,19 +90,36 @@ def two_models(instance: str, models_dir: Path, tmp_path: Path, **extra: object)
     return Proxy(write_yaml(tmp_path / "swapctl.yaml", config), instance, tmp_path)
 
 
-def test_the_page_follows_loads_and_unloads_models(
+@pytest.fixture
+def open_page(
     instance: str,
     models_dir: Path,
     tmp_path: Path,
     proxies: list[Proxy],
     docker_engine: docker.DockerClient,
     page: Page,
+) -> Callable[..., Proxy]:
+    """Starts `two_models` (top-level keys may be added) and opens its page in `page`. A test
+    asks for it before `page`, so that the page is shot before the proxy stops."""
+
+    def start(**extra: object) -> Proxy:
+        proxy = two_models(instance, models_dir, tmp_path, **extra)
+        proxies.append(proxy)
+        proxy.start()
+        page.goto(f"{proxy.url}/ui")
+        return proxy
+
+    return start
+
+
+def test_the_page_follows_loads_and_unloads_models(
+    open_page: Callable[..., Proxy],
+    instance: str,
+    docker_engine: docker.DockerClient,
+    page: Page,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    proxy = two_models(instance, models_dir, tmp_path)
-    proxies.append(proxy)
-    proxy.start()
-    page.goto(f"{proxy.url}/ui")
+    proxy = open_page()
     expect(page.locator("#status")).to_have_text("live")
     expect(row(page, "a").locator("td.state")).to_have_text("stopped")
     expect(row(page, "b").locator("td.state")).to_have_text("stopped")
@@ -162,17 +179,9 @@ def test_the_page_follows_loads_and_unloads_models(
 
 
 def test_with_api_keys_the_page_asks_for_the_key(
-    instance: str,
-    models_dir: Path,
-    tmp_path: Path,
-    proxies: list[Proxy],
-    docker_engine: docker.DockerClient,
-    page: Page,
+    open_page: Callable[..., Proxy], instance: str, docker_engine: docker.DockerClient, page: Page
 ) -> None:
-    proxy = two_models(instance, models_dir, tmp_path, apiKeys=[KEY])
-    proxies.append(proxy)
-    proxy.start()
-    page.goto(f"{proxy.url}/ui")  # the page itself needs no key
+    proxy = open_page(apiKeys=[KEY])  # the page itself needs no key
     expect(page.locator("#key-form")).to_be_visible()
     expect(page.locator("#status")).not_to_have_text("live")
 
