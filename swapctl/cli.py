@@ -181,6 +181,8 @@ def _print_decision(decision: Decision, requested: str) -> None:
         out.print(table)
     stops = ", ".join(decision.evict) if decision.evict else "nothing"
     chosen = f" in set '{decision.set}'" if decision.set else ""
+    if decision.devices is not None:
+        chosen += f" on GPU{'s' * (len(decision.devices) != 1)} {', '.join(map(str, decision.devices))}"
     out.print(f"start {decision.model}{chosen}; stop {stops} (cost {decision.cost})")
 
 
@@ -208,6 +210,7 @@ def plan(
     else:
         names = _running_names(loaded, running)
     from swapctl.config import hardware
+    from swapctl.matrix.fit import held_devices
     from swapctl.measures import costed_policy, effective_costs
 
     measures = _measures(loaded)
@@ -216,7 +219,10 @@ def plan(
     costs = {} if decision.already_running else {m: every_cost[m] for m in names if m != target}
 
     after = sorted({*names, target} - set(decision.evict))
-    before_use, after_use = hardware.memory_use(loaded, names), hardware.memory_use(loaded, after)
+    before_use = hardware.memory_use(loaded, names, placed)
+    # the kept models stay where they are; the model goes where the decision placed it
+    staying = {**held_devices(before_use), **({target: decision.devices} if decision.devices else {})}
+    after_use = hardware.memory_use(loaded, after, staying)
     shown = hardware.shows_memory(loaded)
     if as_json:
         memory = {"before": hardware.use_json(before_use), "after": hardware.use_json(after_use)}

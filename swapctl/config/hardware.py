@@ -177,10 +177,12 @@ def _uses_gpu(model: Model, devices: int) -> bool:
     return gpu_count(model.gpus, model.device_requests, devices)[0] > 0
 
 
-def memory_use(config: Config, models: Sequence[str]) -> tuple[DeviceUse, ...] | None:
-    """Each declared GPU's memory when `models` run (None: they do not fit); models without
-    a known footprint count as holding nothing."""
-    return use(config.gpu_memory or (), config.footprints, models)
+def memory_use(
+    config: Config, models: Sequence[str], placed: Mapping[str, Sequence[int]] | None = None
+) -> tuple[DeviceUse, ...] | None:
+    """Each declared GPU's memory when `models` run, those of `placed` on their devices (None:
+    they do not fit); models without a known footprint count as holding nothing."""
+    return use(config.gpu_memory or (), config.footprints, models, placed)
 
 
 def shows_memory(config: Config) -> bool:

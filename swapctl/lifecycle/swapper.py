@@ -191,6 +191,8 @@ class Swapper:
         pull_first = slot.container is None and (
             model.pull_policy == "always" or model.image not in self.images
         )
+        if slot.container is None:  # a new container: where the last one ran does not bind it
+            self.placed.pop(slot.model, None)
         self._launch(slot, Step.PULLING)
         try:
             decided = None if pull_first else self._decide(slot)
@@ -206,6 +208,8 @@ class Swapper:
         running = [m for m in self.running() if m != slot.model]
         decision = self.policy().decide(slot.model, running)
         seconds = time.perf_counter() - began
+        if decision.devices is not None and slot.container is None:  # held now: the next decision sees it
+            self.placed[slot.model] = decision.devices
         keep = set(decision.target_set)
         leaving = tuple((s, s.stops) for s in self.slots.values() if s.leaving and s.model not in keep)
         for model in decision.evict:
@@ -218,7 +222,13 @@ class Swapper:
         """The config's policy, deciding with the measured cost of each `evict_costs: auto`
         model and the GPUs each container was given; built again only when the config, a
         kept measurement or a placement changed."""
-        config, generation, placed = self.config, self.measures.generation, dict(self.placed)
+        config, generation = self.config, self.measures.generation
+        # a container's GPUs, while it exists (running, or asleep: it wakes there)
+        placed = {
+            m: d
+            for m, d in self.placed.items()
+            if (s := self.slots.get(m)) is not None and (s.container is not None or s.phase is State.STARTING)
+        }
         built = self._costed
         if built is None or built[0] is not config or built[1] != generation or built[2] != placed:
             policy = costed_policy(config, self.measures).with_placement(placed)
@@ -278,7 +288,7 @@ class Swapper:
                 others = (s.model for s, _ in decided.leaving)
                 await self.gpu.until_freed(slot.model, (*decision.evict, *others))
             if asleep is None:
-                container, woke = await self._start(slot, await self._place(spec)), None
+                container, woke = await self._start(slot, await self._place(spec, decision.devices)), None
             else:
                 container, woke = await self._wake(slot, spec, asleep)
         except BaseException as error:
@@ -322,11 +332,19 @@ class Swapper:
         )
         self.activity.swapped(swap)
 
-    async def _place(self, spec: ContainerSpec) -> ContainerSpec:
-        """A count of GPUs fixed on the devices with the most free memory now, after the
-        evictions (see `placement`); the spec as written where nothing says what is free."""
+    async def _place(self, spec: ContainerSpec, decided: tuple[int, ...] | None = None) -> ContainerSpec:
+        """A count of GPUs fixed on the devices the decision placed the model on (fit mode),
+        else on those with the most free memory now, after the evictions (see `placement`);
+        the spec as written where nothing says what is free."""
         self.placed.pop(spec.model, None)
         wanted = placement.ask(spec)
+        chosen = tuple(d for d in decided or () if wanted is not None and d not in wanted.pinned)
+        if wanted is not None and decided is not None and len(chosen) == wanted.count:
+            self.placed[spec.model] = chosen
+            log.info(
+                "placing %s on GPU %s (the decision's placement)", spec.model, ", ".join(map(str, chosen))
+            )
+            return placement.place(spec, chosen)
         free = await self._free_memory(spec.model) if wanted is not None else None
         devices = placement.choose(free, wanted) if wanted is not None and free is not None else None
         if devices is None or free is None:

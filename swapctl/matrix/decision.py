@@ -26,8 +26,11 @@ class Decision:
     evict: tuple[str, ...]
     cost: int
     candidates: tuple[Candidate, ...] = ()
+    devices: tuple[int, ...] | None = None  # where a policy that places models puts this one
 
     def to_json(self) -> dict[str, object]:
+        """The decision as JSON; `devices` only where the policy placed the model."""
+        placed = {} if self.devices is None else {"devices": list(self.devices)}
         return {
             "model": self.model,
             "already_running": self.already_running,
@@ -39,6 +42,7 @@ class Decision:
                 {"set": c.set, "combination": list(c.combination), "evict": list(c.evict), "cost": c.cost}
                 for c in self.candidates
             ],
+            **placed,
         }
 
 

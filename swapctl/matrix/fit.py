@@ -60,6 +60,27 @@ def format_gpu_memory(size: int) -> str:
     return f"{size} bytes"
 
 
+def pinned(footprints: Mapping[str, Footprint], placed: Mapping[str, Sequence[int]]) -> dict[str, Footprint]:
+    """`footprints` with each model of `placed` pinned to the devices its container was given
+    (a container's GPUs are fixed when it starts); a placement that does not match the
+    model's count of GPUs is ignored."""
+    found = dict(footprints)
+    for model, devices in placed.items():
+        footprint = found.get(model)
+        if footprint is not None and len(set(devices)) == footprint.count:
+            found[model] = Footprint(footprint.vram, footprint.count, tuple(sorted(set(devices))))
+    return found
+
+
+def held_devices(devices: Sequence[DeviceUse] | None) -> dict[str, tuple[int, ...]]:
+    """Model -> the devices it holds under a placement `use` answered."""
+    held: dict[str, list[int]] = {}
+    for device in devices or ():
+        for model in device.models:
+            held.setdefault(model, []).append(device.index)
+    return {model: tuple(found) for model, found in held.items()}
+
+
 def need(footprints: Mapping[str, Footprint]) -> int:
     return sum(f.vram * f.count for f in footprints.values())
 
@@ -243,10 +264,14 @@ class DeviceUse:
 
 
 def use(
-    capacities: Sequence[int], footprints: Mapping[str, Footprint], models: Sequence[str]
+    capacities: Sequence[int],
+    footprints: Mapping[str, Footprint],
+    models: Sequence[str],
+    placed: Mapping[str, Sequence[int]] | None = None,
 ) -> tuple[DeviceUse, ...] | None:
-    """Each GPU's memory when `models` run, under a placement that fits (None: none does);
-    models without a footprint hold nothing."""
+    """Each GPU's memory when `models` run, under a placement that fits, those of `placed`
+    on their devices (None: none does); models without a footprint hold nothing."""
+    footprints = pinned(footprints, placed or {})
     held = {m: footprints[m] for m in sorted(models) if m in footprints}
     placement = place(capacities, held)
     if placement is None:

@@ -24,7 +24,7 @@ from itertools import combinations
 
 from swapctl.errors import ConfigError
 from swapctl.matrix.decision import Candidate, Decision
-from swapctl.matrix.fit import Footprint, Steps, format_gpu_memory, place
+from swapctl.matrix.fit import Footprint, Steps, format_gpu_memory, pinned, place
 
 SET_NAME = "fit"  # the set a decision names, as a matrix decision names its set
 # The placement search steps one decision may spend (a step takes microseconds; most
@@ -57,12 +57,7 @@ class FitPolicy:
     def with_placement(self, placed: Mapping[str, tuple[int, ...]]) -> FitPolicy:
         """A container's GPUs are fixed when it starts: a model placed on some keeps them, so
         a decision may not count on moving it to make room (and a sleeping one wakes there)."""
-        footprints = dict(self.footprints)
-        for model, devices in placed.items():
-            found = footprints.get(model)
-            if found is not None and len(set(devices)) == found.count:
-                footprints[model] = Footprint(found.vram, found.count, tuple(sorted(set(devices))))
-        return replace(self, footprints=footprints)
+        return replace(self, footprints=pinned(self.footprints, placed))
 
     def alone_problem(self, model: str) -> str | None:
         """Why `model` cannot run even alone (its need and the GPUs'), or None."""
@@ -85,13 +80,13 @@ class FitPolicy:
             raise ConfigError(f"models.{model}.vram", problem)
         unknown = [r for r in running if r not in self.costs]
         holding = [r for r in running if r in self.footprints]
-        evict = sorted(
-            {*unknown, *cheapest_eviction(self.capacities, self.footprints, self.costs, model, holding)}
-        )
+        cheapest, placed = cheapest_placement(self.capacities, self.footprints, self.costs, model, holding)
+        evict = sorted({*unknown, *cheapest})
         cost = sum(self.cost(m) for m in evict)
         combination = tuple(sorted({model, *running} - set(evict)))
         candidates = (Candidate(SET_NAME, combination, tuple(evict), cost),) if explain else ()
-        return Decision(model, False, SET_NAME, combination, tuple(evict), cost, candidates)
+        devices = placed.get(model) if placed else None
+        return Decision(model, False, SET_NAME, combination, tuple(evict), cost, candidates, devices)
 
 
 def _weights(holding: Sequence[str], costs: Mapping[str, int]) -> dict[str, int]:
@@ -115,6 +110,18 @@ def cheapest_eviction(
     """The models of `running` (each with a footprint) to evict so that the rest and `model`
     fit `capacities`, at the least cost, then the fewest, then the first names; sorted.
     `model` must fit alone."""
+    return cheapest_placement(capacities, footprints, costs, model, running)[0]
+
+
+def cheapest_placement(
+    capacities: Sequence[int],
+    footprints: Mapping[str, Footprint],
+    costs: Mapping[str, int],
+    model: str,
+    running: Collection[str],
+) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]] | None]:
+    """`cheapest_eviction`, with the placement that showed the rest and `model` fit (None
+    where `model` uses no GPU and nothing is kept)."""
     weight = _weights(tuple(running), costs)
     mine = footprints.get(model)
     memory = {m: footprints[m].vram * footprints[m].count for m in running}
@@ -123,7 +130,7 @@ def cheapest_eviction(
     n = len(order)
     capacity = sum(capacities) - (mine.vram * mine.count if mine else 0)
     rest_memory = [sum(memory[m] for m in order[i:]) for i in range(n + 1)]
-    known: dict[frozenset[str], bool] = {}
+    known: dict[frozenset[str], dict[str, tuple[int, ...]] | None] = {}  # kept -> a placement
     steps = Steps(DECISION_STEPS)
 
     def fits(kept: frozenset[str]) -> bool:
@@ -133,8 +140,8 @@ def cheapest_eviction(
             held = {m: footprints[m] for m in sorted(kept)}
             if mine is not None:
                 held[model] = mine
-            known[kept] = place(capacities, held, steps) is not None
-        return known[kept]
+            known[kept] = place(capacities, held, steps)
+        return known[kept] is not None
 
     def bound(i: int, missing: int) -> int | None:
         """The least the models from `i` on can pay, evicted in part, to free `missing`
@@ -166,7 +173,9 @@ def cheapest_eviction(
         search(i + 1, kept, kept_memory, (*evicted, m), paid + weight[m])
 
     search(0, frozenset(), 0, (), 0)
-    return tuple(sorted(best))
+    kept = frozenset(running).difference(best)
+    alone = place(capacities, {model: mine}) if mine is not None else None
+    return tuple(sorted(best)), known.get(kept) if kept else alone
 
 
 def exhaustive_eviction(

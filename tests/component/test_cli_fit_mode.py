@@ -35,8 +35,9 @@ def path(tmp_path: Path) -> Path:
 def test_plan_evicts_the_cheapest_that_frees_enough(capsys: pytest.CaptureFixture[str], path: Path) -> None:
     code, out, err = run_without_engine(capsys, path, "plan", "pair", "--running", "big,mid,cpu")
     assert (code, err) == (0, "")
-    assert "start pair in set 'fit'; stop big (cost 5)" in out
-    assert "GPU 0: 18 GiB / 24 GiB (big) -> " in out
+    assert "start pair in set 'fit' on GPUs 0, 1; stop big (cost 5)" in out
+    assert "GPU 0: 18 GiB / 24 GiB (big) -> 8 GiB / 24 GiB (pair)" in out
+    assert "GPU 1: 10 GiB / 24 GiB (mid) -> 18 GiB / 24 GiB (mid, pair)" in out  # mid stays on GPU 1
 
 
 def test_plan_json(capsys: pytest.CaptureFixture[str], path: Path) -> None:
@@ -45,10 +46,9 @@ def test_plan_json(capsys: pytest.CaptureFixture[str], path: Path) -> None:
     decided = json.loads(out)
     assert (decided["set"], decided["evict"], decided["cost"]) == ("fit", ["pair"], 1)
     assert decided["target_set"] == ["big", "mid"]
-    assert [gpu["models"] for gpu in decided["gpu_memory"]["after"]] in (
-        [["big"], ["mid"]],
-        [["mid"], ["big"]],
-    )
+    after = [gpu["models"] for gpu in decided["gpu_memory"]["after"]]
+    assert after in ([["big"], ["mid"]], [["mid"], ["big"]])
+    assert [gpu_index for gpu_index, models in enumerate(after) if "mid" in models] == decided["devices"]
 
 
 def test_validate_summarises_fit_mode(capsys: pytest.CaptureFixture[str], path: Path) -> None:
@@ -92,5 +92,6 @@ matrix:
     code, out, _ = run_cli(capsys, lambda: backend, "plan", "z", "--json", "-c", str(path))
     assert code == 0
     assert json.loads(out)["evict"] == ["x"]
+    assert json.loads(out)["devices"] == [0]  # where x ran
     unplaced = run_without_engine(capsys, path, "plan", "z", "--running", "x,y", "--json")[1]
     assert json.loads(unplaced)["evict"] == []  # named, not found running: no GPUs known

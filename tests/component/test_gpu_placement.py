@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from support import OUTSIDE, Clock, ContainerGpus, HexIds, ModelProcess, Swappers, swappers_fixture
 
+from swapctl.backend.fake import FakeModel
 from swapctl.cli import _watch_gpus, main
 from swapctl.config import Config, parse_config
 from swapctl.gpus import Device, GpuProcess, Snapshot
@@ -298,3 +299,61 @@ async def test_fit_mode_decides_with_running_models_on_the_gpus_they_were_given(
     await use(swapper, "z")
     assert backend.running_models() == {"y", "z"}
     assert backend.spec("z").gpus == ("0",)
+
+
+async def test_a_stopped_model_is_placed_afresh_not_where_it_last_ran(swapper_for: Swappers) -> None:
+    models = {
+        "a": {"gpus": 1, "vram": "20GiB"},
+        "x": {"gpus": 1, "vram": "12GiB"},
+        "z": {"gpus": 1, "vram": "20GiB"},
+    }
+    raw = {
+        "instance": "test",
+        "models": {name: {"image": "img", "stop_grace_period": 0, **keys} for name, keys in models.items()},
+        "matrix": {"fit": "gpu"},
+        "hardware": {"gpus": [{"memory": "24GiB"}] * 2},
+    }
+    backend = GpuHexIds()
+    swapper = swapper_for(parse_config(raw), backend)
+    await use(swapper, "a")
+    await use(swapper, "x")
+    assert backend.spec("x").gpus == ("1",)
+    await swapper.unload("x")
+    await use(swapper, "z")
+    assert backend.spec("z").gpus == ("1",)
+    await swapper.unload("a")
+    assert swapper.plan("x").evict == ()  # GPU 0 is free: x need not go back to GPU 1
+    await use(swapper, "x")
+    assert backend.running_models() == {"x", "z"}
+    assert backend.spec("x").gpus == ("0",)
+
+
+async def test_fit_mode_starts_decided_together_are_placed_as_decided(swapper_for: Swappers) -> None:
+    """GPU 0 has 20 GiB free, GPU 1 10 GiB. a (10 GiB) and b (20 GiB) are asked for at once:
+    a's decision places it, so b's decision sees it there and makes room; placing a on the
+    freest GPU once its start comes would leave b on a GPU without room for it."""
+    vram = {"p": 4, "q": 14, "a": 10, "b": 20}
+    gpus: dict[str, Any] = {"p": ["0"], "q": ["1"], "a": 1, "b": 1}
+    raw = {
+        "instance": "test",
+        "models": {
+            m: {"image": "img", "stop_grace_period": 0, "gpus": gpus[m], "vram": f"{vram[m]}GiB"}
+            for m in vram
+        },
+        "matrix": {"fit": "gpu", "evict_costs": {"p": 5, "q": 5}},
+        "hardware": {"gpus": [{"memory": "24GiB"}] * 2},
+    }
+    backend = GpuHexIds()
+    for model in ("a", "b"):
+        backend.behaviour[model] = FakeModel(ready_after=0.05)
+    swapper = swapper_for(parse_config(raw), backend)
+    await use(swapper, "p")
+    await use(swapper, "q")
+    await asyncio.gather(use(swapper, "a"), use(swapper, "b"))
+    used = [0, 0]
+    for model in backend.running_models():
+        devices = backend.spec(model).gpus
+        assert isinstance(devices, tuple), f"{model} was not placed: {devices}"
+        for device in devices:
+            used[int(device)] += vram[model]
+    assert max(used) <= 24, f"GPU memory in use: {used} GiB, running {sorted(backend.running_models())}"
