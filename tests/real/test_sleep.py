@@ -5,6 +5,8 @@ sleep routes and answers 503 to a chat while asleep, so a forward to a sleeping 
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,19 @@ def test_an_evicted_model_sleeps_and_wakes_in_the_same_container(
     assert "sleep: a asleep at level 1" in proxy.log()
 
     assert say(proxy, "a") == "a answers, awake (woken 1 times)", "served by the woken server"
+    kept = Path(os.environ["SWAPCTL_STATE_DIR"], "measures", f"{instance}.json")
+
+    def measured() -> dict[str, Any]:
+        return json.loads(kept.read_text()) if kept.exists() else {}
+
+    def both_kept() -> bool:
+        models = measured().get("models", {})
+        return (
+            len(models.get("a", {}).get("wakes", [])) == 1 and len(models.get("b", {}).get("starts", [])) == 1
+        )
+
+    poll(both_kept, 10, "the start and the wake kept in the state file")
+    assert len(measured()["models"]["a"]["starts"]) == 1  # its one cold start; the wake is apart
     assert containers(docker_engine, instance) == {"a": first}, "the same container; b evicted"
     assert not is_sleeping(url)
     poll(lambda: "wake: a awake in " in proxy.log(), 10, "the wake's log line")
