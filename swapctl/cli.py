@@ -569,7 +569,8 @@ def status(
 
     title = "from the proxy" if source == "proxy" else "from Docker (no proxy answers)"
     table = Table(title=f"swapctl {loaded.instance}: models {title}", title_justify="left")
-    for column in ("model", "state", "container", "port", "up", "idle", "in flight"):
+    on_gpus = any(s.get("gpus") or s.get("gpu_memory") for s in statuses)  # a column only then
+    for column in ("model", "state", "container", "port", "up", "idle", "in flight", *("GPU",) * on_gpus):
         table.add_column(column, overflow="fold")
     colours = {"ready": "green", "running": "green", "starting": "yellow", "stopping": "yellow"}
     colours["sleeping"] = "blue"
@@ -583,8 +584,17 @@ def status(
             _seconds(s["ready_seconds"]),
             _seconds(s["idle_seconds"]),
             "-" if s["in_flight"] is None else str(s["in_flight"]),
+            *(_gpu_cell(s),) * on_gpus,
         )
     _stdout().print(table)
+
+
+def _gpu_cell(status: dict[str, Any]) -> str:
+    """`1, 3` (the GPUs swapctl placed it on) and `18.2 GiB` (what it held once measured)."""
+    placed = ", ".join(map(str, status.get("gpus") or ()))
+    measured = status.get("gpu_memory")
+    held = _gib(sum(measured.values())) if measured else ""
+    return " ".join(part for part in (placed, held) if part) or "-"
 
 
 def _gib(size: int | None) -> str:

@@ -69,12 +69,7 @@ def test_a_model_too_big_is_refused_naming_need_and_capacity(
     )
 
 
-def test_plan_takes_running_containers_on_the_gpus_they_were_given(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    """x and y (12 GiB each) would share a GPU, but their containers run on GPUs 0 and 1, as
-    their labels say: z (a whole GPU) must stop one of them."""
-    text = """
+PLACED = """
 hardware:
   gpus: [{memory: 24GiB}, {memory: 24GiB}]
 models:
@@ -84,14 +79,43 @@ models:
 matrix:
   fit: gpu
 """
-    path = config_file(tmp_path, text)
+
+
+def placed_world(tmp_path: Path) -> tuple[Path, FakeBackend]:
+    """The config PLACED, with x's container placed on GPU 0 and y's on GPU 1."""
+    path = config_file(tmp_path, PLACED)
     config = load_config(path)
     backend = FakeBackend(gpus=True)
     for model, device in (("x", 0), ("y", 1)):
         backend.start(placement.place(build_spec(config, model), (device,)))
+    return path, backend
+
+
+def test_plan_takes_running_containers_on_the_gpus_they_were_given(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """x and y (12 GiB each) would share a GPU, but their containers run on GPUs 0 and 1, as
+    their labels say: z (a whole GPU) must stop one of them."""
+    path, backend = placed_world(tmp_path)
     code, out, _ = run_cli(capsys, lambda: backend, "plan", "z", "--json", "-c", str(path))
     assert code == 0
     assert json.loads(out)["evict"] == ["x"]
     assert json.loads(out)["devices"] == [0]  # where x ran
     unplaced = run_without_engine(capsys, path, "plan", "z", "--running", "x,y", "--json")[1]
     assert json.loads(unplaced)["evict"] == []  # named, not found running: no GPUs known
+
+
+def test_status_shows_the_gpus_each_container_was_given(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    path, backend = placed_world(tmp_path)
+    code, out, _ = run_cli(capsys, lambda: backend, "status", "-c", str(path), "--url", "http://127.0.0.1:9")
+    assert code == 0
+    rows = {
+        line.split()[1]: line.split()
+        for line in out.splitlines()
+        if line.split()[1:2] in (["x"], ["y"], ["z"])
+    }
+    assert "GPU" in out
+    assert (rows["x"][-2], rows["y"][-2], rows["z"][-2]) == ("0", "1", "-")
