@@ -80,7 +80,7 @@ class FitPolicy:
             raise ConfigError(f"models.{model}.vram", problem)
         unknown = [r for r in running if r not in self.costs]
         holding = [r for r in running if r in self.footprints]
-        cheapest, placed = cheapest_placement(self.capacities, self.footprints, self.costs, model, holding)
+        cheapest, placed = cheapest_eviction(self.capacities, self.footprints, self.costs, model, holding)
         evict = sorted({*unknown, *cheapest})
         cost = sum(self.cost(m) for m in evict)
         combination = tuple(sorted({model, *running} - set(evict)))
@@ -106,22 +106,11 @@ def cheapest_eviction(
     costs: Mapping[str, int],
     model: str,
     running: Collection[str],
-) -> tuple[str, ...]:
-    """The models of `running` (each with a footprint) to evict so that the rest and `model`
-    fit `capacities`, at the least cost, then the fewest, then the first names; sorted.
-    `model` must fit alone."""
-    return cheapest_placement(capacities, footprints, costs, model, running)[0]
-
-
-def cheapest_placement(
-    capacities: Sequence[int],
-    footprints: Mapping[str, Footprint],
-    costs: Mapping[str, int],
-    model: str,
-    running: Collection[str],
 ) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]] | None]:
-    """`cheapest_eviction`, with the placement that showed the rest and `model` fit (None
-    where `model` uses no GPU and nothing is kept)."""
+    """The models of `running` (each with a footprint) to evict so that the rest and `model`
+    fit `capacities`, at the least cost, then the fewest, then the first names; sorted. With
+    them, the placement that showed the rest and `model` fit (None where `model` uses no GPU
+    and nothing is kept). `model` must fit alone."""
     weight = _weights(tuple(running), costs)
     mine = footprints.get(model)
     memory = {m: footprints[m].vram * footprints[m].count for m in running}

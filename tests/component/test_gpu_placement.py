@@ -34,14 +34,19 @@ def anyio_backend() -> str:
 
 
 def make_config(
-    models: Mapping[str, Mapping[str, Any]], sets: Mapping[str, str], gpus: int | None = 2
+    models: Mapping[str, Mapping[str, Any]],
+    sets: Mapping[str, str],
+    gpus: int | None = 2,
+    matrix: Mapping[str, Any] | None = None,
 ) -> Config:
+    """`models` under a matrix of `sets` (or the `matrix` given, such as fit mode), on `gpus`
+    declared GPUs of 24 GiB."""
     raw: dict[str, Any] = {
         "instance": "test",
         "models": {name: {"image": "img", "stop_grace_period": 0, **keys} for name, keys in models.items()},
     }
-    if sets:
-        raw["matrix"] = {"sets": dict(sets)}
+    if sets or matrix:
+        raw["matrix"] = dict(matrix) if matrix else {"sets": dict(sets)}
     if gpus is not None:
         raw["hardware"] = {"gpus": [{"memory": "24GiB"}] * gpus}
     return parse_config(raw)
@@ -284,14 +289,8 @@ async def test_fit_mode_decides_with_running_models_on_the_gpus_they_were_given(
     """x and y would share one GPU, but their containers were placed on two; z needs a
     whole GPU: one of them must stop (x: the first name), and z goes where it left."""
     models = {m: {"gpus": 1, "vram": "12GiB"} for m in ("x", "y")} | {"z": {"gpus": 1, "vram": "24GiB"}}
-    raw = {
-        "instance": "test",
-        "models": {name: {"image": "img", "stop_grace_period": 0, **keys} for name, keys in models.items()},
-        "matrix": {"fit": "gpu"},
-        "hardware": {"gpus": [{"memory": "24GiB"}] * 2},
-    }
     backend = GpuHexIds()
-    swapper = swapper_for(parse_config(raw), backend)
+    swapper = swapper_for(make_config(models, {}, matrix={"fit": "gpu"}), backend)
     await use(swapper, "x")
     await use(swapper, "y")
     assert (backend.spec("x").gpus, backend.spec("y").gpus) == (("0",), ("1",))
@@ -307,14 +306,8 @@ async def test_a_stopped_model_is_placed_afresh_not_where_it_last_ran(swapper_fo
         "x": {"gpus": 1, "vram": "12GiB"},
         "z": {"gpus": 1, "vram": "20GiB"},
     }
-    raw = {
-        "instance": "test",
-        "models": {name: {"image": "img", "stop_grace_period": 0, **keys} for name, keys in models.items()},
-        "matrix": {"fit": "gpu"},
-        "hardware": {"gpus": [{"memory": "24GiB"}] * 2},
-    }
     backend = GpuHexIds()
-    swapper = swapper_for(parse_config(raw), backend)
+    swapper = swapper_for(make_config(models, {}, matrix={"fit": "gpu"}), backend)
     await use(swapper, "a")
     await use(swapper, "x")
     assert backend.spec("x").gpus == ("1",)
@@ -334,19 +327,12 @@ async def test_fit_mode_starts_decided_together_are_placed_as_decided(swapper_fo
     freest GPU once its start comes would leave b on a GPU without room for it."""
     vram = {"p": 4, "q": 14, "a": 10, "b": 20}
     gpus: dict[str, Any] = {"p": ["0"], "q": ["1"], "a": 1, "b": 1}
-    raw = {
-        "instance": "test",
-        "models": {
-            m: {"image": "img", "stop_grace_period": 0, "gpus": gpus[m], "vram": f"{vram[m]}GiB"}
-            for m in vram
-        },
-        "matrix": {"fit": "gpu", "evict_costs": {"p": 5, "q": 5}},
-        "hardware": {"gpus": [{"memory": "24GiB"}] * 2},
-    }
+    models = {m: {"gpus": gpus[m], "vram": f"{vram[m]}GiB"} for m in vram}
+    config = make_config(models, {}, matrix={"fit": "gpu", "evict_costs": {"p": 5, "q": 5}})
     backend = GpuHexIds()
     for model in ("a", "b"):
         backend.behaviour[model] = FakeModel(ready_after=0.05)
-    swapper = swapper_for(parse_config(raw), backend)
+    swapper = swapper_for(config, backend)
     await use(swapper, "p")
     await use(swapper, "q")
     await asyncio.gather(use(swapper, "a"), use(swapper, "b"))

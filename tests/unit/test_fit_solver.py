@@ -50,11 +50,17 @@ def test_cheapest_eviction_is_the_exhaustive_minimum(
 ) -> None:
     capacities, footprints, costs, target, running = problem
     assume(place(capacities, {target: footprints[target]}) is not None)
-    got = cheapest_eviction(capacities, footprints, costs, target, running)
+    got, placed = cheapest_eviction(capacities, footprints, costs, target, running)
     expected = exhaustive_eviction(capacities, footprints, costs, target, running)
     assert got == expected  # the same cost, count and names: the tie-break is exact too
     kept = {m: footprints[m] for m in running if m not in got}
     assert place(capacities, {**kept, target: footprints[target]}) is not None
+    held = {**kept, target: footprints[target]}
+    assert placed is not None and set(placed) == set(held)  # the placement that showed it
+    for model, devices in placed.items():
+        assert len(set(devices)) == held[model].count and set(held[model].pinned) <= set(devices)
+    for index, capacity in enumerate(capacities):
+        assert sum(held[m].vram for m, devices in placed.items() if index in devices) <= capacity
 
 
 @pytest.mark.parametrize(
@@ -134,7 +140,7 @@ def test_tens_of_running_models() -> None:
     costs = {name: 1 + i % 4 for i, name in enumerate(footprints)}
     capacities = (80 * GiB,) * 8
     running = [m for m in footprints if m != "t"]
-    evict = cheapest_eviction(capacities, footprints, costs, "t", running)
+    evict, _ = cheapest_eviction(capacities, footprints, costs, "t", running)
     kept = {m: footprints[m] for m in running if m not in evict}
     assert place(capacities, {**kept, "t": footprints["t"]}) is not None
     for m in evict:  # none of the evicted could have stayed
