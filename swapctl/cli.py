@@ -249,6 +249,9 @@ def _measures(loaded: Config) -> MeasureStore:
     return MeasureStore.load(measures_path(state_dir(), loaded.instance))
 
 
+KEEP_ALIVE = 75  # seconds an idle client connection is kept open (nginx's default)
+
+
 def _split_listen(listen: str) -> tuple[str, int]:
     """(host, port) by the config's own rule (`parse_listen`); IPv6 comes without brackets."""
     from swapctl.config import parse_listen
@@ -447,6 +450,10 @@ def _server(
         timeout_graceful_shutdown=10,  # on Ctrl-C, requests in flight get 10 s to finish
         proxy_headers=False,  # X-Forwarded-* from clients are passed on, never trusted
         server_header=False,
+        # an idle client connection is closed by the client first: HTTP clients drop theirs
+        # after a few seconds (httpx, so the OpenAI SDKs: 5 s), and one that reuses a connection
+        # just as the server closes it gets no answer (uvicorn's own default is 5 s as well)
+        timeout_keep_alive=KEEP_ALIVE,
     )
     return Server(server_config)
 

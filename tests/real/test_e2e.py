@@ -5,6 +5,7 @@ request, the containers that run are read from the engine, never from swapctl.""
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import signal
 import threading
 import time
@@ -211,3 +212,18 @@ def test_a_failed_start_is_reported_and_leaves_nothing(
     assert containers(docker_engine, proxy.instance, running_only=False) == {}
     assert chat(client, "code")
     assert set(containers(docker_engine, proxy.instance, running_only=False)) == {"code"}
+
+
+def test_an_idle_client_connection_stays_open_past_the_clients_own_expiry(proxy: Proxy) -> None:
+    """HTTP clients drop an idle connection after a few seconds (httpx, so the OpenAI SDKs:
+    5 s). The proxy keeps its end open longer, so a client never sends on a connection the
+    proxy is closing at that very moment (it would get no answer at all)."""
+    connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        for _ in range(2):  # one connection: a closed one makes the second request fail
+            connection.request("GET", "/health")
+            answer = connection.getresponse()
+            assert (answer.status, answer.read()) == (200, b"OK")
+            time.sleep(6)  # past the 5 s after which uvicorn would close it by default
+    finally:
+        connection.close()
