@@ -290,7 +290,7 @@ class Swapper:
             if asleep is None:
                 container, woke = await self._start(slot, await self._place(spec, decision.devices)), None
             else:
-                container, woke = await self._wake(slot, spec, asleep)
+                container, woke = await self._wake(slot, spec, asleep, decision.devices)
         except BaseException as error:
             await self._start_failed(slot, error)
             self._record(slot, decided.decision if decided else None, self.clock() - began, error)
@@ -443,10 +443,11 @@ class Swapper:
             raise
 
     async def _wake(
-        self, slot: Slot, spec: ContainerSpec, asleep: Container
+        self, slot: Slot, spec: ContainerSpec, asleep: Container, devices: tuple[int, ...] | None
     ) -> tuple[Container, float | None]:
         """Wake the model's sleeping container: it, with the seconds the wake took. One that
-        cannot wake, or runs an older spec, is removed and a new one started (seconds None)."""
+        cannot wake, or runs an older spec, is removed and a new one started (seconds None),
+        placed as the decision said where it did."""
         await self._set(slot, step=Step.WAKING)
         timeout = self._config_for(slot.model).models[slot.model].health_check_timeout
         began = self.clock()
@@ -466,7 +467,7 @@ class Swapper:
                     "%s: wake failed (%s); stopping its container and starting a new one", slot.model, error
                 )
         await self._remove(slot.model, asleep, self._grace(slot.model))
-        return await self._start(slot, await self._place(spec)), None
+        return await self._start(slot, await self._place(spec, devices)), None
 
     async def _awake(
         self, slot: Slot, container: Container, decided: Decided, took: float, woke: float

@@ -362,3 +362,46 @@ async def test_a_wake_under_way_is_told_as_waking_with_the_last_wakes_as_estimat
     assert progress.waking and progress.last_starts == (2.5,)
     sleepy.hold.set()
     assert (await waking).status_code == 200
+
+
+async def test_in_fit_mode_a_failed_wake_starts_the_new_container_where_the_decision_placed_it(
+    sleepy: Sleepy,
+) -> None:
+    """a slept on GPU 1 and its wake is decided there (a sleeping container keeps its GPUs).
+    Its wake fails: the new container goes where the decision placed it, GPU 1, though GPU 0
+    is freer by then."""
+    gpu = {"gpus": 1, "stop_grace_period": 0, "image": "img"}
+    raw = {
+        "instance": "test",
+        "models": {
+            "p": {**gpu, "gpus": ["0"], "vram": "10GiB"},
+            "q": {**gpu, "gpus": ["1"], "vram": "8GiB"},
+            "a": {**gpu, "vram": "12GiB", "sleep": 1},
+            "b": {**gpu, "vram": "24GiB"},
+        },
+        "matrix": {"fit": "gpu"},
+        "hardware": {"gpus": [{"memory": "24GiB"}] * 2},
+    }
+    backend = FakeBackend(gpus=True)
+    backend.behaviour["a"] = FakeModel(handler=sleepy)
+    stack = FakeStack(raw, backend)
+
+    def devices(model: str) -> object:
+        [box] = [b for b in backend.boxes.values() if b.container.model == model and b.container.running]
+        return box.spec.gpus
+
+    try:
+        await stack.use("p")
+        await stack.use("a")
+        assert devices("a") == ("1",)
+        await stack.use("b")  # the whole of GPU 1: a sleeps
+        assert state(stack.swapper, "a") is State.SLEEPING
+        await stack.swapper.unload("b")
+        await stack.swapper.unload("p")
+        await stack.use("q")  # GPU 0: 24 GiB free, GPU 1: 16 GiB
+        sleepy.wake_status = 500
+        assert (await chat(stack, "a")).status_code == 200
+        assert backend.starts["a"] == 2
+        assert devices("a") == ("1",)
+    finally:
+        await stack.close()
