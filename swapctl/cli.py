@@ -214,8 +214,9 @@ def plan(
     from swapctl.measures import costed_policy, effective_costs
 
     measures = _measures(loaded)
-    decision = costed_policy(loaded, measures).with_placement(placed).decide(target, names, explain=True)
     every_cost = effective_costs(loaded, measures)
+    policy = costed_policy(loaded, measures, every_cost).with_placement(placed)
+    decision = policy.decide(target, names, explain=True)
     costs = {} if decision.already_running else {m: every_cost[m] for m in names if m != target}
 
     after = sorted({*names, target} - set(decision.evict))

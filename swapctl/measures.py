@@ -272,11 +272,12 @@ def effective_costs(config: Config, store: MeasureStore) -> dict[str, Cost]:
     return costs
 
 
-def costed_policy(config: Config, store: MeasureStore) -> Policy:
-    """The config's policy, deciding with the measured cost of each `auto` model."""
+def costed_policy(config: Config, store: MeasureStore, costs: Mapping[str, Cost] | None = None) -> Policy:
+    """The config's policy, deciding with the measured cost of each `auto` model; `costs`, the
+    `effective_costs` of the caller that has them already."""
     if AUTO not in config.evict_costs.values():
         return config.policy
-    costs = effective_costs(config, store)
+    costs = costs if costs is not None else effective_costs(config, store)
     return config.policy.with_costs(
         {m: c.cost for m, c in costs.items() if config.evict_costs.get(m) == AUTO}
     )
