@@ -32,6 +32,7 @@ from swapctl.backend import Container, Pulled
 
 class State(enum.Enum):
     STOPPED = "stopped"
+    PULLING = "pulling"  # its image is looked for (and pulled): nothing decided, nothing held
     STARTING = "starting"
     READY = "ready"
     LEAVING = "leaving"  # derived: ready, and chosen to stop
@@ -50,10 +51,14 @@ class Step(enum.Enum):
     LOADING = "loading"  # its container runs; its server does not answer its health check yet
 
 
+BEGINNING = (State.PULLING, State.STARTING)  # a start under way, with its step
 RECENT_STARTS = 5  # measured starts kept per model, for estimates
 # The moves `Slot.move` allows, between the states a slot stores (never LEAVING).
 MOVES: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING, State.READY, State.STOP_FAILED, State.SLEEPING}),  # adopted
+    State.STOPPED: frozenset(
+        {State.PULLING, State.STARTING, State.READY, State.STOP_FAILED, State.SLEEPING}  # or adopted
+    ),
+    State.PULLING: frozenset({State.STARTING, State.STOPPED}),  # decided once its image is here; or not
     State.STARTING: frozenset({State.READY, State.STOPPED, State.STOP_FAILED}),
     State.READY: frozenset({State.STOPPING}),
     State.STOPPING: frozenset({State.STOPPED, State.STOP_FAILED, State.SLEEPING}),
@@ -89,7 +94,12 @@ class Slot:
     @property
     def running(self) -> bool:
         """Counted by decisions: its container may run, and it is not already on its way out."""
-        return self.phase not in (State.STOPPED, State.SLEEPING) and not self.leaving
+        return self.phase not in (State.STOPPED, State.PULLING, State.SLEEPING) and not self.leaving
+
+    @property
+    def holding(self) -> bool:
+        """It has, or is deciding to have, a container that runs: a stop of it can be waited for."""
+        return self.phase in (State.STARTING, State.READY, State.STOPPING)
 
     def move(
         self,
@@ -107,8 +117,10 @@ class Slot:
         when it began (a start's step and evictions hold only while it starts)."""
         if phase is not None and phase is not self.phase:
             assert phase in MOVES[self.phase], f"{self.model}: no move from {self.phase} to {phase}"
-            if self.phase is State.STARTING:
+            if self.phase in BEGINNING and phase not in BEGINNING:
                 self.step, self.evicting, self.pulled = None, (), None
+            if phase in BEGINNING and self.phase not in BEGINNING:
+                self.starting_since = now  # a pull before its decision counts in its start
             self.phase = phase
             if phase is State.STOPPED:
                 self.container, self.stops = None, self.stops + 1
@@ -116,17 +128,15 @@ class Slot:
                 self.stops += 1  # its memory is back: an eviction awaited is over; its container stays
             elif phase is State.READY:
                 self.ready_since = self.last_used = now
-            elif phase is State.STARTING:
-                self.starting_since = now
         if container is not None:
             self.container = container
         if leaving is not None:
             self.leaving = leaving
-        if step is not None and self.phase is State.STARTING:
+        if step is not None and self.phase in BEGINNING:
             self.step = step
-        if evicting is not None and self.phase is State.STARTING:
+        if evicting is not None and self.phase in BEGINNING:
             self.evicting = evicting
-        if pulled is not None and self.phase is State.STARTING:
+        if pulled is not None and self.phase in BEGINNING:
             self.pulled = pulled
 
 
@@ -149,7 +159,7 @@ class Progress:
 
     @classmethod
     def of(cls, slot: Slot, now: float) -> Progress | None:
-        if slot.phase is not State.STARTING or slot.step is None:
+        if slot.phase not in BEGINNING or slot.step is None:
             return None
         elapsed = now - slot.starting_since
         return cls(slot.model, slot.step, slot.evicting, elapsed, tuple(slot.durations), slot.pulled)

@@ -95,7 +95,7 @@ class Swapper:
     def __init__(
         self,
         config: Config,
-        backend: Backend,
+        backend: Backend | AsyncBackend,
         client: httpx.AsyncClient,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -105,7 +105,7 @@ class Swapper:
         measures: MeasureStore | None = None,
     ) -> None:
         self.config = config
-        self.backend = AsyncBackend(backend)
+        self.backend = backend if isinstance(backend, AsyncBackend) else AsyncBackend(backend)
         self.clock = clock
         self.health = HealthCheck(self.backend, client, Clock(clock, sleep))
         self.sleep_mode = SleepMode(client, self.health.clock)  # vLLM's sleep and wake, for `sleep` models
@@ -193,7 +193,7 @@ class Swapper:
         )
         if slot.container is None:  # a new container: where the last one ran does not bind it
             self.placed.pop(slot.model, None)
-        self._launch(slot, Step.PULLING)
+        self._launch(slot, State.PULLING if pull_first else State.STARTING)
         try:
             decided = None if pull_first else self._decide(slot)
         except Exception as error:  # a policy that cannot decide fails this start, nothing else
@@ -211,7 +211,11 @@ class Swapper:
         if decision.devices is not None and slot.container is None:  # held now: the next decision sees it
             self.placed[slot.model] = decision.devices
         keep = set(decision.target_set)
-        leaving = tuple((s, s.stops) for s in self.slots.values() if s.leaving and s.model not in keep)
+        # a leaving model that holds no container any more is not waited for: claimed again,
+        # it decides after this start, and would wait for it
+        leaving = tuple(
+            (s, s.stops) for s in self.slots.values() if s.leaving and s.holding and s.model not in keep
+        )
         for model in decision.evict:
             self._move(self.slots[model], leaving=True)
         evicting = (*decision.evict, *(s.model for s, _ in leaving))
@@ -236,11 +240,13 @@ class Swapper:
         return built[3]
 
     async def _decide_pulled(self, slot: Slot) -> Decided:
-        """The decision of a start whose image is here now, unless one taken during its pull
-        evicted it: then the start fails, and the slot's move to stopped lets the eviction on."""
+        """The decision of a start whose image is here now. No other decision evicts a model
+        while it pulls (it holds nothing); an unload or a reload may have asked it to stop:
+        then the start ends, and its move to stopped lets that stop on."""
         async with self.changed:
             if slot.leaving:
-                raise BackendError("evicted while its image was pulled", slot.model)
+                raise BackendError("asked to stop (unload or reload) while its image was pulled", slot.model)
+            self._move(slot, State.STARTING)
             return self._decide(slot)
 
     def _move(self, slot: Slot, phase: State | None = None, **changes: Any) -> None:
@@ -254,9 +260,9 @@ class Swapper:
         async with self.changed:
             self._move(slot, phase, **changes)
 
-    def _launch(self, slot: Slot, step: Step) -> None:
-        """The model is starting: requests wait on `slot.start`, which its task settles."""
-        self._move(slot, State.STARTING, step=step)
+    def _launch(self, slot: Slot, phase: State, step: Step = Step.PULLING) -> None:
+        """The model is pulling or starting: requests wait on `slot.start`, which its task settles."""
+        self._move(slot, phase, step=step)
         if self.gpu is not None:
             self.gpu.started(slot.model)
         slot.start = asyncio.get_running_loop().create_future()
@@ -798,7 +804,7 @@ class Swapper:
             return
         log.info("adopting %s (%s): waiting for its health check", slot.model, container.name)
         async with self.changed:
-            self._launch(slot, Step.LOADING)
+            self._launch(slot, State.STARTING, Step.LOADING)
             self._move(slot, container=container)
         self._spawn(self._resume(slot, container))
 

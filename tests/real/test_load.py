@@ -146,7 +146,7 @@ def test_concurrent_clients_through_swaps_keep_to_the_matrix(
             time.sleep(SAMPLE_EVERY)
 
     def client(index: int, deadline: float) -> None:
-        rng = random.Random(index)  # noqa: S311 - a reproducible mix, not a secret
+        rng = random.Random(index)
         with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
             for _ in range(REQUESTS_PER_CLIENT):
                 if time.monotonic() > deadline:
