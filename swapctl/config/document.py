@@ -1,7 +1,9 @@
 """Reading a YAML file safely: one document, distinct keys, bounded depth and aliases.
 
 `read_yaml` is the configuration's only reader of files (templates and the config alike);
-every error names the file, and the line where YAML can tell it.
+every error names the file, and the line where YAML can tell it. A value that cannot be
+built (`!!int x`, `!!bool maybe`) is an error at its key path that never shows the value:
+it may be a secret (an `apiKeys` entry).
 """
 
 from __future__ import annotations
@@ -22,6 +24,24 @@ MAX_YAML_DEPTH = 100
 # nodes that aliases add to what is written.
 MAX_ALIAS_EXPANSION = 10_000
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_TAG_PREFIX = "tag:yaml.org,2002:"
+# what a scalar of each standard tag may be, for the error when it is something else
+_TAG_FORMS = {
+    "bool": "true or false (yes/no, on/off)",
+    "int": "decimal, 0x hex, 0o octal or 0b binary digits, at most 4300",
+    "float": "a number such as 1.5, 1e3, .inf or .nan",
+    "timestamp": "a date such as 2001-12-14, or a time such as 2001-12-14 21:59:43.10 -5",
+    "binary": "base64 data",
+    "null": "null or ~",
+}
+
+
+class _Unbuildable(Exception):
+    """A node whose value could not be built: the node, where and why (never the value)."""
+
+    def __init__(self, node: yaml.Node, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(problem)
+        self.node, self.problem, self.mark = node, problem, mark
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -43,6 +63,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """The node's value; the innermost node that fails names the error (see `_problem`)."""
+        try:
+            return super().construct_object(node, deep)
+        except _Unbuildable:
+            raise
+        except Exception as error:
+            mark = getattr(error, "problem_mark", None) or node.start_mark
+            raise _Unbuildable(node, _problem(node, error), mark) from None
+
+
+def _problem(node: yaml.Node, error: Exception) -> str:
+    """Why a node could not be built. A scalar of a standard tag gets the tag's forms rather
+    than PyYAML's message, which may quote the value (`invalid literal for int(): 'sk-…'`)."""
+    tag = node.tag.removeprefix(_TAG_PREFIX)
+    if isinstance(node, yaml.ScalarNode) and tag in _TAG_FORMS:
+        return f"not a valid !!{tag} value: {_TAG_FORMS[tag]}"
+    if isinstance(error, yaml.constructor.ConstructorError) and error.problem:
+        return error.problem
+    shown = f"!!{tag}" if node.tag.startswith(_TAG_PREFIX) else node.tag
+    return f"not a valid {shown} value"
+
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
     """A mapping whose own keys are distinct; keys a merge (`<<: *base`) brings may be overridden."""
@@ -63,6 +105,27 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.MappingNode):
         return [part for pair in node.value for part in pair]
     return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _key_path(root: yaml.Node, target: yaml.Node) -> str:
+    """The dotted key path of `target` in the document, the first in document order ('' for
+    the root or a mapping's key: then the mapping's path)."""
+    stack: list[tuple[yaml.Node, tuple[str, ...]]] = [(root, ())]
+    seen: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return ".".join(path)
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for key, value in reversed(node.value):
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+                stack += [(value, (*path, name)), (key, path)]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(item, (*path, str(i))) for i, item in reversed(list(enumerate(node.value)))]
+    return ""
 
 
 def _alias_problem(root: yaml.Node) -> str | None:
@@ -106,7 +169,14 @@ def _build(text: str, path: Path) -> Any:
             return None
         if problem := _alias_problem(node):
             raise ConfigError(str(path), problem)
-        return loader.construct_document(node)
+        # built depth first, so a value's errors surface inside its own node (no alias refers
+        # to itself: `_alias_problem` refused those)
+        loader.deep_construct = True
+        try:
+            return loader.construct_document(node)
+        except _Unbuildable as error:
+            where = f"invalid YAML in {path}, line {error.mark.line + 1}, column {error.mark.column + 1}"
+            raise ConfigError(_key_path(node, error.node) or str(path), f"{where}: {error.problem}") from None
     finally:
         loader.dispose()
 
@@ -128,5 +198,3 @@ def read_yaml(path: Path) -> Any:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(str(path), f"invalid YAML: {where}{problem}") from None
-    except ValueError as error:  # a scalar its tag cannot hold: `!!int x`, an int of 5000 digits
-        raise ConfigError(str(path), f"invalid YAML: {error}") from None

@@ -235,6 +235,12 @@ async def test_an_invalid_file_is_refused_with_its_key_path_and_the_old_config_s
     with pytest.raises(ConfigError, match="invalid YAML"):
         await harness.reloader.reload("test")
     assert harness.swapper.config is before
+    harness.path.write_text("globalTTL: !!bool maybe\n" + yaml.safe_dump(document()))
+    answer = await harness.client.post("/reload")
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "globalTTL"
+    assert "not a valid !!bool value" in answer.json()["error"]["message"]
+    assert harness.swapper.config is before
 
 
 async def test_a_tightened_matrix_breaks_up_what_it_forbids_cheapest_first(harness: Harness) -> None:

@@ -509,8 +509,6 @@ BILLION_LAUGHS = (  # 10^9 labels once expanded; before, validation turned them 
             "nested more than 100 levels deep once its aliases are expanded",
         ),
         ("? [a, b]\n: 1\n", "unhashable key"),
-        ("a: " + "9" * 5000 + "\n", "invalid YAML"),
-        ("a: !!int nope\n", "invalid YAML"),
     ],
 )
 def test_hostile_yaml_is_refused_quickly(tmp_path: Path, text: str, message: str) -> None:
@@ -519,6 +517,49 @@ def test_hostile_yaml_is_refused_quickly(tmp_path: Path, text: str, message: str
         load_config(path)
     assert caught.value.path == str(path)
     assert message in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "tag"),
+    [
+        ("globalTTL: !!bool sk-secret\n", "globalTTL", "!!bool"),
+        ("apiKeys: [k1, !!int sk-secret]\n", "apiKeys.1", "!!int"),
+        ("models:\n  a: {image: x, ttl: !!float sk-secret}\n", "models.a.ttl", "!!float"),
+        ("x-base: &b {ttl: !!int ''}\nmodels: {a: {<<: *b, image: x}}\n", "x-base.ttl", "!!int"),
+        ("models: {a: {image: !!timestamp sk-secret}}\n", "models.a.image", "!!timestamp"),
+        ("models: {a: {image: !!binary sk-secret\u00e9}}\n", "models.a.image", "!!binary"),
+        ("globalTTL: " + "9" * 5000 + "\n", "globalTTL", "!!int"),
+        ("!!int sk-secret\n", "", "!!int"),
+    ],
+)
+def test_a_value_its_tag_cannot_hold_names_its_key_path_not_the_value(
+    tmp_path: Path, text: str, where: str, tag: str
+) -> None:
+    """`!!int sk-secret` in apiKeys would otherwise show the key in the error (and `!!bool
+    maybe` was a traceback)."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.path == (where or str(path))
+    assert f"invalid YAML in {path}, line " in caught.value.message
+    assert f"not a valid {tag} value" in caught.value.message
+    assert (
+        "secret" not in str(caught.value)
+        and "\u00e9" not in str(caught.value)
+        and "999" not in str(caught.value)
+    )
+
+
+def test_validate_reports_a_bad_tag_as_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "globalTTL: !!bool maybe\nmodels: {a: {image: x}}\n")
+    with pytest.raises(SystemExit) as done:
+        main(["validate", "-c", str(path)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: globalTTL: invalid YAML in ") and "!!bool" in err
+    assert "maybe" not in err
 
 
 def test_files_that_are_not_utf8_are_errors(tmp_path: Path) -> None:
