@@ -74,5 +74,17 @@ class HealthCheck:
             return current
         logs = await self.backend.logs(container.id, 20)
         state = current.state if current else "removed"
-        tail = f"; last log lines:\n{logs.rstrip()}" if logs.strip() else ""
+        # The container's words, quoted so that none can pass for a line of the proxy's log:
+        # each under `  | `, escaped as repr() would (\r, \x1b, \u2028), each line cut at 300
+        # characters and the last lines kept within 2000.
+        quoted: list[str] = []
+        room = 2000
+        for line in reversed(logs.rstrip().split("\n") if logs.strip() else []):
+            text = repr(line[:300])[1:-1]
+            text = text[:300] + " [cut]" if len(line) > 300 or len(text) > 300 else text
+            room -= len(text)
+            if room < 0:
+                break
+            quoted.insert(0, f"\n  | {text}")
+        tail = f"; last log lines:{''.join(quoted)}" if quoted else ""
         raise StartError(model, f"the container {state} while starting{tail}")
