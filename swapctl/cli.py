@@ -4,7 +4,8 @@
 A command imports what it uses inside itself: `plan` and `validate` must not pay for the
 Docker SDK, the HTTP stack and the proxy (a second of imports) to read a file. The
 container engine comes from `main(backend_factory=...)` through Typer's `ctx.obj`, so
-tests run every command on the fake backend.
+tests run every command on the fake backend. What `up` serves is built in `swapctl.server`;
+what runs, when no proxy answers, is read from the engine by `swapctl.lifecycle.observed`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,13 @@ from swapctl.errors import ConfigError, SwapctlError, UnknownModelError
 from swapctl.owner import Ownership, find_owner, state_dir
 
 if TYPE_CHECKING:
-    import uvicorn
     from rich.console import Console
 
     from swapctl.backend import Backend, Container
     from swapctl.config import Config
-    from swapctl.gpus import Inventory, NoGpu, Snapshot
+    from swapctl.gpus import Inventory
     from swapctl.matrix import Decision
     from swapctl.measures import MeasureStore
-    from swapctl.metrics import Metrics
 
 BackendFactory = Callable[[], "Backend"]
 InventoryFactory = Callable[[], "Inventory"]
@@ -203,9 +202,10 @@ def plan(
     target = loaded.resolve_any(model)
     placed: dict[str, tuple[int, ...]] = {}  # the GPUs containers were given: they stay there
     if running is None:
+        from swapctl.lifecycle.observed import counted_running
+
         _, statuses = _live_statuses(loaded, url, _engine(ctx))
-        gone = ("stopped", "stopping", "leaving", "sleeping")  # asleep: counted as stopped
-        names = sorted(s["model"] for s in statuses if s["state"] not in gone)
+        names = counted_running(statuses)  # a model asleep counts as stopped
         placed = {s["model"]: tuple(s["gpus"]) for s in statuses if s.get("gpus")}
     else:
         names = _running_names(loaded, running)
@@ -250,9 +250,6 @@ def _measures(loaded: Config) -> MeasureStore:
     return MeasureStore.load(measures_path(state_dir(), loaded.instance))
 
 
-KEEP_ALIVE = 75  # seconds an idle client connection is kept open (nginx's default)
-
-
 def _split_listen(listen: str) -> tuple[str, int]:
     """(host, port) by the config's own rule (`parse_listen`); IPv6 comes without brackets."""
     from swapctl.config import parse_listen
@@ -289,26 +286,14 @@ def up(
     ] = False,
 ) -> None:
     """Run the proxy in the foreground: requests start and stop model containers."""
-    import asyncio
-    import logging
-
-    from swapctl.proxy.guard import is_loopback
-
     loaded = _load(config)
     host, port = _split_listen(listen or loaded.listen)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    for warning in loaded.warnings:
-        logging.getLogger("swapctl").warning("warning: %s", warning)
-    if not loaded.api_keys and not is_loopback(host):
-        logging.getLogger("swapctl").warning(
-            "warning: listening on %s with no apiKeys: anyone on the network can use and stop your "
-            "models; set apiKeys in the config",
-            host,
-        )
+    from swapctl import server  # uvicorn, Starlette and the proxy: only `up` loads them
+
+    server.start_logging(loaded, host)
     backend = _engine(ctx)()
     ownership = Ownership(loaded.instance, _url_of(host, port), state_dir())
-    serving = _serve(
+    serving = server.serve(
         loaded,
         backend,
         host,
@@ -321,142 +306,9 @@ def up(
         measures=_measures(loaded),
     )
     try:
-        import uvloop  # optional: a faster event loop where installed
-
-        uvloop.run(serving)
-    except ImportError:
-        asyncio.run(serving)
+        server.run(serving)
     finally:
         ownership.release()
-
-
-async def _serve(
-    loaded: Config,
-    backend: Backend,
-    host: str,
-    port: int,
-    path: Path,
-    *,
-    stop_on_exit: bool,
-    verbose: bool,
-    watch: bool,
-    inventory: Inventory | None = None,
-    measures: MeasureStore | None = None,
-) -> None:
-    """Adopt what runs, then serve until interrupted; the objects the app shares are built
-    here. SIGHUP, POST /reload and, with `watch`, a change of the file reload `path`.
-    Where `inventory` finds a GPU, /metrics reports its memory per device and per model, and
-    the swapper measures each model's footprint and sees evicted models' memory come back."""
-    import asyncio
-    import logging
-    from concurrent.futures import ThreadPoolExecutor
-
-    import httpx
-
-    from swapctl.lifecycle import Reloader, Swapper
-    from swapctl.metrics import Metrics
-    from swapctl.proxy import build_app
-    from swapctl.proxy.http1 import Http1Upstream
-    from swapctl.proxy.transport import AiohttpTransport, no_cookies
-
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
-    timeout = httpx.Timeout(None, connect=10.0)
-    metrics = Metrics()
-    gpus = (
-        None
-        if inventory is None
-        else await _watch_gpus(metrics, inventory, backend, loaded.instance, loaded.gpu_memory)
-    )
-    upstream = Http1Upstream()  # forwarding: kept-alive connections, httptools' parser
-    async with httpx.AsyncClient(  # health checks
-        timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
-    ) as client:
-        swapper = Swapper(loaded, backend, client, metrics=metrics, inventory=gpus, measures=measures)
-        adopted = await swapper.adopt()
-        logging.getLogger("swapctl").info(
-            "swapctl %s: %d models, %s; adopted %s; listening on http://%s:%d",
-            loaded.instance,
-            len(loaded.models),
-            loaded.policy.summary(),
-            ", ".join(adopted) or "nothing",
-            host,
-            port,
-        )
-        reloader = Reloader(path, swapper)
-        app_ = build_app(
-            loaded,
-            swapper,
-            upstream,
-            metrics,
-            stop_on_exit=stop_on_exit,
-            listen_host=host,
-            reload=reloader.reload,
-        )
-        try:
-            async with reloader.serving(watch):
-                await _server(app_, host, port, verbose, closing=swapper.activity.close).serve()
-        finally:
-            await upstream.aclose()
-            await swapper.measures.flush()
-
-
-async def _watch_gpus(
-    metrics: Metrics,
-    inventory: Inventory,
-    backend: Backend,
-    instance: str,
-    declared: tuple[int, ...] | None = None,
-) -> Inventory | None:
-    """GPU gauges in /metrics, where the inventory finds a GPU now (else one log line why);
-    the inventory where it does, for the swapper to measure footprints and verify evictions.
-    The `declared` GPUs (`hardware.gpus`) are checked against it: a warning per mismatch."""
-    import asyncio
-    import logging
-
-    from swapctl.gpus import NoGpu, mismatches, read_attributed
-
-    def read() -> Snapshot | NoGpu:
-        return read_attributed(inventory, lambda: backend.list(instance))
-
-    found = await asyncio.to_thread(inventory.read)
-    if isinstance(found, NoGpu):
-        logging.getLogger("swapctl").info("no GPU memory in /metrics: %s", found.reason)
-        return None
-    for mismatch in mismatches(declared, found) if declared is not None else ():
-        logging.getLogger("swapctl").warning("%s%s", "note: " * mismatch.note, mismatch.line)
-    metrics.watch_gpus(read)
-    return inventory
-
-
-def _server(
-    app_: Any, host: str, port: int, verbose: bool, closing: Callable[[], None] = lambda: None
-) -> uvicorn.Server:
-    """The HTTP server; `closing` is called as it begins to shut down, before it waits for
-    the connections: event and log streams never end on their own, so it ends them."""
-    import socket
-
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            closing()
-            await super().shutdown(sockets)
-
-    server_config = uvicorn.Config(
-        app_,
-        host=host,
-        port=port,
-        log_level="info" if verbose else "warning",
-        access_log=verbose,
-        timeout_graceful_shutdown=10,  # on Ctrl-C, requests in flight get 10 s to finish
-        proxy_headers=False,  # X-Forwarded-* from clients are passed on, never trusted
-        server_header=False,
-        # an idle client connection is closed by the client first: HTTP clients drop theirs
-        # after a few seconds (httpx, so the OpenAI SDKs: 5 s), and one that reuses a connection
-        # just as the server closes it gets no answer (uvicorn's own default is 5 s as well)
-        timeout_keep_alive=KEEP_ALIVE,
-    )
-    return Server(server_config)
 
 
 def _url_of(host: str, port: int) -> str:
@@ -504,39 +356,10 @@ def _live_statuses(
     answer = _ask_proxy(loaded, url, "GET", "/running")
     if answer is not None:
         return "proxy", list(answer["models"])
-    containers = {c.model: c for c in backend().list(loaded.instance)}
-    now = time.time()
-    statuses = []
-    for model, config in loaded.models.items():
-        found = containers.get(model)
-        state = "stopped" if found is None else found.state
-        if found is not None and found.running and config.sleep is not None and _asleep(found):
-            state = "sleeping"  # its container runs, its server sleeps
-        statuses.append(
-            {
-                "model": model,
-                "state": state,
-                "container": found.name if found else None,
-                "host_port": found.host_port if found else None,
-                "in_flight": None,
-                "ready_seconds": now - found.started_at if found and found.started_at else None,
-                "idle_seconds": None,
-                "gpus": [int(i) for i in found.placed if i.isdigit()] or None if found else None,
-            }
-        )
-    return "docker", statuses
+    from swapctl.lifecycle import observed
 
-
-def _asleep(container: Container) -> bool:
-    """Whether the container's server says it sleeps (vLLM's GET /is_sleeping); asked of a
-    model with `sleep` only, briefly: a server that does not answer is taken as awake."""
-    import httpx
-
-    try:
-        answer = httpx.get(container.url + "/is_sleeping", timeout=1.0).json()
-    except (httpx.HTTPError, ValueError):
-        return False
-    return isinstance(answer, dict) and answer.get("is_sleeping") is True
+    found = observed.read_statuses(loaded, backend().list(loaded.instance), observed.asleep, time.time())
+    return "docker", [observed.to_json(status) for status in found]
 
 
 def _seconds(value: float | None) -> str:
@@ -575,13 +398,21 @@ def status(
         return
     from rich.table import Table
 
+    from swapctl.lifecycle.slot import State
+
     title = "from the proxy" if source == "proxy" else "from Docker (no proxy answers)"
     table = Table(title=f"swapctl {loaded.instance}: models {title}", title_justify="left")
     on_gpus = any(s.get("gpus") or s.get("gpu_memory") for s in statuses)  # a column only then
     for column in ("model", "state", "container", "port", "up", "idle", "in flight", *("GPU",) * on_gpus):
         table.add_column(column, overflow="fold")
-    colours = {"ready": "green", "running": "green", "starting": "yellow", "stopping": "yellow"}
-    colours["sleeping"] = "blue"
+    colours = {
+        State.READY.value: "green",
+        "running": "green",  # a container's state as the engine words it (from Docker)
+        State.PULLING.value: "yellow",
+        State.STARTING.value: "yellow",
+        State.STOPPING.value: "yellow",
+        State.SLEEPING.value: "blue",
+    }
     for s in statuses:
         state = s["state"]
         table.add_row(

@@ -3,7 +3,8 @@
 waiting for health (`health`), the swapper that decides with the policy and applies its
 decisions through the backend (`swapper`), and reloading the config while serving: what a
 reload changes (`changes`) and when it reads the file (`reloader`). What people watch (the
-last swaps, request rates, and events for subscribers) is recorded in `activity`."""
+last swaps, request rates, and events for subscribers) is recorded in `activity`; what the
+container engine shows of it while no proxy answers is read in `observed`."""
 
 from swapctl.lifecycle.activity import Activity, Event, Rates, Subscription, Swap
 from swapctl.lifecycle.changes import Changes, Reload

@@ -12,13 +12,13 @@ import pytest
 from support import OUTSIDE, ContainerGpus, HexIds, ModelProcess, Swappers, swappers_fixture
 
 from swapctl.backend.fake import FakeBackend
-from swapctl.cli import _watch_gpus
 from swapctl.config import Config, parse_config
 from swapctl.gpus import Device, FakeInventory, GpuProcess, Snapshot
 from swapctl.lifecycle import Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy import build_app
 from swapctl.proxy.upstream import HttpxUpstream
+from swapctl.server import watch_gpus
 
 GIB = 2**30
 OTHERS = GIB  # held by a process outside any container
@@ -216,5 +216,5 @@ async def test_a_model_with_no_gpu_process_is_not_waited_for(swapper_for: Swappe
 async def test_up_hands_the_swapper_an_inventory_only_where_it_finds_a_gpu() -> None:
     backend = HexIds()
     found = FakeInventory((Device(0, "GPU-aaaa", "NVIDIA L4", 24 * GIB, 0),))
-    assert await _watch_gpus(Metrics(), found, backend, "test") is found
-    assert await _watch_gpus(Metrics(), FakeInventory(reason="no driver"), backend, "test") is None
+    assert await watch_gpus(Metrics(), found, backend, "test") is found
+    assert await watch_gpus(Metrics(), FakeInventory(reason="no driver"), backend, "test") is None

@@ -16,11 +16,12 @@ import pytest
 from support import OUTSIDE, Clock, ContainerGpus, HexIds, ModelProcess, Swappers, swappers_fixture
 
 from swapctl.backend.fake import FakeModel
-from swapctl.cli import _watch_gpus, main
+from swapctl.cli import main
 from swapctl.config import Config, parse_config
 from swapctl.gpus import Device, GpuProcess, Snapshot
 from swapctl.lifecycle import Swapper
 from swapctl.metrics import Metrics
+from swapctl.server import watch_gpus
 from swapctl.spec import PLACED, ContainerSpec, build_spec
 
 GIB = 2**30
@@ -263,7 +264,7 @@ async def test_up_warns_of_each_mismatch_at_start(caplog: pytest.LogCaptureFixtu
     caplog.set_level(logging.INFO, logger="swapctl")
     backend = GpuHexIds()
     gpus = Gpus(backend, {}, count=1)
-    assert await _watch_gpus(Metrics(), gpus, backend, "test", (24 * GIB, 24 * GIB)) is gpus
+    assert await watch_gpus(Metrics(), gpus, backend, "test", (24 * GIB, 24 * GIB)) is gpus
     warnings = [r.message for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["hardware.gpus: declared 2 GPUs, the driver reports 1 (GPU 0: NVIDIA L4)"]
 

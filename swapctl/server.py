@@ -1,0 +1,177 @@
+"""`swapctl up`'s server, assembled: the swapper that adopts what runs, the GPU watch, the
+app, uvicorn, and the config reloads (SIGHUP, POST /reload, a change of the file).
+
+Only `up` imports this module: it loads uvicorn, Starlette, httpx and the proxy, which the
+other commands must not pay for. The command keeps what is its own (the config read, the
+instance's lock, the exit codes); everything built to serve is built here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from starlette.types import ASGIApp
+
+from swapctl.backend import Backend
+from swapctl.config import Config
+from swapctl.gpus import Inventory, NoGpu, Snapshot, mismatches, read_attributed
+from swapctl.lifecycle import Reloader, Swapper
+from swapctl.measures import MeasureStore
+from swapctl.metrics import Metrics
+from swapctl.proxy import build_app
+from swapctl.proxy.guard import is_loopback
+from swapctl.proxy.http1 import Http1Upstream
+from swapctl.proxy.transport import AiohttpTransport, no_cookies
+
+log = logging.getLogger("swapctl")
+
+KEEP_ALIVE = 75  # seconds an idle client connection is kept open (nginx's default)
+
+
+def start_logging(loaded: Config, host: str) -> None:
+    """Log lines with the time on stderr, and the config's warnings first among them; one
+    more where the proxy listens beyond this machine with no API key."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for warning in loaded.warnings:
+        log.warning("warning: %s", warning)
+    if not loaded.api_keys and not is_loopback(host):
+        log.warning(
+            "warning: listening on %s with no apiKeys: anyone on the network can use and stop your "
+            "models; set apiKeys in the config",
+            host,
+        )
+
+
+def run(serving: Coroutine[Any, Any, None]) -> None:
+    """Run `serve`'s coroutine to its end, on uvloop where it is installed (a faster loop)."""
+    try:
+        import uvloop
+
+        uvloop.run(serving)
+    except ImportError:
+        asyncio.run(serving)
+
+
+async def serve(
+    loaded: Config,
+    backend: Backend,
+    host: str,
+    port: int,
+    path: Path,
+    *,
+    stop_on_exit: bool,
+    verbose: bool,
+    watch: bool,
+    inventory: Inventory | None = None,
+    measures: MeasureStore | None = None,
+) -> None:
+    """Adopt what runs, then serve until interrupted; the objects the app shares are built
+    here. SIGHUP, POST /reload and, with `watch`, a change of the file reload `path`.
+    Where `inventory` finds a GPU, /metrics reports its memory per device and per model, and
+    the swapper measures each model's footprint and sees evicted models' memory come back."""
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(64, "swapctl"))
+    timeout = httpx.Timeout(None, connect=10.0)
+    metrics = Metrics()
+    gpus = (
+        None
+        if inventory is None
+        else await watch_gpus(metrics, inventory, backend, loaded.instance, loaded.gpu_memory)
+    )
+    upstream = Http1Upstream()  # forwarding: kept-alive connections, httptools' parser
+    async with httpx.AsyncClient(  # health checks
+        timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
+    ) as client:
+        swapper = Swapper(loaded, backend, client, metrics=metrics, inventory=gpus, measures=measures)
+        adopted = await swapper.adopt()
+        log.info(
+            "swapctl %s: %d models, %s; adopted %s; listening on http://%s:%d",
+            loaded.instance,
+            len(loaded.models),
+            loaded.policy.summary(),
+            ", ".join(adopted) or "nothing",
+            host,
+            port,
+        )
+        reloader = Reloader(path, swapper)
+        app = build_app(
+            loaded,
+            swapper,
+            upstream,
+            metrics,
+            stop_on_exit=stop_on_exit,
+            listen_host=host,
+            reload=reloader.reload,
+        )
+        try:
+            async with reloader.serving(watch):
+                await build_server(app, host, port, verbose, closing=swapper.activity.close).serve()
+        finally:
+            await upstream.aclose()
+            await swapper.measures.flush()
+
+
+async def watch_gpus(
+    metrics: Metrics,
+    inventory: Inventory,
+    backend: Backend,
+    instance: str,
+    declared: tuple[int, ...] | None = None,
+) -> Inventory | None:
+    """GPU gauges in /metrics, where the inventory finds a GPU now (else one log line why);
+    the inventory where it does, for the swapper to measure footprints and verify evictions.
+    The `declared` GPUs (`hardware.gpus`) are checked against it: a warning per mismatch."""
+
+    def read() -> Snapshot | NoGpu:
+        return read_attributed(inventory, lambda: backend.list(instance))
+
+    found = await asyncio.to_thread(inventory.read)
+    if isinstance(found, NoGpu):
+        log.info("no GPU memory in /metrics: %s", found.reason)
+        return None
+    for mismatch in mismatches(declared, found) if declared is not None else ():
+        log.warning("%s%s", "note: " * mismatch.note, mismatch.line)
+    metrics.watch_gpus(read)
+    return inventory
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which calls `closing` as it begins to shut down, before it waits for
+    the connections: event and log streams never end on their own, so it ends them."""
+
+    def __init__(self, config: uvicorn.Config, closing: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.closing = closing
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.closing()
+        await super().shutdown(sockets)
+
+
+def build_server(
+    app: ASGIApp, host: str, port: int, verbose: bool, closing: Callable[[], None] = lambda: None
+) -> Server:
+    """The HTTP server for `app` on host:port; `verbose` logs every request."""
+    server_config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info" if verbose else "warning",
+        access_log=verbose,
+        timeout_graceful_shutdown=10,  # on Ctrl-C, requests in flight get 10 s to finish
+        proxy_headers=False,  # X-Forwarded-* from clients are passed on, never trusted
+        server_header=False,
+        # an idle client connection is closed by the client first: HTTP clients drop theirs
+        # after a few seconds (httpx, so the OpenAI SDKs: 5 s), and one that reuses a connection
+        # just as the server closes it gets no answer (uvicorn's own default is 5 s as well)
+        timeout_keep_alive=KEEP_ALIVE,
+    )
+    return Server(server_config, closing)
