@@ -2,6 +2,9 @@
 
 A followed log is read in a thread of its own (never the default executor's: the wait for
 its next line may be endless), and closed when its reader leaves, which ends that thread.
+A reader that falls behind, leaving BACKLOG_LINES lines or BACKLOG_BYTES unread, is dropped:
+its stream ends with a line saying so (it may follow again), and the engine's stream closes.
+Both backends cut lines at `lines.LONGEST_LINE`, so a reader holds at most about BACKLOG_BYTES.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from swapctl.errors import SwapctlError
 from swapctl.spec import ContainerSpec
 
 log = logging.getLogger("swapctl")
-BACKLOG = 10_000  # lines read and not yet taken; beyond, lines are skipped (and counted)
+BACKLOG_LINES = 10_000  # lines a reader may leave unread before it is dropped
+BACKLOG_BYTES = 1024 * 1024  # and their size, each line counted with LINE_COST more
+LINE_COST = 64  # bytes a queued line costs besides its text: the str object, the queue's slot
+DROPPED = "[swapctl: this reader fell behind the log ({} unread) and was dropped; follow it again]"
 
 
 class AsyncBackend:
@@ -62,10 +68,19 @@ class AsyncLogFollow:
     """A container's log followed in a thread; its lines handed to the event loop, to read as
     an async iterator, which ends when the container stops or `close` is called."""
 
-    def __init__(self, backend: Backend, container_id: str, backlog: int = BACKLOG) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        container_id: str,
+        most_lines: int = BACKLOG_LINES,
+        most_bytes: int = BACKLOG_BYTES,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.lines: asyncio.Queue[str | None] = asyncio.Queue()  # None: the end
-        self.backlog, self.skipped = backlog, 0
+        self.most_lines, self.most_bytes = most_lines, most_bytes
+        self.unread = 0  # bytes of the lines queued, with LINE_COST each
+        self.container_id = container_id
+        self._ended = False  # the end is queued: later lines are not
         self._lock = threading.Lock()
         self._source: LogFollow | None = None
         self._closed = False
@@ -93,10 +108,25 @@ class AsyncLogFollow:
             self.loop.call_soon_threadsafe(self._put, line)
 
     def _put(self, line: str | None) -> None:
-        if line is not None and self.lines.qsize() >= self.backlog:
-            self.skipped += 1
+        if self._ended:
             return
+        if line is None:
+            self._ended = True
+        elif self.lines.qsize() >= self.most_lines or self.unread + len(line) + LINE_COST > self.most_bytes:
+            self._drop()
+            return
+        else:
+            self.unread += len(line) + LINE_COST
         self.lines.put_nowait(line)
+
+    def _drop(self) -> None:
+        """The reader fell behind: its stream ends (with a note) rather than keep buffering."""
+        behind = f"{self.lines.qsize()} lines, {self.unread} bytes"
+        log.info("a reader of the log of %s fell behind (%s unread): dropped", self.container_id[:12], behind)
+        note = DROPPED.format(behind)
+        self.unread += len(note) + LINE_COST
+        self.lines.put_nowait(note)
+        self.close()
 
     def __aiter__(self) -> AsyncLogFollow:
         return self
@@ -106,6 +136,7 @@ class AsyncLogFollow:
         if line is None:
             self.lines.put_nowait(None)  # the end stays the end
             raise StopAsyncIteration
+        self.unread -= len(line) + LINE_COST
         return line
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ import docker.errors
 import requests.exceptions
 
 from swapctl.backend.base import Container
+from swapctl.backend.lines import split_lines
 from swapctl.backend.progress import LayerReport, PullListener
 from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing, PullFailed
 from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests, placed_ids
@@ -306,8 +307,9 @@ class DockerBackend:
 
 
 class _Follow:
-    """A container's log as the SDK streams it (None: the container is gone), cut into lines.
-    `close` shuts the stream's socket, from any thread: a read waiting on it ends."""
+    """A container's log as the SDK streams it (None: the container is gone), cut into lines
+    (an over-long one cut short: `split_lines`). `close` shuts the stream's socket, from any
+    thread: a read waiting on it ends."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -316,18 +318,12 @@ class _Follow:
     def __iter__(self) -> Iterator[str]:
         if self.stream is None:
             return
-        pending = b""
         try:
-            for chunk in self.stream:
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                yield from (line.decode(errors="replace") for line in lines)
+            yield from split_lines(self.stream)
         except Exception as error:
             if not self.closed:
                 raise _translate(error) from error
             return  # closed under the read: the end, not an error
-        if pending:
-            yield pending.decode(errors="replace")
 
     def close(self) -> None:
         self.closed = True

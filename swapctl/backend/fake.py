@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import httpx
 
 from swapctl.backend.base import Container
+from swapctl.backend.lines import split_lines
 from swapctl.backend.progress import LayerReport, PullListener
 from swapctl.errors import BackendError, GpuUnavailable, ImageMissing, PullFailed
 from swapctl.spec import ContainerSpec, placed_ids
@@ -216,13 +217,17 @@ class FakeBackend:
 
 class _Follow:
     """A fake container's log, followed: every line it has, then each new one, until it
-    stops or `close` is called (from any thread)."""
+    stops or `close` is called (from any thread). Its lines pass through the same cut as
+    Docker's bytes, so an over-long one comes cut short."""
 
     def __init__(self, backend: FakeBackend, container_id: str) -> None:
         self.backend, self.container_id = backend, container_id
         self.closed = False
 
     def __iter__(self) -> Iterator[str]:
+        return split_lines(f"{line}\n".encode() for line in self._lines())
+
+    def _lines(self) -> Iterator[str]:
         sent = 0
         while (line := self._line(sent)) is not None:
             sent += 1

@@ -16,6 +16,7 @@ import pytest
 from swapctl.backend import Backend, Container
 from swapctl.backend.docker import DockerBackend
 from swapctl.backend.fake import FakeBackend, FakeImage, FakeModel
+from swapctl.backend.lines import LONGEST_LINE
 from swapctl.backend.progress import LayerReport
 from swapctl.config import Config, parse_config
 from swapctl.errors import GpuUnavailable, ImageMissing, PullFailed
@@ -24,6 +25,7 @@ from swapctl.spec import ContainerSpec, build_spec
 IMAGE = "swapctl/llama-server:sid"
 MISSING_IMAGE = "swapctl-test/no-such-image:never-built"
 LLAMA = ["--host", "0.0.0.0", "--port", "8080", "-m", "/models/seed-1.gguf", "-c", "512"]
+CHATTY = "echo first; head -c 100000 /dev/zero | tr '\\0' x; echo; echo last"  # then exits
 
 
 def _config(instance: str, models_dir: Path, base_dir: Path) -> Config:
@@ -43,6 +45,7 @@ def _config(instance: str, models_dir: Path, base_dir: Path) -> Config:
                 "ghost": {**server, "image": MISSING_IMAGE},
                 "gpu": {**server, "gpus": "all"},
                 "boom": {"image": IMAGE, "entrypoint": ["sh", "-c"], "command": ["echo boom >&2; exit 3"]},
+                "chatty": {"image": IMAGE, "entrypoint": ["sh", "-c"], "command": [CHATTY]},
             },
         },
         base_dir=base_dir,
@@ -176,6 +179,19 @@ def test_a_command_that_exits_at_once(backend: Backend, specs: Callable[[str], C
     assert listed.id == container.id and not listed.running and listed.host_port is None
     backend.stop(container.id, 0)
     assert backend.list(spec.instance) == []
+
+
+def test_a_followed_log_comes_in_lines_an_over_long_one_cut(
+    backend: Backend, specs: Callable[[str], ContainerSpec]
+) -> None:
+    container = backend.start(specs("chatty"))
+    if isinstance(backend, FakeBackend):
+        for line in ("first", "x" * 100_000, "last"):
+            backend.write_log("chatty", line)
+        backend.crash("chatty")
+    lines = list(backend.follow(container.id))  # until the container stops
+    assert lines == ["first", "x" * LONGEST_LINE + " [cut: 100000 bytes]", "last"]
+    backend.stop(container.id, 0)
 
 
 def test_a_leftover_with_the_same_name_is_replaced(
