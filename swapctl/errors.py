@@ -12,6 +12,7 @@ into OpenAI error JSON.
      |    +-- StopFailed    a container outlived a stop and a kill: it still counts as running
      +-- StartError         a model's container did not become ready: names model and cause
      +-- Busy               a model has as many requests as its concurrencyLimit admits
+     +-- ShuttingDown       the proxy shut down before a request for a model was answered
      +-- RequestError       an HTTP request is wrong (a bad body, no such route): its status
 """
 
@@ -75,6 +76,14 @@ class Busy(SwapctlError):
         super().__init__(f"model '{model}' is busy: {limit} requests in flight (its concurrencyLimit)")
         self.model = model
         self.limit = limit
+
+
+class ShuttingDown(SwapctlError):
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"the proxy is shutting down: the request for model '{model}' was not answered in time"
+        )
+        self.model = model
 
 
 class RequestError(SwapctlError):

@@ -3,6 +3,7 @@ error JSON, and the app's exception handlers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -10,7 +11,15 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from swapctl.errors import BackendError, Busy, RequestError, StartError, SwapctlError, UnknownModelError
+from swapctl.errors import (
+    BackendError,
+    Busy,
+    RequestError,
+    ShuttingDown,
+    StartError,
+    SwapctlError,
+    UnknownModelError,
+)
 from swapctl.metrics import Metrics
 
 log = logging.getLogger("swapctl")
@@ -22,6 +31,7 @@ ANSWERS: Mapping[type[SwapctlError], tuple[int, str, str]] = {
     Busy: (429, "rate_limit_error", "model_busy"),
     StartError: (502, "server_error", "model_start_failed"),
     BackendError: (503, "server_error", "backend_error"),
+    ShuttingDown: (503, "server_error", "shutting_down"),
 }
 RETRY_AFTER = {429: {"retry-after": "1"}}
 
@@ -32,6 +42,17 @@ class ClientGone(Exception):
     def __init__(self, model: str | None = None) -> None:
         super().__init__(model)
         self.model = model
+
+
+def shutting_down(model: str) -> ShuttingDown | None:
+    """For a CancelledError in a request's task: ShuttingDown if the server cancelled the task
+    (it does so only once its shutdown's grace is over), the cancellation taken back so that
+    the request can still be answered; None for any other CancelledError, to raise again."""
+    task = asyncio.current_task()
+    if task is None or task.cancelling() == 0:
+        return None
+    task.uncancel()
+    return ShuttingDown(model)
 
 
 def error_body(message: str, kind: str, code: str | None) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from swapctl.config import Config
 from swapctl.errors import BackendError, RequestError, UnknownModelError
 from swapctl.lifecycle import Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
-from swapctl.proxy.errors import ClientGone, error_body, handlers
+from swapctl.proxy.errors import ClientGone, error_body, handlers, shutting_down
 from swapctl.proxy.forms import ModelField, boundary_of, replace_model
 from swapctl.proxy.loading import Loading
 from swapctl.proxy.upstream import (
@@ -355,6 +355,10 @@ class Forwarder:
             return await unless_gone(receive, self._exchange(model, scope, path, content, streamed))
         except ClientGone:
             raise ClientGone(model) from None
+        except asyncio.CancelledError:
+            if (error := shutting_down(model)) is None:
+                raise
+            raise error from None  # an OpenAI error, not the server's bare 500 and a traceback
 
     async def _exchange(
         self, model: str, scope: Scope, path: str, content: bytes, streamed: bool

@@ -33,7 +33,7 @@ from starlette.types import Receive, Scope, Send
 
 from swapctl.backend import Pulled
 from swapctl.lifecycle import Lease, Progress, Step, Ticket
-from swapctl.proxy.errors import error_answer, error_body
+from swapctl.proxy.errors import error_answer, error_body, shutting_down
 from swapctl.proxy.upstream import Answer, Tally, UpstreamError
 
 if TYPE_CHECKING:
@@ -247,12 +247,22 @@ class Loading(StreamingResponse):
             await super().__call__(scope, receive, send)
         except ClientDisconnect:  # an ASGI 2.4 server says so at the next write
             pass
+        except asyncio.CancelledError:
+            if (error := shutting_down(self.model)) is None:
+                raise
+            await self._end(send, error)
         finally:
             await self._settle()
             if self.outcome is None:
                 log.info("%s %s: the client went away (%s)", scope["method"], scope["path"], self.model)
             outcome = GONE if self.outcome is None else self.outcome
             self.forwarder.record(self.model, outcome, self.began, self.tally.tokens)
+
+    async def _end(self, send: Send, error: Exception) -> None:
+        """The stream ended by `error`, in an error event, where the body was cut short."""
+        self.outcome, body = error_answer(error)
+        await send({"type": "http.response.body", "body": error_event(body), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _settle(self) -> None:
         """The wait over (cancelled if it still ran), the answer closed, every hold released."""
