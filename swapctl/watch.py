@@ -21,7 +21,13 @@ from rich.table import Table
 from swapctl.errors import SwapctlError
 
 STATS = ("requests_per_s", "tokens_per_s", "requests")
-COLOURS = {"ready": "green", "pulling": "yellow", "starting": "yellow", "stopping": "yellow", "leaving": "yellow"}
+COLOURS = {
+    "ready": "green",
+    "pulling": "yellow",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "leaving": "yellow",
+}
 COLOURS |= {"stop-failed": "red", "sleeping": "blue"}
 WIDE = 130  # columns a terminal needs for the containers' names
 READ_TIMEOUT = 30.0  # seconds without a byte (stats come every second, comments every 15 s)

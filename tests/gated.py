@@ -10,7 +10,6 @@ and its stateful test drive every await of a swap through here, one step at a ti
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -116,12 +115,17 @@ class GatedBackend(AsyncBackend):
         self.fake.stop(container_id, grace)
 
 
-def gated_health(gates: Gates, fake: FakeBackend) -> Callable[[httpx.Request, FakeContainer], object]:
-    """A fake server whose health check (and vLLM's sleep routes) answer at the gates: 200 or
-    503 for health; a sleep or wake that fails answers 500."""
-    sleeping: set[str] = set()  # container IDs asleep
+class GatedServer:
+    """A fake model server whose health check (and vLLM's sleep routes) answer at the gates:
+    200 or 503 for health; a sleep or wake that fails answers 500. `sleeping`: the IDs of
+    the containers asleep."""
 
-    async def handler(request: httpx.Request, box: FakeContainer) -> httpx.Response:
+    def __init__(self, gates: Gates) -> None:
+        self.gates = gates
+        self.sleeping: set[str] = set()
+
+    async def __call__(self, request: httpx.Request, box: FakeContainer) -> httpx.Response:
+        gates, sleeping = self.gates, self.sleeping
         model, cid, path = box.spec.model, box.container.id, request.url.path
         if path == "/health":
             ok = await gates.passes("health", model) and cid not in sleeping
@@ -142,5 +146,3 @@ def gated_health(gates: Gates, fake: FakeBackend) -> Callable[[httpx.Request, Fa
         if path in ("/wake_up", "/collective_rpc"):
             return httpx.Response(200)
         return await echo(request, box)
-
-    return handler

@@ -52,6 +52,8 @@ class Step(enum.Enum):
 
 
 BEGINNING = (State.PULLING, State.STARTING)  # a start under way, with its step
+TRANSITIONAL = (*BEGINNING, State.STOPPING)  # each owned by one task, which ends it
+RESTING = (State.STOPPED, State.SLEEPING, State.STOP_FAILED)  # a tenure over: nothing under way
 RECENT_STARTS = 5  # measured starts kept per model, for estimates
 # The moves `Slot.move` allows, between the states a slot stores (never LEAVING).
 MOVES: dict[State, frozenset[State]] = {
@@ -85,6 +87,7 @@ class Slot:
     evicting: tuple[str, ...] = ()  # while starting: the models stopped to make room
     pulled: Pulled | None = None  # while starting: how far the pull of its image has come
     starting_since: float = 0.0
+    owner: asyncio.Task[None] | None = field(default=None, repr=False)  # the task moving it, in transition
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STARTS), repr=False)
 
     @property
@@ -110,6 +113,7 @@ class Slot:
         step: Step | None = None,
         evicting: tuple[str, ...] | None = None,
         pulled: Pulled | None = None,
+        owner: asyncio.Task[None] | None = None,
         now: float = 0.0,
     ) -> None:
         """The one writer. Moving to stopped forgets the container and counts a stop (falling
@@ -128,6 +132,12 @@ class Slot:
                 self.stops += 1  # its memory is back: an eviction awaited is over; its container stays
             elif phase is State.READY:
                 self.ready_since = self.last_used = now
+            if phase not in TRANSITIONAL:
+                self.owner = None
+            if phase in RESTING:
+                self.leaving = False  # its tenure is over: whoever evicted it has nothing left to do
+        if owner is not None and self.phase in TRANSITIONAL:
+            self.owner = owner
         if container is not None:
             self.container = container
         if leaving is not None:

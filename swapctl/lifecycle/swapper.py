@@ -197,9 +197,9 @@ class Swapper:
         try:
             decided = None if pull_first else self._decide(slot)
         except Exception as error:  # a policy that cannot decide fails this start, nothing else
-            self._spawn(self._start_failed(slot, error))
+            self._move(slot, owner=self._spawn(self._start_failed(slot, error)))
             return
-        self._spawn(self._swap(slot, decided))
+        self._move(slot, owner=self._spawn(self._swap(slot, decided)))
 
     def _decide(self, slot: Slot) -> Decided:
         """Decide and mark, with no await in between: the next decision sees this one. The
@@ -268,10 +268,11 @@ class Swapper:
         slot.start = asyncio.get_running_loop().create_future()
         slot.start.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self.tasks.discard)
+        return task
 
     # --- starts ---------------------------------------------------------------------------
 
@@ -518,10 +519,14 @@ class Swapper:
 
     async def _start_failed(self, slot: Slot, error: BaseException) -> None:
         failure = error if isinstance(error, SwapctlError) else StartError(slot.model, repr(error))
+        if isinstance(failure, BackendError) and failure.model is None:  # the engine's, named for the model
+            failure = type(failure)(failure.message, slot.model)
+        elif getattr(failure, "model", slot.model) != slot.model:  # another model's failure ended this start
+            failure = StartError(slot.model, str(failure))
         if isinstance(error, StopFailed) and error.model == slot.model:
             await self._stuck(slot)  # its own unhealthy container would not stop
         else:
-            await self._set(slot, State.STOPPED)  # `leaving`, if set, is the evicting swap's to end
+            await self._set(slot, State.STOPPED)
         log.error("%s", failure)
         self.metrics.starts.labels(slot.model, "failed").inc()
         assert slot.start is not None
@@ -551,19 +556,24 @@ class Swapper:
         room), a ready model with a sleep level is put to sleep instead, or stopped if it
         cannot; without, a sleeping one is stopped for real."""
         async with self.changed:
+            stops = slot.stops  # this tenure: once it is over (stopped by another), so is this eviction
             self._move(slot, leaving=True)
             try:
                 async with asyncio.timeout(patience):
-                    await self.changed.wait_for(lambda: slot.phase in SETTLED and slot.in_flight == 0)
+                    await self.changed.wait_for(
+                        lambda: slot.stops != stops or (slot.phase in SETTLED and slot.in_flight == 0)
+                    )
             except TimeoutError:
-                await self.changed.wait_for(lambda: slot.phase in SETTLED)
+                await self.changed.wait_for(lambda: slot.stops != stops or slot.phase in SETTLED)
+            if slot.stops != stops:
+                return
             if slot.phase is State.STOPPED or slot.container is None:
                 self._move(slot, leaving=False)
                 return
             container = slot.container
             level = self._sleep_level(slot, container) if sleep and slot.phase is State.READY else None
             was_asleep = slot.phase is State.SLEEPING  # its memory is freed already
-            self._move(slot, State.STOPPING)
+            self._move(slot, State.STOPPING, owner=asyncio.current_task())
         self.metrics.evictions.labels(slot.model).inc()
         try:
             if level is not None and await self._sleep(slot, container, level):
@@ -611,7 +621,7 @@ class Swapper:
             if slot.phase not in (State.READY, State.SLEEPING) or slot.container is None:
                 return False
             container = slot.container
-            self._move(slot, State.STOPPING)
+            self._move(slot, State.STOPPING, owner=asyncio.current_task())
         log.warning("%s: its container %s stopped unexpectedly", slot.model, container.name)
         self.metrics.crashes.labels(slot.model).inc()
         try:
@@ -619,7 +629,7 @@ class Swapper:
         except BackendError as error:
             log.warning("could not remove %s: %s", container.name, error)
         finally:
-            await self._set(slot, State.STOPPED)  # `leaving`, if set, is the evicting swap's to end
+            await self._set(slot, State.STOPPED)
         return True
 
     async def confirm_alive(self, lease: Lease) -> bool:
@@ -805,8 +815,7 @@ class Swapper:
         log.info("adopting %s (%s): waiting for its health check", slot.model, container.name)
         async with self.changed:
             self._launch(slot, State.STARTING, Step.LOADING)
-            self._move(slot, container=container)
-        self._spawn(self._resume(slot, container))
+            self._move(slot, container=container, owner=self._spawn(self._resume(slot, container)))
 
     async def _resume(self, slot: Slot, container: Container) -> None:
         began = self.clock()

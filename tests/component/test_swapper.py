@@ -12,7 +12,7 @@ from support import Clock, Swappers, swappers_fixture
 
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import Config, parse_config
-from swapctl.errors import GpuUnavailable, ImageMissing, PullFailed, StartError, StopFailed
+from swapctl.errors import GpuUnavailable, ImageMissing, PullFailed, StartError
 from swapctl.lifecycle import State, Swapper
 from swapctl.matrix import allowed_part
 from swapctl.spec import build_spec
@@ -356,12 +356,14 @@ async def test_a_container_that_will_not_stop_still_counts_as_running(
     backend.behaviour["chat"] = FakeModel(unstoppable=True)
     swapper = swapper_for(make_config(), backend)
     await use(swapper, "chat")
-    with pytest.raises(StopFailed, match="chat"):
+    with pytest.raises(
+        StartError, match=r"model 'big' failed to start: model 'chat': .* could not be stopped"
+    ):
         await use(swapper, "big")  # big runs alone: chat must stop first, and cannot
     assert backend.running_models() == {"chat"}  # big never started beside it
     assert state(swapper, "chat") is State.STOP_FAILED
     assert swapper.running() == ["chat"]
-    with pytest.raises(StopFailed):
+    with pytest.raises(StartError, match="chat"):
         await use(swapper, "big")  # tried again, refused again: never a forbidden pair
     assert backend.running_models() == {"chat"}
     backend.behaviour["chat"] = FakeModel()  # the engine recovers
@@ -380,7 +382,7 @@ async def test_a_container_that_will_not_stop_at_adoption_counts_as_running(
     swapper = swapper_for(make_config(), backend)
     assert await swapper.adopt() == []
     assert swapper.running() == ["chat"]
-    with pytest.raises(StopFailed):
+    with pytest.raises(StartError, match=r"model 'big' failed to start: .*chat"):
         await use(swapper, "big")
     assert backend.running_models() == {"chat"}
 

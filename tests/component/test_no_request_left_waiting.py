@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gated import GatedBackend, Gates, gated_health
+from gated import GatedBackend, GatedServer, Gates
 
 from swapctl.backend.fake import FakeBackend, FakeModel
 from swapctl.config import Config, parse_config
@@ -36,15 +36,20 @@ def one_at_a_time(*models: str, **top: Any) -> Config:
     return parse_config({"instance": "test", "models": dict.fromkeys(models, spec), **top})
 
 
+def phase(swapper: Swapper, model: str) -> State:
+    """The model's phase, read afresh (so mypy does not narrow it between two reads)."""
+    return swapper.slots[model].phase
+
+
 class Gated:
     """A swapper over the gated fake engine; `held` kinds of steps wait for the test."""
 
     def __init__(self, config: Config, held: tuple[str, ...]) -> None:
         self.fake = FakeBackend()
         self.gates = Gates(held)
-        handler = gated_health(self.gates, self.fake)
+        handler = GatedServer(self.gates)
         for model in config.models:
-            self.fake.behaviour[model] = FakeModel(handler=handler)  # type: ignore[arg-type]
+            self.fake.behaviour[model] = FakeModel(handler=handler)
         self.client = httpx.AsyncClient(transport=self.fake.transport)
         self.swapper = Swapper(config, GatedBackend(self.fake, self.gates), self.client)
 
@@ -87,7 +92,7 @@ async def test_a_start_that_fails_while_evicted_does_not_wedge_the_swaps_after_i
         assert world.swapper.slots["a"].leaving
         world.gates.open("start", "a", ok=False)  # (3) `a`'s start fails while it leaves
         await world.settle()
-        assert world.swapper.slots["a"].phase is State.STOPPED
+        assert phase(world.swapper, "a") is State.STOPPED
         c = asyncio.create_task(served(world.swapper, await world.swapper.admit("c")))  # (4) evicts `b`
         await world.settle()
         await first_a.release()  # (5) `a`'s request lets go; `a` is asked for again
@@ -96,7 +101,7 @@ async def test_a_start_that_fails_while_evicted_does_not_wedge_the_swaps_after_i
         world.gates.free()  # (6) everything outside answers from now on
         async with asyncio.timeout(10):
             answers = await asyncio.gather(b, c, again_a)
-        assert answers == ["served", "served", "served"]
+        assert list(answers) == ["served", "served", "served"]
         assert world.fake.running_models() == {"a"}
     finally:
         await world.close()
@@ -113,7 +118,7 @@ async def test_a_request_waiting_for_its_image_is_not_failed_by_another_decision
         await world.settle()
         world.gates.free()
         async with asyncio.timeout(10):
-            assert await asyncio.gather(a, b) == ["served", "served"]
+            assert list(await asyncio.gather(a, b)) == ["served", "served"]
         assert len(world.fake.running_models()) == 1
     finally:
         await world.close()
