@@ -393,7 +393,11 @@ def settle(report: Report, proxy: Proxy, engine: docker.DockerClient) -> None:
             return
         time.sleep(0.1)
     for _ in range(30):
-        ready = frozenset(m for m, entry in proxy.running().items() if entry["state"] == "ready")
+        try:
+            ready = frozenset(m for m, entry in proxy.running().items() if entry["state"] == "ready")
+        except httpx.HTTPError as error:
+            report.disagreement = f"GET /running failed: {type(error).__name__}: {error}"
+            return
         in_docker = running_models(engine, proxy.instance)
         if ready == in_docker:
             report.disagreement = ""
