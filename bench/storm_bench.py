@@ -126,8 +126,8 @@ def main() -> int:
                 return 2
             reports.append(report)
             print(line(number, report), flush=True)
-            for message, count in report.failures.most_common():
-                print(f"        {count:4d}  {message}", flush=True)
+            if report.failures:
+                print(report.failures_by_message(), flush=True)
             for problem in report.problems():
                 if not problem.startswith(f"{report.lost} of"):
                     print(f"        {problem}", flush=True)

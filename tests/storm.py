@@ -109,8 +109,9 @@ class Outcome:
     model: str
     how: str  # stream | plain | leave-head | leave-chunk
     kind: str  # ok | abandoned (its own client left) | failed
-    message: str  # what went wrong, when failed
+    message: str  # what went wrong, when failed, its numbers blanked (see `normalized`)
     seconds: float
+    detail: str = ""  # the message as it came, when failed
 
 
 @dataclass
@@ -200,7 +201,13 @@ class Report:
         )
 
     def failures_by_message(self) -> str:
-        return "\n".join(f"  {count:5d}  {message}" for message, count in self.failures.most_common())
+        """Each message with its count, and one of its failures as it came when that differs."""
+        example = {o.message: o.detail for o in self.outcomes if o.kind == "failed"}
+        return "\n".join(
+            f"  {count:5d}  {message}"
+            + (f"\n         e.g. {example[message]}" if example[message] != message else "")
+            for message, count in self.failures.most_common()
+        )
 
     def explain(self) -> str:
         """The problems, the lost requests by message, and the tail of the `up` log."""
@@ -346,7 +353,8 @@ def run_storm(storm: Storm, proxy: Proxy, engine: docker.DockerClient) -> Report
                         )
                 except Exception as error:
                     kind, message = "failed", f"{type(error).__name__}: {error}"
-                outcome = Outcome(index, model, how, kind, normalized(message), time.monotonic() - sent)
+                took = time.monotonic() - sent
+                outcome = Outcome(index, model, how, kind, normalized(message), took, message[:400])
                 with lock:
                     report.outcomes.append(outcome)
 
