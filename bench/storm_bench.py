@@ -2,7 +2,8 @@
 and a fresh instance, counted: the figures behind "storm x10: 0 lost of N".
 
 Run: .venv/bin/python bench/storm_bench.py [--repeat 10] [--seed 1] [--clients 16]
-     [--seconds 22] [--no-matrix]
+     [--burst 8] [--seconds 22] [--no-matrix]
+(the test's burst without a matrix: --no-matrix --clients 32 --seconds 6)
 Needs the Docker engine and the image swapctl/llama-server:sid (`make docker images`); writes
 the tiny models itself. A round takes about 30 s on 2 cores.
 
@@ -98,6 +99,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=10, help="runs, each with its own seed")
     parser.add_argument("--seed", type=int, default=1, help="the first run's seed; the next ones count up")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--burst", type=int, help="clients whose first request goes at once (default: half)")
     parser.add_argument(
         "--seconds", type=float, default=22.0, help="after this, clients start no new request"
     )
@@ -116,6 +118,7 @@ def main() -> int:
             storm = Storm(
                 seed=args.seed + number - 1,
                 clients=args.clients,
+                burst=args.clients // 2 if args.burst is None else args.burst,
                 seconds=args.seconds,
                 matrix=not args.no_matrix,
             )
