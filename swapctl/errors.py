@@ -10,6 +10,7 @@ into OpenAI error JSON.
      |    +-- PullFailed    an image could not be pulled: names it and quotes the registry
      |    +-- GpuUnavailable
      |    +-- StopFailed    a container outlived a stop and a kill: it still counts as running
+     |    +-- Overdue       a model stuck in a transitional state, ended by the watchdog
      +-- StartError         a model's container did not become ready: names model and cause
      +-- Busy               a model has as many requests as its concurrencyLimit admits
      +-- ShuttingDown       the proxy shut down before a request for a model was answered
@@ -61,6 +62,10 @@ class GpuUnavailable(BackendError):
 
 
 class StopFailed(BackendError):
+    pass
+
+
+class Overdue(BackendError):
     pass
 
 

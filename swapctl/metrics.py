@@ -99,6 +99,12 @@ class Metrics:
         self.crashes = Counter(
             "swapctl_model_crashes", "Containers found dead while ready", ["model"], registry=r
         )
+        self.watchdog = Counter(
+            "swapctl_watchdog_repairs",
+            "Models found in a transitional state past their deadline or with no task moving them, and repaired",
+            ["model", "state"],
+            registry=r,
+        )
 
     def watch(self, read: Callable[[], Sequence[tuple[str, str, int]]], states: Sequence[str]) -> None:
         """Report (model, state, in flight) as gauges, read at each scrape; `states` are

@@ -87,6 +87,7 @@ class Slot:
     evicting: tuple[str, ...] = ()  # while starting: the models stopped to make room
     pulled: Pulled | None = None  # while starting: how far the pull of its image has come
     starting_since: float = 0.0
+    since: float = 0.0  # when its phase or its start's step last changed: the watchdog's clock
     owner: asyncio.Task[None] | None = field(default=None, repr=False)  # the task moving it, in transition
     durations: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STARTS), repr=False)
 
@@ -119,6 +120,8 @@ class Slot:
         """The one writer. Moving to stopped forgets the container and counts a stop (falling
         asleep keeps it, and counts one); moving to ready records when; moving to starting,
         when it began (a start's step and evictions hold only while it starts)."""
+        if (phase is not None and phase is not self.phase) or (step is not None and step is not self.step):
+            self.since = now
         if phase is not None and phase is not self.phase:
             assert phase in MOVES[self.phase], f"{self.model}: no move from {self.phase} to {phase}"
             if self.phase in BEGINNING and phase not in BEGINNING:

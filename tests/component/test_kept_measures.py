@@ -127,7 +127,7 @@ async def test_a_measured_footprint_is_kept(swapper_for: Swappers, tmp_path: Pat
 async def test_the_plan_route_decides_with_the_kept_costs() -> None:
     stack = FakeStack(DOCUMENT)
     config = stack.swapper.config
-    stack.swapper.measures = measures = MeasureStore()
+    stack.swapper.board.measures = measures = MeasureStore()
     for _ in range(3):
         measures.record_start("slow", build_spec(config, "slow").spec_hash, 2.0)
         measures.record_start("quick", build_spec(config, "quick").spec_hash, 30.0)

@@ -11,7 +11,8 @@ Invariants, checked after every step:
   or restarted anything, every request that ended was served; a failed one names its model;
 - nothing waits on nothing: while a request waits for its model, some step waits at a gate
   or some request is being served (what the world outside can still move);
-- every model in a transitional state (pulling, starting, stopping) has a live task that owns it.
+- every model in a transitional state (pulling, starting, stopping) has a live task that owns
+  it, and the watchdog never finds one without (it may end one held past its deadline).
 And at the end of each run, once every gate opens and every served request finishes, every
 request has ended and no model is left in a transitional state.
 """
@@ -19,6 +20,7 @@ request has ended and no model is left in a transitional state.
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +86,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.requests: list[Request] = []
         self.disturbed = 0  # unloads, reloads, crashes and restarts so far: each may fail requests
         self.chores: list[asyncio.Task[Any]] = []  # unloads, reloads, checks under way
-        self.clients: list[httpx.AsyncClient] = []
+        self.dead: list[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = []  # killed `up`s
         self.swapper = self._run(self._swapper())
         self.serving_since = asyncio.Event()
         self.serving_since.set()
@@ -93,7 +95,6 @@ class Lifecycle(RuleBasedStateMachine):
 
     async def _swapper(self) -> Swapper:
         self.client = httpx.AsyncClient(transport=self.fake.transport)
-        self.clients.append(self.client)
         backend = GatedBackend(self.fake, self.gates)
         return Swapper(
             config_of(self.version), backend, self.client, clock=self.clock, sleep=self.clock.sleep
@@ -171,7 +172,9 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule()
     def time_passes(self) -> None:
-        """Past every model's health check timeout."""
+        """Past every model's health check timeout: a step held meanwhile was slow, a fault
+        (the watchdog may end what it held up)."""
+        self.disturbed += bool(self.gates.pending)
         self.clock.now += 31
         self.settle()
 
@@ -198,16 +201,16 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
-        """`up` is killed and started again: its tasks and requests vanish, the containers stay,
-        and a new swapper adopts them."""
+        """`up` is killed (-9) and started again: nothing of the old process runs on (its event
+        loop is never run again), its requests are cut off, the containers stay, and a new
+        swapper adopts them."""
         self.disturbed += 1
         for request in self.requests:
             if request.outcome is None:
                 request.outcome = "left"  # its connection died with the process
-        doomed = [*self.chores, *self.swapper.tasks, *(r.task for r in self.requests if r.task)]
-        for task in doomed:
-            task.cancel()
-        self.settle()
+        self.gates.pending.clear()  # what the old process waited for: nobody waits any more
+        self.dead.append((self.loop, self.client))
+        self.loop = asyncio.new_event_loop()
         self.swapper = self._run(self._swapper())
         self.serving_since = asyncio.Event()
         self.chores = [self.loop.create_task(self._adopt())]
@@ -246,6 +249,11 @@ class Lifecycle(RuleBasedStateMachine):
             assert self.gates.pending or self.serving(), f"requests wait, nothing moves: {stuck}"
 
     @invariant()
+    def the_watchdog_finds_no_orphan(self) -> None:
+        orphans = [str(error) for _, error in self.swapper.board.alarms.values() if "no task" in str(error)]
+        assert not orphans, orphans
+
+    @invariant()
     def each_transitional_state_has_its_owner(self) -> None:
         for slot in self.swapper.slots.values():
             if slot.phase in TRANSITIONAL:
@@ -265,19 +273,22 @@ class Lifecycle(RuleBasedStateMachine):
             stuck = {m: s.state.value for m, s in self.swapper.slots.items() if s.phase in TRANSITIONAL}
             assert not stuck, f"models left in a transitional state: {stuck}"
         finally:
-            for task in [*self.chores, *self.swapper.tasks, *(r.task for r in self.requests if r.task)]:
-                task.cancel()
-            self._run(self._close())
-            self.loop.close()
+            for loop, client in [*self.dead, (self.loop, self.client)]:
+                self.loop = loop
+                self._run(self._close(client))
+                loop.close()
 
-    async def _close(self) -> None:
-        await asyncio.sleep(0)
-        for client in self.clients:
-            await client.aclose()
+    async def _close(self, client: httpx.AsyncClient) -> None:
+        """End what still runs on this loop, then its client."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.aclose()
 
 
 Lifecycle.TestCase.settings = settings(
-    max_examples=300,
+    max_examples=int(os.environ.get("SWAPCTL_LIFECYCLE_EXAMPLES", "600")),  # more for a long search
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

@@ -412,11 +412,11 @@ async def test_a_policy_that_cannot_decide_fails_that_start_and_nothing_else(
         def decide(self, model: str, running: object, explain: bool = False) -> object:
             raise RuntimeError("no decision")
 
-    monkeypatch.setattr(swapper, "policy", lambda: Broken())
+    monkeypatch.setattr(swapper.board, "policy", lambda: Broken())
     with pytest.raises(StartError, match="no decision"):
         await use(swapper, "code")
     assert state(swapper, "code") is State.STOPPED
     assert backend.running_models() == {"chat"}
-    monkeypatch.setattr(swapper, "policy", lambda: policy)
+    monkeypatch.setattr(swapper.board, "policy", lambda: policy)
     await use(swapper, "code")
     assert backend.running_models() == {"chat", "code"}
