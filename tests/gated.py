@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
 from swapctl.backend import AsyncBackend, Container
-from swapctl.backend.fake import FakeBackend, FakeContainer, echo
+from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel, echo
 from swapctl.backend.progress import PullListener
+from swapctl.config import Config
 from swapctl.errors import BackendError, PullFailed
+from swapctl.lifecycle import Swapper
 from swapctl.spec import ContainerSpec
 
 KINDS = ("image", "pull", "start", "stop", "health", "sleep", "wake")
@@ -146,3 +149,33 @@ class GatedServer:
         if path in ("/wake_up", "/collective_rpc"):
             return httpx.Response(200)
         return await echo(request, box)
+
+
+class GatedWorld:
+    """A swapper over the gated fake engine (on `clock`, if given); `held` kinds of steps wait
+    for the test."""
+
+    def __init__(self, config: Config, held: tuple[str, ...], clock: Any = None) -> None:
+        self.fake = FakeBackend()
+        self.gates = Gates(held)
+        handler = self.server = GatedServer(self.gates)
+        for model in config.models:
+            self.fake.behaviour[model] = FakeModel(handler=handler)
+        self.client = httpx.AsyncClient(transport=self.fake.transport)
+        timing = {"clock": clock, "sleep": clock.sleep} if clock is not None else {}
+        self.swapper = Swapper(config, GatedBackend(self.fake, self.gates), self.client, **timing)
+
+    async def settle(self) -> None:
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    async def waiting(self, kind: str, owner: str) -> None:
+        for _ in range(500):
+            if self.gates.find(kind, owner):
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"no {kind} of {owner} came to wait; waiting: {self.gates.pending}")
+
+    async def close(self) -> None:
+        self.gates.free()
+        await self.client.aclose()

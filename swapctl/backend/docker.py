@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -131,10 +132,18 @@ def _first_network(networks: tuple[Network, ...]) -> dict[str, Any]:
     return {"network": network.name, "networking_config": {network.name: endpoint} if endpoint else None}
 
 
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
+
+
 def _epoch(text: str | None) -> float | None:
-    if not text or text.startswith("0001-"):
+    """Docker's RFC 3339 time (nanoseconds, trailing zeros of the fraction dropped, or none) in
+    epoch seconds; None for the zero time or anything else."""
+    found = _RFC3339.fullmatch(text or "")
+    if found is None or found[1].startswith("0001-"):
         return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00")[:26] + "+00:00").timestamp()
+    seconds, fraction, zone = found.groups()
+    moment = datetime.fromisoformat(seconds + ("+00:00" if zone == "Z" else zone))
+    return moment.timestamp() + float(f"0.{fraction or 0}")
 
 
 def _from_inspect(attrs: dict[str, Any]) -> Container:

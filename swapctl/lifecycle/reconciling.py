@@ -168,7 +168,10 @@ class Reconciler:
         if container.host_port is None:
             return "it publishes no port"
         spec = build_spec(self.board.config, container.model)
-        image = await self.board.backend.image_id(spec.image)
+        try:
+            image = await self.board.backend.image_id(spec.image)
+        except BackendError:
+            image = None  # the engine cannot say: judged by its spec alone, as a reload does
         if outdated(container, spec, image):
             return "its spec or image changed"  # an image may be rebuilt under its name
         return None

@@ -1,21 +1,43 @@
-"""A model's place in the lifecycle: its state, written through one function.
+"""The life of a model, written down once: its states, the moves between them, who makes
+each move, and for each transitional state the one task that owns it and its deadline.
 
-    stopped -> starting -> ready -> leaving -> stopping -> stopped
-                  |                              |
-                  +-> stopped (failed)           +-> stop-failed -> stopping (tried again)
+    stopped -> pulling -> starting -> ready -> (leaving) -> stopping -> stopped
+       |                    ^  |                              |  |
+       +--------------------+  +-> stopped (its start failed)  |  +-> sleeping -> starting (woken)
+                                                               +-> stop-failed -> stopping (again)
 
-`leaving` is derived, as arq derives a job's status: a ready model chosen to stop admits
-no new request and stops once those in flight finish. A starting model may be chosen too:
-it finishes its start (the requests that joined it are served), then leaves; one still
-pulling its image, not yet decided, does not start: once the pull is over it is stopped.
-`stop-failed`: its container outlived a stop and a kill, so it still counts as running.
-`sleeping` (a model with vLLM's `sleep` level, evicted to make room): its server freed its GPU
-memory but its container runs on; it counts as stopped for decisions, and a request wakes it
-(sleeping -> starting -> ready, the same container). Stopping it for real (unload, ttl, a reload)
-goes sleeping -> stopping -> stopped.
-A start goes through steps (`Step`): its image, pulled when its pull_policy says so (before
-anything is decided, so nothing is evicted for a pull), evicting what is in its way, creating
-the container, then loading until the health check answers.
+| state       | counted by decisions | owner (the task that ends it)         | deadline (watchdog)        |
+|-------------|----------------------|---------------------------------------|----------------------------|
+| stopped     | no                   | -                                     | -                          |
+| pulling     | no: it holds nothing | its start (`Starts._swap`)            | the pull's own end         |
+| starting    | yes                  | its start (`_swap`, or adoption's)    | health + grace + margin,   |
+|             |                      |                                       | from its last step's start |
+| ready       | yes                  | - (requests hold leases on it)        | -                          |
+| leaving     | no (derived: ready,  | the eviction that chose it            | its requests in flight     |
+|             | or starting, and     |                                       |                            |
+|             | chosen to stop)      |                                       |                            |
+| stopping    | yes: its container   | the eviction (`Stops.evict`) or the   | grace + health + margin    |
+|             | may still run        | crash check (`Stops.mark_crashed`)    |                            |
+| stop-failed | yes: it still runs   | - (the upkeep tries again)            | -                          |
+| sleeping    | no: its memory freed | - (a request wakes it: -> starting)   | -                          |
+
+Who moves what: a request's admission claims a stopped or sleeping model (-> pulling or
+starting, spawning its start); its start moves it on (-> starting once decided, -> ready,
+or -> stopped when it fails); an eviction (a decision's, an unload's, a reload's, the ttl's)
+marks it leaving, waits for its start to settle and its requests to finish, then stops it
+(-> stopping -> stopped, sleeping or stop-failed); the upkeep finds crashes (-> stopping ->
+stopped) and retries stuck stops; adoption at start-up takes over what runs (stopped ->
+ready, starting or sleeping). Every move goes through `Slot.move`, called by `Board.move`
+with the lock held; a move to a resting state (stopped, sleeping, stop-failed) ends the
+tenure: `leaving` is cleared and `stops` counted, so a wait for that tenure ends with it.
+
+A start's steps (`Step`): its image (looked for, and pulled when its pull_policy says so:
+before anything is decided, so a pull evicts nothing), evicting what is in its way,
+creating the container (or waking its sleeping one), then loading until the health check
+answers. `stop-failed`: its container outlived a stop and a kill, so it still counts as
+running. `sleeping` (vLLM's `sleep` level, evicted to make room): its server freed its GPU
+memory but its container runs on; stopping it for real (unload, ttl, a reload) goes
+sleeping -> stopping -> stopped.
 """
 
 from __future__ import annotations

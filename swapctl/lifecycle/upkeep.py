@@ -20,7 +20,6 @@ from swapctl.lifecycle.stopping import Stops
 
 log = logging.getLogger("swapctl")
 MARGIN = 60.0  # seconds beyond the config's own bounds: engine calls, GPU memory coming back
-REPAIR_WAIT = 5.0  # seconds a stuck task is given to clean up after itself once cancelled
 
 
 class Upkeep:
@@ -102,8 +101,9 @@ class Upkeep:
     async def watchdog(self) -> None:
         """A model in a transitional state with no live task moving it, or past the deadline its
         config sets, is repaired: logged, its waiters answered (503, naming the cause), its task
-        ended, its slot moved to rest (stop-failed while its container may run, else stopped)
-        and counted in /metrics; /health says degraded for a while. It should never fire."""
+        cancelled (its own clean-up moves the slot to rest: a start to stopped, a stop to
+        stop-failed while its container may run), or, with no task left, its slot moved to
+        rest here; counted in /metrics; /health says degraded for a while. It should never fire."""
         now = self.board.clock()
         for slot in list(self.board.slots.values()):
             if slot.phase not in TRANSITIONAL:
@@ -123,10 +123,8 @@ class Upkeep:
         owner = slot.owner
         if owner is not None and not owner.done():
             owner.cancel(str(error))  # its own clean-up answers its waiters and moves it to rest
-            await asyncio.wait({owner}, timeout=REPAIR_WAIT)
-        async with self.board.changed:
-            if slot.phase not in TRANSITIONAL:
-                return
+            return
+        async with self.board.changed:  # nobody would: the watchdog does
             if slot.start is not None and not slot.start.done():
                 slot.start.set_exception(error)
             self.board.move(slot, State.STOP_FAILED if slot.container is not None else State.STOPPED)

@@ -98,7 +98,10 @@ class Admin:
         return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
-        return PlainTextResponse("OK")
+        """OK; or, for a while after the watchdog repaired a model, `degraded` and why (still
+        200: the proxy serves)."""
+        degraded = self.swapper.degraded()
+        return PlainTextResponse("degraded: " + "; ".join(degraded) if degraded else "OK")
 
     async def running(self, request: Request) -> Response:
         statuses = [s.to_json() for s in self.swapper.status()]

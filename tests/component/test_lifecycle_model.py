@@ -35,6 +35,7 @@ from swapctl.backend.fake import FakeBackend, FakeImage, FakeModel
 from swapctl.config import Config, parse_config
 from swapctl.errors import Busy, StopFailed, SwapctlError
 from swapctl.lifecycle import Lease, State, Swapper
+from swapctl.lifecycle.slot import RESTING
 from swapctl.matrix import allowed_part
 
 MODELS = ("a", "b", "c", "d")
@@ -87,6 +88,9 @@ class Lifecycle(RuleBasedStateMachine):
         self.disturbed = 0  # unloads, reloads, crashes and restarts so far: each may fail requests
         self.chores: list[asyncio.Task[Any]] = []  # unloads, reloads, checks under way
         self.dead: list[tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = []  # killed `up`s
+        self.dead_clients: list[httpx.AsyncClient] = []  # of `up`s whose adoption failed
+        self.kept: list[object] = []  # a killed `up`'s tasks and steps, referenced till the end
+        self.at_rest: dict[str, int] = {}  # model -> faults() when it was last seen at rest
         self.swapper = self._run(self._swapper())
         self.serving_since = asyncio.Event()
         self.serving_since.set()
@@ -140,7 +144,9 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(model=st.sampled_from(MODELS))
     def request(self, model: str) -> None:
-        request = Request(model, self.faults())
+        slot = self.swapper.slots[model]
+        # one that joins a start (or a stop) under way shares the faults since it began
+        request = Request(model, self.faults() if slot.phase in RESTING else self.at_rest.get(model, 0))
         request.task = self.loop.create_task(self._request(request))
         self.requests.append(request)
         self.settle()
@@ -208,8 +214,11 @@ class Lifecycle(RuleBasedStateMachine):
         for request in self.requests:
             if request.outcome is None:
                 request.outcome = "left"  # its connection died with the process
-        self.gates.pending.clear()  # what the old process waited for: nobody waits any more
+        # what the old process waited for: nobody waits any more (kept, with its tasks, so that
+        # no garbage collection runs their clean-up at some random later moment)
         self.dead.append((self.loop, self.client))
+        self.kept.append((list(asyncio.all_tasks(self.loop)), list(self.gates.pending)))
+        self.gates.pending.clear()
         self.loop = asyncio.new_event_loop()
         self.swapper = self._run(self._swapper())
         self.serving_since = asyncio.Event()
@@ -217,12 +226,24 @@ class Lifecycle(RuleBasedStateMachine):
         self.settle()
 
     async def _adopt(self) -> None:
-        try:
-            await self.swapper.adopt()
-        finally:
-            self.serving_since.set()
+        """`up` listens once its adoption is over; if it fails, `up` exits and is started again."""
+        while True:
+            try:
+                await self.swapper.adopt()
+                break
+            except SwapctlError:
+                self.dead_clients.append(self.client)
+                self.swapper = await self._swapper()
+        self.serving_since.set()
 
     # --- invariants ------------------------------------------------------------------------
+
+    @invariant()
+    def faults_since_rest(self) -> None:
+        """(Bookkeeping, not a promise: the faults seen when each model was last at rest.)"""
+        for model, slot in self.swapper.slots.items():
+            if slot.phase in RESTING:
+                self.at_rest[model] = self.faults()
 
     @invariant()
     def the_matrix_holds(self) -> None:
@@ -285,6 +306,9 @@ class Lifecycle(RuleBasedStateMachine):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.aclose()
+        for other in self.dead_clients:
+            await other.aclose()
+        self.dead_clients.clear()
 
 
 Lifecycle.TestCase.settings = settings(

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gated import GatedBackend, GatedServer, Gates
+from gated import GatedWorld
 
 from swapctl.backend.fake import FakeBackend, FakeModel
 from swapctl.config import Config, parse_config
@@ -41,34 +41,6 @@ def phase(swapper: Swapper, model: str) -> State:
     return swapper.slots[model].phase
 
 
-class Gated:
-    """A swapper over the gated fake engine; `held` kinds of steps wait for the test."""
-
-    def __init__(self, config: Config, held: tuple[str, ...]) -> None:
-        self.fake = FakeBackend()
-        self.gates = Gates(held)
-        handler = GatedServer(self.gates)
-        for model in config.models:
-            self.fake.behaviour[model] = FakeModel(handler=handler)
-        self.client = httpx.AsyncClient(transport=self.fake.transport)
-        self.swapper = Swapper(config, GatedBackend(self.fake, self.gates), self.client)
-
-    async def settle(self) -> None:
-        for _ in range(50):
-            await asyncio.sleep(0)
-
-    async def waiting(self, kind: str, owner: str) -> None:
-        for _ in range(500):
-            if self.gates.find(kind, owner):
-                return
-            await asyncio.sleep(0)
-        raise AssertionError(f"no {kind} of {owner} came to wait; waiting: {self.gates.pending}")
-
-    async def close(self) -> None:
-        self.gates.free()
-        await self.client.aclose()
-
-
 async def served(swapper: Swapper, ticket: Ticket) -> str:
     """What became of an admitted request: `served`, or its error."""
     try:
@@ -82,7 +54,7 @@ async def served(swapper: Swapper, ticket: Ticket) -> str:
 async def test_a_start_that_fails_while_evicted_does_not_wedge_the_swaps_after_it() -> None:
     """The circular wait a storm found, step by step: `c` once waited for `a` to stop while
     `a` waited for `c`, and every later request waited behind them."""
-    world = Gated(one_at_a_time("a", "b", "c"), held=("start",))
+    world = GatedWorld(one_at_a_time("a", "b", "c"), held=("start",))
     world.swapper.images.add("img")  # no image check: the wedge needs none
     try:
         first_a = await world.swapper.admit("a")  # (1) `a` starts, a request holding it
@@ -110,7 +82,7 @@ async def test_a_start_that_fails_while_evicted_does_not_wedge_the_swaps_after_i
 async def test_a_request_waiting_for_its_image_is_not_failed_by_another_decision() -> None:
     """`a` checks its image (as every first start of a fresh `up` does) while a request for
     `b` is decided: `b`'s decision does not end `a`'s start; both requests are served."""
-    world = Gated(one_at_a_time("a", "b"), held=("image",))
+    world = GatedWorld(one_at_a_time("a", "b"), held=("image",))
     try:
         a = asyncio.create_task(served(world.swapper, await world.swapper.admit("a")))
         await world.waiting("image", "img")
