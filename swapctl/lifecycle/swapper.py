@@ -66,20 +66,19 @@ class Swapper:
         self.reconciler = Reconciler(board, self.stops, self.starts)
         self.upkeeping = Upkeep(board, self.stops, self.reconciler)
         # what other packages and the tests read: the board's own objects
-        self.slots, self.images, self.tasks, self.changed = (
-            board.slots,
-            board.images,
-            board.tasks,
-            board.changed,
-        )
-        self.backend, self.metrics, self.measures = board.backend, board.metrics, board.measures
+        self.slots, self.images, self.tasks = board.slots, board.images, board.tasks
+        self.changed, self.backend, self.metrics = board.changed, board.backend, board.metrics
         self.activity: Activity = board.activity
         statuses = lambda: [(s.model, s.state, s.in_flight) for s in self.status()]  # noqa: E731
         self.metrics.watch(statuses, [state.value for state in State])
 
     @property
     def config(self) -> Config:
-        return self.board.config
+        return self.board.config  # a reload replaces it
+
+    @property
+    def measures(self) -> MeasureStore:
+        return self.board.measures
 
     # --- requests -------------------------------------------------------------------------
 
