@@ -13,6 +13,7 @@ each until the tenure it saw is over. So waits never form a cycle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -188,18 +189,33 @@ class Starts:
         await self.board.set(slot, step=Step.STARTING)
         began = self.board.clock()  # its own start, kept as a measure: the stops it waited for are others'
         try:
-            container = await self.board.backend.start(spec)
+            container = await self._create(spec)
         except ImageMissing:  # removed since it was seen: late, as its pull_policy says
             self.board.images.discard(spec.image)
             await self.pulls.ensure(slot, spec)
             await self.board.set(slot, step=Step.STARTING)
             began = self.board.clock()
-            container = await self.board.backend.start(spec)
+            container = await self._create(spec)
         self.board.images.add(spec.image)
         await self.board.set(slot, container=container, step=Step.LOADING)
         healthy = await self.until_healthy(slot, container)
         self.board.measures.record_start(slot.model, spec.spec_hash, self.board.clock() - began)
         return healthy
+
+    async def _create(self, spec: ContainerSpec) -> Container:
+        """The engine's start of the container. One cancelled meanwhile (the watchdog, a
+        shutdown) still waits for the engine's answer, the model still counted as starting,
+        and removes what it created: nothing is left running untracked."""
+        created = asyncio.ensure_future(self.board.backend.start(spec))
+        try:
+            return await asyncio.shield(created)
+        except asyncio.CancelledError:
+            while not created.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({created})
+            if not created.cancelled() and created.exception() is None:
+                await self.stops.remove(spec.model, created.result(), 0)
+            raise
 
     async def until_healthy(self, slot: Slot, container: Container) -> Container:
         """Wait for its health check; on failure remove the container, or say it would not stop."""

@@ -100,10 +100,11 @@ class Upkeep:
 
     async def watchdog(self) -> None:
         """A model in a transitional state with no live task moving it, or past the deadline its
-        config sets, is repaired: logged, its waiters answered (503, naming the cause), its task
-        cancelled (its own clean-up moves the slot to rest: a start to stopped, a stop to
-        stop-failed while its container may run), or, with no task left, its slot moved to
-        rest here; counted in /metrics; /health says degraded for a while. It should never fire."""
+        config sets, is repaired: logged, its waiters answered at once (503, naming the cause),
+        its task cancelled (its own clean-up moves the slot to rest once the engine has
+        answered: a start to stopped, a stop to stop-failed while its container may run; until
+        then it counts as it did), or, with no task left, its slot moved to rest here; counted
+        in /metrics; /health says degraded for a while. It should never fire."""
         now = self.board.clock()
         for slot in list(self.board.slots.values()):
             if slot.phase not in TRANSITIONAL:
@@ -111,6 +112,8 @@ class Upkeep:
             owner, limit = slot.owner, deadline(slot, self.board.config_for(slot.model))
             if owner is not None and not owner.done() and (limit is None or now - slot.since <= limit):
                 continue
+            if owner is not None and not owner.done() and owner.cancelling():
+                continue  # asked to end already: its clean-up waits for the engine's answer
             why = "no task moves it" if owner is None or owner.done() else f"past its deadline ({limit:g}s)"
             await self._repair(slot, why)
 
@@ -120,13 +123,13 @@ class Upkeep:
         log.error("watchdog: %s (%d requests waiting)", error, slot.in_flight)
         self.board.metrics.watchdog.labels(slot.model, state).inc()
         self.board.alarms[slot.model] = (self.board.clock(), error)
+        if slot.start is not None and not slot.start.done():
+            slot.start.set_exception(error)  # its waiters are answered now
         owner = slot.owner
         if owner is not None and not owner.done():
-            owner.cancel(str(error))  # its own clean-up answers its waiters and moves it to rest
+            owner.cancel(str(error))  # its own clean-up moves it to rest, once the engine answers
             return
         async with self.board.changed:  # nobody would: the watchdog does
-            if slot.start is not None and not slot.start.done():
-                slot.start.set_exception(error)
             self.board.move(slot, State.STOP_FAILED if slot.container is not None else State.STOPPED)
 
 

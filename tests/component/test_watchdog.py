@@ -57,11 +57,14 @@ async def test_a_start_held_past_its_deadline_is_ended_and_its_waiters_told_why(
         await world.swapper.check()
         answer = await asyncio.wait_for(waiting, 5)
         assert answer.startswith("Overdue: model 'a': stuck starting (starting): past its deadline (91s)")
-        assert state(world.swapper, "a") is State.STOPPED
         assert world.swapper.degraded() == [answer.removeprefix("Overdue: ")]
         scraped = world.swapper.metrics.render().decode()
         assert 'swapctl_watchdog_repairs_total{model="a",state="starting"} 1.0' in scraped
-        world.gates.free()
+        assert state(world.swapper, "a") is State.STARTING  # counted until the engine answers
+        world.gates.free()  # it does: the container it created is removed
+        await world.settle()
+        assert state(world.swapper, "a") is State.STOPPED
+        assert world.fake.running_models() == set()
         assert await outcome(world.swapper, "a") == "served"  # nothing hangs: the next request starts it
         clock.now += 301
         assert world.swapper.degraded() == []
