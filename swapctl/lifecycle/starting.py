@@ -8,6 +8,12 @@ once the image is here (pulling: nothing held, nothing evicted for it, counted b
 decision). A decision waits only for models decided before it: those it evicts (running
 when it decided) and those another swap was already evicting that still hold a container,
 each until the tenure it saw is over. So waits never form a cycle.
+
+With a GPU inventory, a start that evicted models also waits (bounded) until their memory is
+back, and a ready model's footprint is measured in a task of its own (`GpuMemory`). A
+sleeping model is decided as a start, then woken in its container; a wake that fails
+starts a new one. Each start's own duration (the stops it waited for left out) and each
+wake are kept in `measures`, which decisions read for `evict_costs: auto`.
 """
 
 from __future__ import annotations
