@@ -31,7 +31,7 @@ from typing import Any
 
 import docker
 import httpx
-from support import MESSAGES, Proxy, Streamed, llama_model, running_models, write_yaml
+from support import MESSAGES, Proxy, Streamed, llama_model, running_models, take_event, write_yaml
 
 from swapctl.config import load_config
 from swapctl.matrix.expand import expand_set
@@ -258,20 +258,8 @@ def read_stream(
         for line in response.iter_lines():
             if time.monotonic() > deadline:
                 return "failed", f"stream not over within {timeout:g}s"
-            if not line.startswith("data: "):
+            if not take_event(result, line):
                 continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
-                result.done = True
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                result.error = event["error"]
-            for choice in event.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    result.chunks += 1
-                if choice.get("finish_reason"):
-                    result.finish_reason = choice["finish_reason"]
             if result.error is not None:
                 return "failed", f"error event: {result.error.get('code')}: {result.error.get('message')}"
             if leave == "chunk":

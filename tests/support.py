@@ -286,6 +286,26 @@ class Streamed:
     ended_at: float = 0.0  # time.monotonic() when the response ended
 
 
+def take_event(result: Streamed, line: str) -> bool:
+    """One line of a chat stream counted into `result`; True if it was an event (`data: {...}`,
+    [DONE] aside), after which a reader may decide to leave."""
+    if not line.startswith("data: "):
+        return False
+    data = line.removeprefix("data: ")
+    if data == "[DONE]":
+        result.done = True
+        return False
+    event = json.loads(data)
+    if "error" in event:
+        result.error = event["error"]
+    for choice in event.get("choices", []):
+        if choice.get("delta", {}).get("content"):
+            result.chunks += 1
+        if choice.get("finish_reason"):
+            result.finish_reason = choice["finish_reason"]
+    return True
+
+
 def stream_chat(
     url: str,
     model: str,
@@ -310,21 +330,7 @@ def stream_chat(
             result.ended_at = time.monotonic()
             return result
         for line in response.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line.removeprefix("data: ")
-            if data == "[DONE]":
-                result.done = True
-                continue
-            event = json.loads(data)
-            if "error" in event:
-                result.error = event["error"]
-            for choice in event.get("choices", []):
-                if choice.get("delta", {}).get("content"):
-                    result.chunks += 1
-                if choice.get("finish_reason"):
-                    result.finish_reason = choice["finish_reason"]
-            if on_event is not None and not on_event(result):
+            if take_event(result, line) and on_event is not None and not on_event(result):
                 break
         result.ended_at = time.monotonic()
         return result

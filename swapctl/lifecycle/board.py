@@ -29,14 +29,14 @@ from swapctl.lifecycle.activity import Activity, Row
 from swapctl.lifecycle.gpu_memory import RELEASE_WAIT, GpuMemory
 from swapctl.lifecycle.health import Clock, HealthCheck
 from swapctl.lifecycle.sleep_mode import SleepMode
-from swapctl.lifecycle.slot import Slot, State
+from swapctl.lifecycle.slot import RESTING, Slot, State
 from swapctl.matrix import Policy
 from swapctl.measures import MeasureStore, costed_policy
 from swapctl.metrics import Metrics
 from swapctl.spec import ContainerSpec
 
 # no start or stop under way
-SETTLED = (State.READY, State.STOPPED, State.STOP_FAILED, State.SLEEPING)
+SETTLED = (State.READY, *RESTING)
 DEGRADED_FOR = 300.0  # seconds /health says degraded after the watchdog repaired a model
 
 

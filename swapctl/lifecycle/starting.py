@@ -32,7 +32,7 @@ from swapctl.lifecycle.gpu_memory import GpuMemory
 from swapctl.lifecycle.placing import Placer
 from swapctl.lifecycle.pulling import Pulls
 from swapctl.lifecycle.sleep_mode import NotDone
-from swapctl.lifecycle.slot import Slot, State, Step
+from swapctl.lifecycle.slot import RESTING, Slot, State, Step
 from swapctl.lifecycle.stopping import Stops
 from swapctl.matrix import Decision
 from swapctl.spec import ContainerSpec, build_spec
@@ -181,10 +181,9 @@ class Starts:
         """Wait for models another swap is evicting. Each has stopped once since the decision;
         one claimed again since then was decided with this model counted as running, so it
         waits for us, not we for it. One whose stop failed still runs: this start fails."""
-        gone = (State.STOPPED, State.STOP_FAILED, State.SLEEPING)
         async with self.board.changed:
             await self.board.changed.wait_for(
-                lambda: all(s.phase in gone or s.stops != n for s, n in leaving)
+                lambda: all(s.phase in RESTING or s.stops != n for s, n in leaving)
             )
         stuck = [s.model for s, n in leaving if s.phase is State.STOP_FAILED and s.stops == n]
         if stuck:
