@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from swapctl.config.compose import env_file_entries, unsupported_key
+from swapctl.config.filters import PROTECTED as PROTECTED_PARAMS
 from swapctl.config.scalars import (
     DEFAULT_GRACE,
     DURATION,
@@ -325,6 +326,51 @@ class Deploy(_Strict):
     resources: Resources = Field(default_factory=Resources)
 
 
+def _comma_list(value: object) -> object:
+    """`stripParams`: llama-swap's comma list, or a YAML list."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _no_protected(keys: object) -> object:
+    for key in keys if isinstance(keys, (tuple, dict)) else ():
+        if str(key).removesuffix("?") in PROTECTED_PARAMS:
+            raise ValueError(f"'{key}' is swapctl's own (it routes the request); a filter never changes it")
+    return keys
+
+
+_PARAMS = Annotated[dict[str, Any], AfterValidator(_no_protected)]
+
+
+class FiltersConfig(_Strict):
+    """What is changed in a JSON request body before it is forwarded (llama-swap's filters)."""
+
+    strip_params: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_comma_list),
+        AfterValidator(_no_protected),
+        WithJsonSchema({"anyOf": [{"type": "string"}, _NAMES]}),
+    ] = Field(
+        (),
+        alias="stripParams",
+        description="JSON keys removed from requests: 'temperature, top_p' or a list; a dotted key "
+        "(a.b) reaches into an object.",
+    )
+    set_params: _PARAMS = Field(
+        default_factory=dict,
+        alias="setParams",
+        description="Values set in every request; a key ending in '?' only fills a value the request "
+        "left out; a dotted key (a.b) reaches into an object.",
+    )
+    set_params_by_id: dict[str, _PARAMS] = Field(
+        default_factory=dict,
+        alias="setParamsByID",
+        description="More model IDs served by this model, each with values set after setParams; "
+        "each ID is listed in /v1/models and routable like an alias.",
+    )
+
+
 class ModelConfig(_Strict):
     """One model: a container definition (Compose keys) plus swapctl's own keys."""
 
@@ -409,6 +455,9 @@ class ModelConfig(_Strict):
         "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (see the vllm template).",
     )
     aliases: tuple[str, ...] = ()
+    filters: FiltersConfig = Field(
+        default_factory=FiltersConfig, description="Changes to JSON request bodies before they are forwarded."
+    )
     ttl: StrictInt | None = Field(
         None,
         ge=0,

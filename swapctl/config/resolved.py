@@ -27,6 +27,7 @@ from swapctl.config.compose import Composed, apply_env_files, compose_document, 
 from swapctl.config.document import read_yaml
 from swapctl.config.envfile import load_dotenv, read_env_text
 from swapctl.config.file import ConfigFile, GroupConfig, ModelConfig, parse_file
+from swapctl.config.filters import Filters, Settings
 from swapctl.config.hardware import fit_policy, footprint
 from swapctl.config.scalars import DEFAULT_GRACE
 from swapctl.config.service import DeviceRequest, Network, Ulimit
@@ -80,6 +81,7 @@ class Model:
     vram: int | None  # bytes on each GPU it uses; None: unknown
     sleep: int | None  # vLLM's sleep level when evicted (1 or 2); None: evicted by stopping
     aliases: tuple[str, ...]
+    filters: Filters  # applied to a JSON body before it is forwarded
     use_model_name: str | None
     concurrency_limit: int
     ttl: int  # idle seconds before it stops, 0 never: its own ttl, else globalTTL
@@ -108,6 +110,7 @@ class Config:
     warnings: tuple[str, ...]  # what the file says that is likely a mistake: unset variables
     gpu_memory: tuple[int, ...] | None  # bytes of each declared GPU, by index; None: none declared
     evict_costs: Mapping[str, CostRule]  # matrix.evict_costs by model ID, `auto` included; others cost 1
+    variants: Mapping[str, str]  # filters.setParamsByID's own IDs -> model ID (they resolve as aliases)
 
     @property
     def aliases(self) -> Mapping[str, str]:
@@ -162,11 +165,16 @@ def _model(own: ModelConfig, shape: ConfigFile) -> Model:
     # every other key as written: Model and ModelConfig name the same keys, so a key added
     # to one and not the other fails every parse at once. Read as attributes, not dumped:
     # a dump would turn the frozen values (Ulimit, Network...) into dicts.
-    resolved = {"template", "ttl", "health_check_timeout", "send_loading_state", *_LIMITS}
+    resolved = {"template", "ttl", "health_check_timeout", "send_loading_state", "filters", *_LIMITS}
     keys = {name: getattr(own, name) for name in type(own).model_fields if name not in resolved}
     return Model(
         **keys,
         **_limits(own),
+        filters=Filters(
+            strip=own.filters.strip_params,
+            set=Settings.of(own.filters.set_params),
+            by_id={name: Settings.of(values) for name, values in own.filters.set_params_by_id.items()},
+        ),
         ttl=shape.global_ttl if own.ttl is None else own.ttl,
         health_check_timeout=(
             shape.health_check_timeout if own.health_check_timeout is None else own.health_check_timeout
@@ -213,6 +221,22 @@ def _aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
                 raise ConfigError(where, f"duplicate alias '{alias}' (also an alias of '{aliases[alias]}')")
             aliases[alias] = model_id
     return aliases
+
+
+def _variants(models: Mapping[str, ModelConfig], aliases: Mapping[str, str]) -> dict[str, str]:
+    """The IDs `filters.setParamsByID` adds: each routes to its model as an alias does. An
+    entry under the model's own ID or one of its aliases adds none; any other name is taken."""
+    variants: dict[str, str] = {}
+    for model_id, model in models.items():
+        for name in model.filters.set_params_by_id:
+            where = f"models.{model_id}.filters.setParamsByID.{name}"
+            owner = name if name in models else aliases.get(name) or variants.get(name)
+            if owner == model_id:
+                continue
+            if owner is not None:
+                raise ConfigError(where, f"'{name}' already names model '{owner}'")
+            variants[name] = model_id
+    return variants
 
 
 def _api_keys(keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
@@ -275,7 +299,9 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
     shape = parse_file(apply_env_files(composed, env_files(composed.document, base_dir), env_file_texts))
     models = {model_id: _model(model, shape) for model_id, model in shape.models.items()}
     gpus = tuple(gpu.memory for gpu in shape.hardware.gpus) if shape.hardware else None
-    policy, names = _policy(shape, Names(frozenset(shape.models), _aliases(shape.models)), models, gpus)
+    aliases = _aliases(shape.models)
+    variants = _variants(shape.models, aliases)
+    policy, names = _policy(shape, Names(frozenset(shape.models), {**aliases, **variants}), models, gpus)
     matrix_costs = shape.matrix.evict_costs if shape.matrix else {}
     preload = tuple(
         names.resolve(name, REQUEST_NAMES, where=f"hooks.on_startup.preload.{i}")
@@ -298,6 +324,7 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         warnings=composed.warnings,
         gpu_memory=gpus,
         evict_costs=compile_cost_rules(names, tuple(models), matrix_costs),
+        variants=variants,
     )
 
 
