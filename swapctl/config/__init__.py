@@ -19,7 +19,7 @@ from swapctl.config.document import read_yaml
 from swapctl.config.envfile import parse_env_file
 from swapctl.config.file import ConfigFile, GroupConfig, MatrixConfig, ModelConfig, json_schema
 from swapctl.config.interpolation import InterpolationError, substitute
-from swapctl.config.resolved import Config, Model, load_config, parse_config
+from swapctl.config.resolved import Config, Model, Timeouts, load_config, parse_config
 from swapctl.config.scalars import (
     DEFAULT_GRACE,
     MAX_CONCURRENCY,
@@ -64,6 +64,7 @@ __all__ = [
     "ModelConfig",
     "Network",
     "TemplateInfo",
+    "Timeouts",
     "Ulimit",
     "check_size",
     "json_schema",

@@ -371,6 +371,51 @@ class FiltersConfig(_Strict):
     )
 
 
+def _timeout_schema(*extra: dict[str, Any]) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": MAX_DURATION},
+                {"type": "string", "minLength": 1, "pattern": f"^{DURATION.pattern}$"},
+                *extra,
+            ]
+        }
+    )
+
+
+# a limit on a model's server: seconds or a duration ('90s', '10m'), 0 for none; a model's
+# own may be null (absent: the global one)
+Timeout = Annotated[float, PlainValidator(parse_duration), _timeout_schema()]
+OwnTimeout = Annotated[float | None, _read_by(parse_duration), _timeout_schema({"type": "null"})]
+_CONNECT = "Opening a connection to the model's server"
+_RESPONSE_HEADER = (
+    "From sending a request to the head of its answer (past it: 504). A non-streamed answer's head "
+    "comes only once it is generated whole"
+)
+_IDLE = "Between two chunks of an answer's body (past it: a stream ends with an error event)"
+
+
+class TimeoutsConfig(_Strict):
+    """How long forwarding waits on a model's server (llama-swap's `timeouts`): seconds or a
+    duration ('90s', '10m'), 0 for no limit. A model's own `timeouts` win, key by key."""
+
+    connect: Timeout = Field(10.0, description=f"{_CONNECT}. Default: 10s.")
+    response_header: Timeout = Field(
+        0.0, alias="responseHeader", description=f"{_RESPONSE_HEADER}. Default: 0, no limit."
+    )
+    idle: Timeout = Field(600.0, description=f"{_IDLE}. Default: 600s.")
+
+
+class ModelTimeoutsConfig(_Strict):
+    """A model's own limits, key by key over the global `timeouts`."""
+
+    connect: OwnTimeout = Field(None, description=f"{_CONNECT}; absent: the global one.")
+    response_header: OwnTimeout = Field(
+        None, alias="responseHeader", description=f"{_RESPONSE_HEADER}; absent: the global one."
+    )
+    idle: OwnTimeout = Field(None, description=f"{_IDLE}; absent: the global one.")
+
+
 class ModelConfig(_Strict):
     """One model: a container definition (Compose keys) plus swapctl's own keys."""
 
@@ -477,6 +522,10 @@ class ModelConfig(_Strict):
         None,
         alias="sendLoadingState",
         description="While it starts, tell streamed chat requests how it goes; absent: the global one.",
+    )
+    timeouts: ModelTimeoutsConfig = Field(
+        default_factory=ModelTimeoutsConfig,
+        description="Limits on waiting for this model's server, key by key over the global `timeouts`.",
     )
 
     @field_validator("command", "entrypoint", mode="before")
@@ -650,6 +699,10 @@ class ConfigFile(_Strict):
         alias="sendLoadingState",
         description="While a model starts, streamed chat completions get its progress as "
         "`reasoning_content` deltas (other streams get SSE comments), unless the model says otherwise.",
+    )
+    timeouts: TimeoutsConfig = Field(
+        default_factory=TimeoutsConfig,
+        description="Limits on waiting for the models' servers: connect, responseHeader, idle; 0 none.",
     )
     hooks: Hooks = Field(default_factory=Hooks)
     hardware: HardwareConfig | None = Field(

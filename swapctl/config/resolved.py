@@ -2,9 +2,9 @@
 
 `parse_config` turns the file's shape (`ConfigFile`, which holds every default) into a
 `Config` of `Model`s whose values are final: a model's `ttl` is its own or `globalTTL`, its
-`health_check_timeout` its own or the global one, its `cpus` its own or its
-`deploy.resources.limits`, so no reader combines fallbacks. `Config` and `Model` have no
-defaults of their own.
+`health_check_timeout` its own or the global one, each of its `timeouts` its own or the
+global one's, its `cpus` its own or its `deploy.resources.limits`, so no reader combines
+fallbacks. `Config` and `Model` have no defaults of their own.
 
 Reading a file goes: YAML (`document.py`), `.env` and the templates, Compose's reading
 (`compose.py`: templates merged, interpolation), the env files, then the shape (`file.py`).
@@ -26,7 +26,14 @@ from pydantic import SecretStr
 from swapctl.config.compose import Composed, apply_env_files, compose_document, env_files
 from swapctl.config.document import read_yaml
 from swapctl.config.envfile import load_dotenv, read_env_text
-from swapctl.config.file import ConfigFile, GroupConfig, ModelConfig, parse_file
+from swapctl.config.file import (
+    ConfigFile,
+    GroupConfig,
+    ModelConfig,
+    ModelTimeoutsConfig,
+    TimeoutsConfig,
+    parse_file,
+)
 from swapctl.config.filters import Filters, Settings
 from swapctl.config.hardware import fit_policy, footprint
 from swapctl.config.scalars import DEFAULT_GRACE
@@ -42,6 +49,15 @@ from swapctl.names import Kind, Names
 # computed once, as a request resolves its model on every call
 REQUEST_NAMES = Kind.ID | Kind.ALIAS
 PERSON_NAMES = Kind.VAR | Kind.ID | Kind.ALIAS
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """How long forwarding waits on a model's server, in seconds; None: no limit."""
+
+    connect: float | None  # to open a connection
+    response_header: float | None  # from sending a request to its answer's head
+    idle: float | None  # between two chunks of its answer's body (the head to the first, too)
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ class Model:
     ttl: int  # idle seconds before it stops, 0 never: its own ttl, else globalTTL
     health_check_timeout: int  # seconds: its own, else the global healthCheckTimeout
     send_loading_state: bool  # its own, else the global sendLoadingState
+    timeouts: Timeouts  # each its own, else the global one's (0 in the file: None, no limit)
 
 
 @dataclass(frozen=True)
@@ -165,7 +182,15 @@ def _model(own: ModelConfig, shape: ConfigFile) -> Model:
     # every other key as written: Model and ModelConfig name the same keys, so a key added
     # to one and not the other fails every parse at once. Read as attributes, not dumped:
     # a dump would turn the frozen values (Ulimit, Network...) into dicts.
-    resolved = {"template", "ttl", "health_check_timeout", "send_loading_state", "filters", *_LIMITS}
+    resolved = {
+        "template",
+        "ttl",
+        "health_check_timeout",
+        "send_loading_state",
+        "filters",
+        "timeouts",
+        *_LIMITS,
+    }
     keys = {name: getattr(own, name) for name in type(own).model_fields if name not in resolved}
     return Model(
         **keys,
@@ -182,7 +207,19 @@ def _model(own: ModelConfig, shape: ConfigFile) -> Model:
         send_loading_state=(
             shape.send_loading_state if own.send_loading_state is None else own.send_loading_state
         ),
+        timeouts=_timeouts(own.timeouts, shape.timeouts),
     )
+
+
+def _timeouts(own: ModelTimeoutsConfig, shared: TimeoutsConfig) -> Timeouts:
+    """Key by key, the model's own limit, else the global one (which holds the default); 0 is
+    no limit, None here."""
+
+    def pick(key: str) -> float | None:
+        value: float | None = getattr(own, key)
+        return (getattr(shared, key) if value is None else value) or None
+
+    return Timeouts(connect=pick("connect"), response_header=pick("response_header"), idle=pick("idle"))
 
 
 _LIMITS = ("env_file", "deploy", "cpus", "mem_limit")  # ModelConfig keys _limits resolves
