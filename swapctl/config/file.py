@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from swapctl.config.compose import env_file_entries, unsupported_key
 from swapctl.config.filters import PROTECTED as PROTECTED_PARAMS
+from swapctl.config.metadata import json_metadata
 from swapctl.config.scalars import (
     DEFAULT_GRACE,
     DURATION,
@@ -500,6 +501,20 @@ class ModelConfig(_Strict):
         "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (see the vllm template).",
     )
     aliases: tuple[str, ...] = ()
+    # how GET /v1/models shows it; none of them changes its container
+    name: str | None = Field(None, max_length=256, description="A display name, in GET /v1/models.")
+    description: str | None = Field(
+        None, max_length=4096, description="What the model is for, in GET /v1/models."
+    )
+    metadata: Annotated[dict[str, Any], WithJsonSchema({"type": "object"})] = Field(
+        default_factory=dict,
+        description="Any values, returned as written under `meta.llamaswap` in GET /v1/models (dates as "
+        "ISO 8601 strings).",
+    )
+    unlisted: StrictBool = Field(
+        False,
+        description="Left out of GET /v1/models (and its aliases and variants); requests still reach it.",
+    )
     filters: FiltersConfig = Field(
         default_factory=FiltersConfig, description="Changes to JSON request bodies before they are forwarded."
     )
@@ -700,6 +715,28 @@ class ConfigFile(_Strict):
         description="While a model starts, streamed chat completions get its progress as "
         "`reasoning_content` deltas (other streams get SSE comments), unless the model says otherwise.",
     )
+    include_aliases_in_list: StrictBool = Field(
+        False,
+        alias="includeAliasesInList",
+        description="GET /v1/models lists each alias too, as an entry of its own (its model's name, "
+        "description and status).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metadata_as_json(cls, document: object) -> object:
+        """Each model's `metadata` as JSON values, an error naming the key path below it (a
+        field's validator knows no model ID)."""
+        models = document.get("models") if isinstance(document, dict) else None
+        if not isinstance(models, dict) or not isinstance(document, dict):
+            return document
+        made = {
+            model_id: {**model, "metadata": json_metadata(model["metadata"], f"models.{model_id}.metadata")}
+            for model_id, model in models.items()
+            if isinstance(model, dict) and model.get("metadata") is not None
+        }
+        return {**document, "models": {**models, **made}} if made else document
+
     timeouts: TimeoutsConfig = Field(
         default_factory=TimeoutsConfig,
         description="Limits on waiting for the models' servers: connect, responseHeader, idle; 0 none.",

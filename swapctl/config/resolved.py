@@ -97,6 +97,10 @@ class Model:
     vram: int | None  # bytes on each GPU it uses; None: unknown
     sleep: int | None  # vLLM's sleep level when evicted (1 or 2); None: evicted by stopping
     aliases: tuple[str, ...]
+    name: str | None  # its display name in the model list
+    description: str | None
+    metadata: Mapping[str, Any]  # JSON values, as written; the list returns them under meta.llamaswap
+    unlisted: bool  # left out of the model list, still routable
     filters: Filters  # applied to a JSON body before it is forwarded
     use_model_name: str | None
     concurrency_limit: int
@@ -128,6 +132,7 @@ class Config:
     gpu_memory: tuple[int, ...] | None  # bytes of each declared GPU, by index; None: none declared
     evict_costs: Mapping[str, CostRule]  # matrix.evict_costs by model ID, `auto` included; others cost 1
     variants: Mapping[str, str]  # filters.setParamsByID's own IDs -> model ID (they resolve as aliases)
+    include_aliases_in_list: bool  # the model list shows each alias as an entry too
 
     @property
     def aliases(self) -> Mapping[str, str]:
@@ -362,6 +367,7 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         gpu_memory=gpus,
         evict_costs=compile_cost_rules(names, tuple(models), matrix_costs),
         variants=variants,
+        include_aliases_in_list=shape.include_aliases_in_list,
     )
 
 

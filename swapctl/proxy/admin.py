@@ -1,6 +1,6 @@
-"""swapctl's own routes: the model list, health, what runs, unload, reload, metrics and logs;
-and the live ones: events (Server-Sent Events, see `swapctl.lifecycle.activity`), log
-streams, a plan preview and load.
+"""swapctl's own routes: health, what runs, unload, reload, metrics and logs (the model list
+and llama.cpp's router API are `catalog`'s); and the live ones: events (Server-Sent Events,
+see `swapctl.lifecycle.activity`), log streams, a plan preview and load.
 
 They read the config through the swapper, whose `config` a reload replaces. The streams
 never end on their own: each ends when its client leaves or the proxy shuts down
@@ -21,12 +21,13 @@ from starlette.routing import Route
 from swapctl.errors import ConfigError, RequestError
 from swapctl.lifecycle import Event, Reload, Subscription, Swapper
 from swapctl.metrics import Metrics
+from swapctl.proxy import catalog
 from swapctl.proxy.errors import error_body
 
 log = logging.getLogger("swapctl")
 # paths answered here (a request to one with another method is a 405, not a 404)
-PATHS = ("/v1/models", "/health", "/running", "/unload", "/reload", "/metrics", "/logs", "/events", "/ui")
-PREFIXES = ("/unload/", "/logs/", "/plan/", "/load/")
+PATHS = ("/health", "/running", "/unload", "/reload", "/metrics", "/logs", "/events", "/ui", *catalog.PATHS)
+PREFIXES = ("/unload/", "/logs/", "/plan/", "/load/", *catalog.PREFIXES)
 KEEP_ALIVE = 15.0  # seconds between the comments that keep an event stream's proxies patient
 SNAPSHOT_LINES = 100  # the proxy's log lines in a snapshot
 STREAMING = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # nginx must not hold them
@@ -63,11 +64,12 @@ class Admin:
         self.swapper, self.metrics, self.recent = swapper, metrics, recent
         self.resolve, self.reload_file = resolve, reload
         self.created = int(time.time())
+        self.catalog = catalog.Catalog(swapper, resolve, self.created)
         recent.tell = swapper.activity.logged
 
     def routes(self) -> list[Route]:
         return [
-            Route("/v1/models", self.models, methods=["GET"]),
+            *self.catalog.routes(),
             Route("/health", self.health, methods=["GET"]),
             Route("/running", self.running, methods=["GET"]),
             Route("/metrics", self.render_metrics, methods=["GET"]),
@@ -83,19 +85,6 @@ class Admin:
             Route("/unload/{model:path}", self.unload, methods=["POST"]),
             Route("/reload", self.reload, methods=["POST"]),
         ]
-
-    async def models(self, request: Request) -> Response:
-        data = [
-            {
-                "id": m,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "swapctl",
-                "aliases": list(c.aliases),
-            }
-            for m, c in self.swapper.config.models.items()
-        ]
-        return JSONResponse({"object": "list", "data": data})
 
     async def health(self, request: Request) -> Response:
         """OK; or, for a while after the watchdog repaired a model, `degraded` and why (still

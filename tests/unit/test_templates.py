@@ -164,6 +164,7 @@ def test_templates_list_and_show(
 
 
 def test_description_keys_never_reach_a_model(tmp_path: Path) -> None:
-    """`engine`, `serves` and `description` describe the template; a model has no such keys."""
+    """`engine`, `serves` and `description` describe the template; none of them reaches a model."""
     model = load_config(config_using(tmp_path, "kokoro"), environ={}).models["m"]
-    assert not {"engine", "serves", "description"} & set(vars(model))
+    assert not {"engine", "serves"} & set(vars(model))
+    assert model.description is None  # a model's own key (for GET /v1/models), not the template's

@@ -1,0 +1,150 @@
+"""The model list, one model's entry, and llama.cpp's router API: what clients ask about the
+models rather than of them.
+
+    GET  /v1/models, /models    {"object": "list", "data": [ENTRY...]}: every model not
+                                `unlisted`, each followed by its aliases (with
+                                `includeAliasesInList`) and its variants (the IDs of its
+                                `filters.setParamsByID`), each an ENTRY of its own
+    GET  /v1/models/<id>        ENTRY: a model ID, alias or variant (unlisted ones too); the
+                                id may hold '/'; 404 model_not_found for any other
+    POST /models/load           {"model": id} -> {"success": true} once the model is loaded
+    POST /models/unload         {"model": id} -> {"success": true} once it is stopped
+
+    ENTRY = {"id", "object": "model", "created", "owned_by": "swapctl",
+             "name", "description" (when set), "aliases": [its model's aliases],
+             "status": {"value": STATUS},
+             "meta": {"llamaswap": {...its metadata}} (when set)}
+
+An alias's or a variant's entry is its model's under its own id. STATUS names a model's
+state as llama-server in router mode (`--models-dir`) names its models': `loaded` (ready),
+`loading` (pulling its image, starting), `sleeping` (vLLM's sleep: a request wakes it), and
+`unloaded` for all else (stopped; leaving or stopping, as its last requests finish; a
+container that would not stop, which takes no requests). `meta.llamaswap` is where
+llama-swap returns a model's metadata, so that tools written for it read swapctl's too.
+
+The router routes answer as llama-server does (its answers recorded against it): a load of a
+model already loaded or loading and an unload of a stopped one are 400s; a model unknown is
+404 model_not_found (llama-server itself says 400 for an unload). Where llama-server answers
+at once and loads or stops behind, swapctl answers when it is done: a load decides and evicts
+like a request, and a failed start is a 502 naming its cause; an unload waits for the
+requests in flight. `/models` is always this list: `?model=` does not forward it (a model's
+own `/models` is at `/upstream/<model>/models`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from swapctl.config import Config
+from swapctl.errors import RequestError
+from swapctl.lifecycle import State, Swapper
+from swapctl.proxy.forwarding import json_model, read_body
+
+# swapctl's states by the names llama-server's router gives its models' states
+STATUS: Mapping[State, str] = {
+    State.READY: "loaded",
+    State.PULLING: "loading",
+    State.STARTING: "loading",
+    State.SLEEPING: "sleeping",
+    State.STOPPED: "unloaded",
+    State.LEAVING: "unloaded",
+    State.STOPPING: "unloaded",
+    State.STOP_FAILED: "unloaded",
+}
+PATHS = ("/v1/models", "/models", "/models/load", "/models/unload")
+PREFIXES = ("/v1/models/",)
+
+Entry = dict[str, Any]
+
+
+def entry(config: Config, listed_as: str, model: str, status: str, created: int) -> Entry:
+    """The entry of `model` under the id `listed_as` (its ID, an alias or a variant)."""
+    own = config.models[model]
+    found: Entry = {"id": listed_as, "object": "model", "created": created, "owned_by": "swapctl"}
+    found |= {key: value for key, value in (("name", own.name), ("description", own.description)) if value}
+    found["aliases"] = list(own.aliases)
+    found["status"] = {"value": status}
+    if own.metadata:
+        found["meta"] = {"llamaswap": dict(own.metadata)}
+    return found
+
+
+def listed(config: Config) -> Iterator[tuple[str, str]]:
+    """(id, model ID) of each entry of the list, in the config's order."""
+    variants: dict[str, list[str]] = {}
+    for name, model in config.variants.items():
+        variants.setdefault(model, []).append(name)
+    for model, own in config.models.items():
+        if own.unlisted:
+            continue
+        yield model, model
+        if config.include_aliases_in_list:
+            yield from ((alias, model) for alias in own.aliases)
+        yield from ((name, model) for name in variants.get(model, ()))
+
+
+def catalog(config: Config, statuses: Mapping[str, str], created: int) -> list[Entry]:
+    """The list's entries; `statuses`: each model's STATUS (absent: unloaded)."""
+    return [
+        entry(config, name, model, statuses.get(model, "unloaded"), created) for name, model in listed(config)
+    ]
+
+
+class Catalog:
+    """The routes. `resolve` turns a name (ID, alias, variant) into a model ID or raises
+    UnknownModelError (a 404)."""
+
+    def __init__(self, swapper: Swapper, resolve: Callable[[str], str], created: int) -> None:
+        self.swapper, self.resolve, self.created = swapper, resolve, created
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+            Route("/models/load", self.load, methods=["POST"]),
+            Route("/models/unload", self.unload, methods=["POST"]),
+        ]
+
+    def status(self, model: str) -> str:
+        slot = self.swapper.slots.get(model)
+        return STATUS[slot.state] if slot is not None else "unloaded"
+
+    async def models(self, request: Request) -> Response:
+        config = self.swapper.config
+        statuses = {model: self.status(model) for model in config.models}
+        return JSONResponse({"object": "list", "data": catalog(config, statuses, self.created)})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        model = self.resolve(name)
+        return JSONResponse(entry(self.swapper.config, name, model, self.status(model), self.created))
+
+    async def load(self, request: Request) -> Response:
+        """Load the model as a request would (the matrix decides what stops); answer once it
+        is loaded."""
+        model = await self._named(request)
+        status = self.status(model)
+        if status in ("loaded", "loading"):
+            raise RequestError(400, f"model '{model}' is already running ({status})", "model_already_running")
+        async with await self.swapper.acquire(model):
+            pass
+        return JSONResponse({"success": True})
+
+    async def unload(self, request: Request) -> Response:
+        """Stop the model once its requests in flight finish; answer once it is stopped."""
+        model = await self._named(request)
+        if not await self.swapper.unload(model):
+            raise RequestError(400, f"model '{model}' is not running", "model_not_running")
+        return JSONResponse({"success": True})
+
+    async def _named(self, request: Request) -> str:
+        """The model a router request's JSON body names: 400 for a body without one."""
+        body = await read_body(request.scope, request.receive, self.swapper.config.max_request_bytes)
+        name, _ = json_model(body)
+        return self.resolve(name)
