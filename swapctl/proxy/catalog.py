@@ -12,14 +12,16 @@ models rather than of them.
 
     ENTRY = {"id", "object": "model", "created", "owned_by": "swapctl",
              "name", "description" (when set), "aliases": [its model's aliases],
-             "status": {"value": STATUS},
+             "status": {"value": STATUS, "failed": true (when its last start failed)},
              "meta": {"llamaswap": {...its metadata}} (when set)}
 
 An alias's or a variant's entry is its model's under its own id. STATUS names a model's
 state as llama-server in router mode (`--models-dir`) names its models': `loaded` (ready),
 `loading` (pulling its image, starting), `sleeping` (vLLM's sleep: a request wakes it), and
 `unloaded` for all else (stopped; leaving or stopping, as its last requests finish; a
-container that would not stop, which takes no requests). `meta.llamaswap` is where
+container that would not stop, which takes no requests); an unloaded model whose last start
+failed has `"failed": true` beside it, as llama-server marks a model whose process exited in
+error (its cause is in the log and `/events`). `meta.llamaswap` is where
 llama-swap returns a model's metadata, so that tools written for it read swapctl's too.
 
 The router routes answer as llama-server does (its answers recorded against it): a load of a
@@ -62,13 +64,13 @@ PREFIXES = ("/v1/models/",)
 Entry = dict[str, Any]
 
 
-def entry(config: Config, listed_as: str, model: str, status: str, created: int) -> Entry:
+def entry(config: Config, listed_as: str, model: str, status: Mapping[str, Any], created: int) -> Entry:
     """The entry of `model` under the id `listed_as` (its ID, an alias or a variant)."""
     own = config.models[model]
     found: Entry = {"id": listed_as, "object": "model", "created": created, "owned_by": "swapctl"}
     found |= {key: value for key, value in (("name", own.name), ("description", own.description)) if value}
     found["aliases"] = list(own.aliases)
-    found["status"] = {"value": status}
+    found["status"] = dict(status)
     if own.metadata:
         found["meta"] = {"llamaswap": dict(own.metadata)}
     return found
@@ -88,10 +90,11 @@ def listed(config: Config) -> Iterator[tuple[str, str]]:
         yield from ((name, model) for name in variants.get(model, ()))
 
 
-def catalog(config: Config, statuses: Mapping[str, str], created: int) -> list[Entry]:
-    """The list's entries; `statuses`: each model's STATUS (absent: unloaded)."""
+def catalog(config: Config, statuses: Mapping[str, Mapping[str, Any]], created: int) -> list[Entry]:
+    """The list's entries; `statuses`: each model's status object (absent: unloaded)."""
+    unloaded = {"value": "unloaded"}
     return [
-        entry(config, name, model, statuses.get(model, "unloaded"), created) for name, model in listed(config)
+        entry(config, name, model, statuses.get(model, unloaded), created) for name, model in listed(config)
     ]
 
 
@@ -111,9 +114,16 @@ class Catalog:
             Route("/models/unload", self.unload, methods=["POST"]),
         ]
 
-    def status(self, model: str) -> str:
+    def status(self, model: str) -> dict[str, Any]:
+        """Its status object: STATUS, and whether its last start failed while it is unloaded."""
         slot = self.swapper.slots.get(model)
-        return STATUS[slot.state] if slot is not None else "unloaded"
+        value = STATUS[slot.state] if slot is not None else "unloaded"
+        last = next((swap for swap in reversed(self.swapper.activity.swaps) if swap.model == model), None)
+        return (
+            {"value": value, "failed": True}
+            if value == "unloaded" and last and not last.ok
+            else {"value": value}
+        )
 
     async def models(self, request: Request) -> Response:
         config = self.swapper.config
@@ -129,7 +139,7 @@ class Catalog:
         """Load the model as a request would (the matrix decides what stops); answer once it
         is loaded."""
         model = await self._named(request)
-        status = self.status(model)
+        status = self.status(model)["value"]
         if status in ("loaded", "loading"):
             raise RequestError(400, f"model '{model}' is already running ({status})", "model_already_running")
         async with await self.swapper.acquire(model):

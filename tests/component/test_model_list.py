@@ -257,6 +257,15 @@ async def test_the_router_refuses_what_llama_server_refuses(stack: FakeStack) ->
 async def test_a_failed_load_is_a_502_naming_the_cause(stack: FakeStack) -> None:
     response = await stack.client.post("/models/load", json={"model": "broken"})
     assert_openai_error(response, 502, "model_start_failed", "broken", "no such file")
+    # marked as llama-server marks a model whose process exited in error, until a start works
+    assert (await stack.client.get("/v1/models/broken")).json()["status"] == {
+        "value": "unloaded",
+        "failed": True,
+    }
+    assert (await stack.client.get("/models")).json()["data"][-1]["status"]["failed"] is True
+    stack.backend.behaviour["broken"] = FakeModel()  # its file is there now
+    assert (await stack.client.post("/models/load", json={"model": "broken"})).status_code == 200
+    assert (await stack.client.post("/models/unload", json={"model": "broken"})).status_code == 200
     assert (await stack.client.get("/v1/models/broken")).json()["status"] == {"value": "unloaded"}
 
 
