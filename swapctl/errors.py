@@ -11,6 +11,7 @@ into OpenAI error JSON.
      |    +-- GpuUnavailable
      |    +-- StopFailed    a container outlived a stop and a kill: it still counts as running
      |    +-- Overdue       a model stuck in a transitional state, ended by the watchdog
+     |    +-- UpstreamTimeout  a model's server took longer than its `timeouts`: it stays up
      +-- StartError         a model's container did not become ready: names model and cause
      +-- Busy               a model has as many requests as its concurrencyLimit admits
      +-- ShuttingDown       the proxy shut down before a request for a model was answered
@@ -67,6 +68,10 @@ class StopFailed(BackendError):
 
 class Overdue(BackendError):
     pass
+
+
+class UpstreamTimeout(BackendError):
+    """A model's server took longer than one of its `timeouts`: a slow answer, not a crash."""
 
 
 class StartError(SwapctlError):

@@ -19,6 +19,7 @@ from swapctl.errors import (
     StartError,
     SwapctlError,
     UnknownModelError,
+    UpstreamTimeout,
 )
 from swapctl.metrics import Metrics
 
@@ -31,6 +32,7 @@ ANSWERS: Mapping[type[SwapctlError], tuple[int, str, str]] = {
     Busy: (429, "rate_limit_error", "model_busy"),
     StartError: (502, "server_error", "model_start_failed"),
     BackendError: (503, "server_error", "backend_error"),
+    UpstreamTimeout: (504, "server_error", "upstream_timeout"),
     ShuttingDown: (503, "server_error", "shutting_down"),
 }
 RETRY_AFTER = {429: {"retry-after": "1"}}

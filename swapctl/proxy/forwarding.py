@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from swapctl.config import Config
-from swapctl.errors import BackendError, RequestError, UnknownModelError
+from swapctl.config import Config, Timeouts
+from swapctl.errors import BackendError, RequestError, UnknownModelError, UpstreamTimeout
 from swapctl.lifecycle import Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
 from swapctl.proxy.errors import ClientGone, error_body, handlers, shutting_down
@@ -38,6 +38,7 @@ from swapctl.proxy.upstream import (
     Dropped,
     RawHeaders,
     Tally,
+    TimedOut,
     Unreachable,
     Upstream,
     UpstreamError,
@@ -136,6 +137,7 @@ class Call:
     target: str  # path and query
     headers: list[tuple[bytes, bytes]]
     body: bytes | None
+    timeouts: Timeouts  # the model's: how long its server may take
 
 
 def _too_large(limit: int) -> RequestError:
@@ -223,11 +225,11 @@ async def unless_gone(receive: Receive, work: Awaitable[T]) -> T:
 
 async def _send_once(upstream: Upstream, call: Call, base: str) -> Answer:
     try:
-        return await upstream.send(call.method, base, call.target, call.headers, call.body)
+        return await upstream.send(call.method, base, call.target, call.headers, call.body, call.timeouts)
     except Dropped:
         # a kept-alive connection the server had already closed or reset (llama-server does
         # so after streamed responses) before any answer: send the request once more
-        return await upstream.send(call.method, base, call.target, call.headers, call.body)
+        return await upstream.send(call.method, base, call.target, call.headers, call.body, call.timeouts)
 
 
 def _small(answer: Answer) -> bool:
@@ -369,7 +371,8 @@ class Forwarder:
         headers = upstream_headers(scope, len(content) if sized else None)
         query = scope["query_string"]
         target = f"{path}?{query.decode('latin-1')}" if query else path
-        call = Call(scope["method"], target, headers, content if sized else None)
+        timeouts = self.config.models[model].timeouts
+        call = Call(scope["method"], target, headers, content if sized else None, timeouts)
         began = time.perf_counter()
         ticket = await self.swapper.admit(model)  # busy, unknown, stop-failed: a plain answer
         if streamed and not ticket.ready:
@@ -392,6 +395,10 @@ class Forwarder:
         for attempt in (1, 2):
             try:
                 answer = await _send_once(self.servers, call, lease.url)
+            except TimedOut as error:  # a slow server, not a dead one: it stays up
+                log.warning("%s: its server timed out: %s", lease.model, error)
+                await lease.release()
+                raise UpstreamTimeout(f"its server timed out: {error}", lease.model) from None
             except UpstreamError as error:
                 try:
                     alive = await self.swapper.confirm_alive(lease)
@@ -413,6 +420,9 @@ class Forwarder:
             return Forwarded(answer, lease, self, began)
         try:  # a small, complete answer: one write, none of a stream's machinery
             whole = await answer.read()
+        except TimedOut as error:
+            log.warning("%s: its server timed out: %s", lease.model, error)
+            raise UpstreamTimeout(f"its server timed out: {error}", lease.model) from None
         except UpstreamError as error:
             await self.swapper.confirm_alive(lease)
             raise BackendError(f"the model's server did not answer: {error}", lease.model) from None
@@ -446,12 +456,15 @@ class Forwarder:
         except BrokeOff as error:
             model = lease.model
             log.warning("%s: upstream broke off mid-response: %s", model, error)
-            await self.swapper.confirm_alive(lease)
+            slow = isinstance(error, TimedOut)  # stalled past timeouts.idle: slow, not dead
+            if not slow:
+                await self.swapper.confirm_alive(lease)
             if not whole_events:
                 raise  # abort the response: the client sees it cut, not complete
             # the broken event is dropped
             message = f"model '{model}': its server broke off mid-response ({error})"
-            event = error_body(message, "server_error", "upstream_broke_off")
+            code = "upstream_timeout" if slow else "upstream_broke_off"
+            event = error_body(message, "server_error", code)
             yield f"data: {json.dumps(event)}\n\n".encode()
 
     def record(self, model: str, code: int, began: float, tokens: int | None = None) -> None:

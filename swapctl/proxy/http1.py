@@ -12,6 +12,11 @@ Connections are kept alive per server and reused last-in first-out; a connection
 has closed leaves its pool when the close is seen. Errors, as the `Upstream` seam names
 them: no connection is `Unreachable`, a connection closed before any answer is `Dropped`
 (safe to send again), an answer that stops mid-body is `BrokeOff`.
+
+Each request brings its model's `timeouts`: the connect, the wait from the request's write to
+its answer's head (`TimedOut`), and each wait for the body's next chunk (`Stalled`), counted
+only while the reader waits on the server, not while the server waits on a slow reader. A
+connection that timed out is aborted: it never goes back to its pool.
 """
 
 from __future__ import annotations
@@ -24,7 +29,17 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from swapctl.proxy.upstream import Answer, BrokeOff, Dropped, RawHeaders, Unreachable, UpstreamError
+from swapctl.config import Timeouts
+from swapctl.proxy.upstream import (
+    Answer,
+    BrokeOff,
+    Dropped,
+    RawHeaders,
+    Unreachable,
+    UpstreamError,
+    no_head,
+    stalled,
+)
 
 HIGH_WATER = 256 * 1024  # bytes buffered for a slow reader before the socket is paused
 
@@ -32,9 +47,10 @@ HIGH_WATER = 256 * 1024  # bytes buffered for a slow reader before the socket is
 class _Reply:
     """One answer as it arrives on a connection: its head, then its body's chunks."""
 
-    def __init__(self, connection: _Connection, head_only: bool) -> None:
+    def __init__(self, connection: _Connection, head_only: bool, idle: float | None) -> None:
         self.connection = connection
         self.head_only = head_only  # a HEAD request: no body follows the head
+        self.idle = idle  # seconds a wait for the next chunk may last; None: no limit
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.head: asyncio.Future[None] = connection.loop.create_future()
@@ -70,8 +86,21 @@ class _Reply:
                 raise self.error
             else:
                 self.waiter = self.connection.loop.create_future()
-                await self.waiter
+                try:
+                    async with asyncio.timeout(self.idle):
+                        await self.waiter
+                except TimeoutError:
+                    raise self._stall() from None
                 self.waiter = None
+
+    def _stall(self) -> UpstreamError:
+        """The server sent nothing for `idle`: the answer ends, its connection with it."""
+        assert self.idle is not None
+        self.error = stalled(self.idle)
+        if self.connection.reply is self:
+            self.connection.reply = None  # the abort's close must not end the answer as complete
+        self.connection.abort()
+        return self.error
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
@@ -97,9 +126,9 @@ class _Connection(asyncio.Protocol):
 
     # -- the caller's side --------------------------------------------------------------------
 
-    def send(self, request: bytes, head_only: bool) -> _Reply:
+    def send(self, request: bytes, head_only: bool, idle: float | None) -> _Reply:
         assert self.transport is not None and self.reply is None
-        self.reply = _Reply(self, head_only)
+        self.reply = _Reply(self, head_only, idle)
         self.transport.write(request)
         return self.reply
 
@@ -208,13 +237,12 @@ class _Connection(asyncio.Protocol):
 class _Pool:
     """Kept-alive connections to one server, its address parsed once."""
 
-    def __init__(self, base: str, connect_timeout: float) -> None:
+    def __init__(self, base: str) -> None:
         parts = urlsplit(base)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"not an http:// server address: {base!r}")
         self.host, self.port = parts.hostname, parts.port or 80
         self.authority = parts.netloc.encode("latin-1")
-        self.connect_timeout = connect_timeout
         self.idle: list[_Connection] = []
 
     def put(self, connection: _Connection) -> None:
@@ -224,18 +252,19 @@ class _Pool:
         if connection in self.idle:
             self.idle.remove(connection)
 
-    async def connection(self) -> _Connection:
+    async def connection(self, timeout: float | None) -> _Connection:
+        """A kept-alive connection, else a new one within `timeout` seconds (None: no limit)."""
         while self.idle:
             connection = self.idle.pop()
             if not connection.closed:
                 return connection
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
         except TimeoutError:
             raise Unreachable(
-                f"no connection to {self.host}:{self.port} within {self.connect_timeout:g}s"
+                f"no connection to {self.host}:{self.port} within {timeout:g}s (its timeouts.connect)"
             ) from None
         except OSError as error:
             raise Unreachable(f"cannot connect to {self.host}:{self.port}: {error}") from error
@@ -270,26 +299,35 @@ class Answered:
 class Http1Upstream:
     """The hot path's `Upstream`: one pool of kept-alive connections per server address."""
 
-    def __init__(self, connect_timeout: float = 10.0) -> None:
-        self.connect_timeout = connect_timeout
+    def __init__(self) -> None:
         self.pools: dict[str, _Pool] = {}
 
     async def send(
-        self, method: str, base: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | None
+        self,
+        method: str,
+        base: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+        timeouts: Timeouts,
     ) -> Answer:
         pool = self.pools.get(base)
         if pool is None:
-            pool = self.pools[base] = _Pool(base, self.connect_timeout)
+            pool = self.pools[base] = _Pool(base)
         head = [f"{method} {target} HTTP/1.1\r\nhost: ".encode("latin-1"), pool.authority]
         for name, value in headers:
             head += (b"\r\n", name, b": ", value)
         head.append(b"\r\n\r\n")
         if body:
             head.append(body)
-        connection = await pool.connection()
-        reply = connection.send(b"".join(head), method == "HEAD")
+        connection = await pool.connection(timeouts.connect)
+        reply = connection.send(b"".join(head), method == "HEAD", timeouts.idle)
         try:
-            await reply.head
+            async with asyncio.timeout(timeouts.response_header):
+                await reply.head
+        except TimeoutError:
+            connection.abort()  # the answer may still come: never on a connection reused
+            raise no_head(timeouts.response_header or 0) from None
         except BaseException:
             connection.abort()  # cancelled, or failed: the connection is out of step
             raise

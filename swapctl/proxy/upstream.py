@@ -1,5 +1,6 @@
 """The models' servers as forwarding sees them: send one request, get its status, raw
-headers and body chunks. Their errors are translated once, here, into three kinds.
+headers and body chunks, each wait bounded by the model's `timeouts`. Their errors are
+translated once, here, into these kinds.
 
 `http1.Http1Upstream` is the hot path: kept-alive connections and httptools' parser, no
 general client's machinery. `HttpxUpstream` takes any httpx client, so the fake backend's
@@ -9,16 +10,24 @@ in-memory transport serves the component tests through the same code.
      +-- Unreachable   no connection: the server is not (or no longer) listening
      +-- Dropped       a kept-alive connection closed before any answer: safe to send again
      +-- BrokeOff      the answer stopped mid-body
+     |    +-- Stalled  nothing came for `timeouts.idle` (a TimedOut too)
+     +-- TimedOut      no answer's head within `timeouts.responseHeader`
+
+A timeout is a slow server, not a dead one: its connection is closed, never reused, and
+nothing says the model crashed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
+
+from swapctl.config import Timeouts
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
@@ -41,12 +50,29 @@ class BrokeOff(UpstreamError):
     pass
 
 
+class TimedOut(UpstreamError):
+    pass
+
+
+class Stalled(BrokeOff, TimedOut):
+    pass
+
+
+def no_head(seconds: float) -> TimedOut:
+    return TimedOut(f"no answer within {seconds:g}s of the request, its timeouts.responseHeader")
+
+
+def stalled(seconds: float) -> Stalled:
+    return Stalled(f"sent nothing for {seconds:g}s, its timeouts.idle")
+
+
 class Answer(Protocol):
     status: int
     raw_headers: RawHeaders  # as received, names lower-cased, repeats kept
 
     def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, untouched (a Content-Encoding is passed on as is)."""
+        """The body as it arrives, untouched (a Content-Encoding is passed on as is); Stalled
+        when the next chunk takes longer than the `timeouts.idle` it was sent with."""
         ...
 
     async def read(self) -> bytes: ...
@@ -56,25 +82,40 @@ class Answer(Protocol):
 
 class Upstream(Protocol):
     async def send(
-        self, method: str, base: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | None
+        self,
+        method: str,
+        base: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+        timeouts: Timeouts,
     ) -> Answer:
         """Send a request to the server at `base` (`http://host:port`) for `target` (path and
-        query); the answer once its head has arrived."""
+        query); the answer once its head has arrived. `timeouts` bound the connection
+        (Unreachable), the wait for the head (TimedOut), and each wait of the answer's chunks."""
         ...
 
 
 class _HttpxAnswer:
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
+    def __init__(self, response: httpx.Response, idle: float | None) -> None:
+        self.response, self.idle = response, idle
         self.status = response.status_code
         self.raw_headers: RawHeaders = [(name.lower(), value) for name, value in response.headers.raw]
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self.response.aiter_raw():
-                yield chunk
-        except httpx.TransportError as error:
-            raise BrokeOff(repr(error)) from error
+        body = self.response.aiter_raw()
+        while True:
+            try:
+                async with asyncio.timeout(self.idle):
+                    chunk = await anext(body)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                await self.response.aclose()  # half read: its connection is not reused
+                raise stalled(self.idle or 0) from None
+            except httpx.TransportError as error:
+                raise BrokeOff(repr(error)) from error
+            yield chunk
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
@@ -90,18 +131,32 @@ class HttpxUpstream:
         self.client = client
 
     async def send(
-        self, method: str, base: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes | None
+        self,
+        method: str,
+        base: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+        timeouts: Timeouts,
     ) -> Answer:
-        request = self.client.build_request(method, base + target, headers=headers, content=body)
+        # the connect bounded by httpx; the rest here, as the client's own read timeout
+        # would bound each read, the wait for the head and the chunks alike
+        limits = httpx.Timeout(None, connect=timeouts.connect)
+        request = self.client.build_request(
+            method, base + target, headers=headers, content=body, timeout=limits
+        )
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.ConnectError as error:
+            async with asyncio.timeout(timeouts.response_header):
+                response = await self.client.send(request, stream=True)
+        except TimeoutError:
+            raise no_head(timeouts.response_header or 0) from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
             raise Unreachable(repr(error)) from error
         except (httpx.RemoteProtocolError, httpx.ReadError) as error:
             raise Dropped(repr(error)) from error
         except httpx.TransportError as error:
             raise UpstreamError(repr(error)) from error
-        return _HttpxAnswer(response)
+        return _HttpxAnswer(response, timeouts.idle)
 
 
 def tokens_in(answer: bytes) -> int | None:

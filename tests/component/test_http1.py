@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from support import free_port
 
+from swapctl.config import Timeouts
 from swapctl.proxy.http1 import HIGH_WATER, Http1Upstream
 from swapctl.proxy.upstream import BrokeOff, Dropped, Unreachable
 
 pytestmark = pytest.mark.anyio
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+LIMITS = Timeouts(connect=10.0, response_header=None, idle=None)  # no limit but the connect
 
 
 @pytest.fixture(params=[False, True], ids=["asyncio", "uvloop"])
@@ -82,7 +84,7 @@ async def test_a_request_goes_out_as_one_message_and_its_answer_comes_back() -> 
     async with server(script) as (base, _):
         client = Http1Upstream()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"5")]
-        reply = await client.send("POST", base, "/v1/x?y=1", headers, b"hello")
+        reply = await client.send("POST", base, "/v1/x?y=1", headers, b"hello", LIMITS)
         assert reply.status == 200
         assert await reply.read() == b"world"
         assert (b"x-thing", b"1") in reply.raw_headers  # names lower-cased
@@ -98,7 +100,7 @@ async def test_connections_are_kept_alive_and_reused() -> None:
     async with server(keep_answering) as (base, accepted):
         client = Http1Upstream()
         for n in range(5):
-            reply = await client.send("POST", base, f"/{n}", [(b"content-length", b"1")], b"x")
+            reply = await client.send("POST", base, f"/{n}", [(b"content-length", b"1")], b"x", LIMITS)
             assert await reply.read() == b"got x"
             await reply.close()
         assert len(accepted) == 1
@@ -111,7 +113,7 @@ async def test_concurrent_requests_each_get_their_own_connection_and_answer() ->
 
         async def one(n: int) -> bytes:
             reply = await client.send(
-                "POST", base, f"/{n}", [(b"content-length", b"1")], str(n % 10).encode()
+                "POST", base, f"/{n}", [(b"content-length", b"1")], str(n % 10).encode(), LIMITS
             )
             assert (b"x-echo", f"/{n}".encode()) in reply.raw_headers
             return await reply.read()
@@ -136,7 +138,7 @@ async def test_a_chunked_answer_comes_unchunked_and_in_pieces_as_it_arrives() ->
 
     async with server(script) as (base, _):
         client = Http1Upstream()
-        reply = await client.send("GET", base, "/", [], None)
+        reply = await client.send("GET", base, "/", [], None, LIMITS)
         chunks = reply.chunks()
         assert await anext(chunks) == b"first"  # before the rest is sent
         go_on.set()
@@ -152,7 +154,7 @@ async def test_an_answer_without_length_ends_when_the_server_closes() -> None:
 
     async with server(script) as (base, _):
         client = Http1Upstream()
-        reply = await client.send("GET", base, "/", [], None)
+        reply = await client.send("GET", base, "/", [], None, LIMITS)
         assert await reply.read() == b"all of it"
         await client.aclose()
 
@@ -166,7 +168,7 @@ async def test_a_head_request_ends_at_its_head() -> None:
 
     async with server(script) as (base, _):
         client = Http1Upstream()
-        reply = await asyncio.wait_for(client.send("HEAD", base, "/", [], None), 10)
+        reply = await asyncio.wait_for(client.send("HEAD", base, "/", [], None, LIMITS), 10)
         assert (b"content-length", b"1000") in reply.raw_headers
         assert await asyncio.wait_for(reply.read(), 10) == b""
         await client.aclose()
@@ -181,7 +183,7 @@ async def test_an_interim_answer_is_skipped() -> None:
 
     async with server(script) as (base, _):
         client = Http1Upstream()
-        reply = await client.send("POST", base, "/", [(b"expect", b"100-continue")], b"")
+        reply = await client.send("POST", base, "/", [(b"expect", b"100-continue")], b"", LIMITS)
         assert (reply.status, await reply.read()) == (200, b"final")
         await client.aclose()
 
@@ -189,7 +191,7 @@ async def test_an_interim_answer_is_skipped() -> None:
 async def test_no_server_is_unreachable() -> None:
     client = Http1Upstream()
     with pytest.raises(Unreachable):
-        await client.send("GET", f"http://127.0.0.1:{free_port()}", "/", [], None)
+        await client.send("GET", f"http://127.0.0.1:{free_port()}", "/", [], None, LIMITS)
     await client.aclose()
 
 
@@ -202,12 +204,12 @@ async def test_a_kept_alive_connection_the_server_closed_is_dropped_and_the_next
 
     async with server(once) as (base, accepted):
         client = Http1Upstream()
-        first = await client.send("GET", base, "/", [], None)
+        first = await client.send("GET", base, "/", [], None, LIMITS)
         assert await first.read() == b"one"
         with contextlib.suppress(Dropped):  # the close may or may not be seen before the reuse
-            again = await client.send("GET", base, "/", [], None)
+            again = await client.send("GET", base, "/", [], None, LIMITS)
             assert await again.read() == b"one"
-        third = await client.send("GET", base, "/", [], None)
+        third = await client.send("GET", base, "/", [], None, LIMITS)
         assert await third.read() == b"one"
         assert len(accepted) >= 2
         await client.aclose()
@@ -220,7 +222,7 @@ async def test_a_connection_closed_before_the_answer_is_dropped() -> None:
     async with server(rude) as (base, _):
         client = Http1Upstream()
         with pytest.raises(Dropped):
-            await client.send("GET", base, "/", [], None)
+            await client.send("GET", base, "/", [], None, LIMITS)
         await client.aclose()
 
 
@@ -232,7 +234,7 @@ async def test_an_answer_cut_mid_body_broke_off() -> None:
 
     async with server(cut) as (base, _):
         client = Http1Upstream()
-        reply = await client.send("GET", base, "/", [], None)
+        reply = await client.send("GET", base, "/", [], None, LIMITS)
         with pytest.raises(BrokeOff):
             await reply.read()
         await client.aclose()
@@ -248,7 +250,7 @@ async def test_a_malformed_answer_is_an_error_not_a_crash() -> None:
     async with server(garbage) as (base, _):
         client = Http1Upstream()
         with pytest.raises(Exception, match="malformed answer"):
-            await client.send("GET", base, "/", [], None)
+            await client.send("GET", base, "/", [], None, LIMITS)
         await client.aclose()
 
 
@@ -261,10 +263,10 @@ async def test_an_answer_closed_before_its_end_does_not_go_back_to_the_pool() ->
 
     async with server(big) as (base, accepted):
         client = Http1Upstream()
-        reply = await client.send("GET", base, "/", [], None)
+        reply = await client.send("GET", base, "/", [], None, LIMITS)
         await anext(reply.chunks())
         await reply.close()  # the rest unread: this connection cannot carry another request
-        again = await client.send("GET", base, "/", [], None)
+        again = await client.send("GET", base, "/", [], None, LIMITS)
         assert len(await again.read()) == 64 * HIGH_WATER
         assert len(accepted) == 2
         await client.aclose()
@@ -281,7 +283,7 @@ async def test_a_slow_reader_pauses_the_socket_and_still_gets_every_byte() -> No
 
     async with server(flood) as (base, _):
         client = Http1Upstream()
-        reply = await client.send("GET", base, "/", [], None)
+        reply = await client.send("GET", base, "/", [], None, LIMITS)
         await asyncio.sleep(0.2)  # the server has written all it can; the client reads nothing
         pending = reply._reply  # type: ignore[attr-defined]
         assert pending.connection.paused
@@ -302,7 +304,7 @@ async def test_a_cancelled_request_leaves_no_connection_in_the_pool() -> None:
 
     async with server(silent) as (base, _):
         client = Http1Upstream()
-        sending = asyncio.create_task(client.send("GET", base, "/", [], None))
+        sending = asyncio.create_task(client.send("GET", base, "/", [], None, LIMITS))
         await asyncio.sleep(0.1)
         sending.cancel()
         with pytest.raises(asyncio.CancelledError):
