@@ -59,6 +59,8 @@ class _Reply:
         self.complete = False
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
+        self.waiting_since = 0.0  # when the reader began to wait for the next chunk
+        self.timer: asyncio.TimerHandle | None = None  # armed at the first wait, moved only when it fires
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -73,39 +75,59 @@ class _Reply:
             self.wake()
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        while True:
-            if self.buffer:
-                chunk = self.buffer.popleft()
-                self.buffered -= len(chunk)
-                if self.buffered < HIGH_WATER:
-                    self.connection.resume()
-                yield chunk
-            elif self.complete:
-                return
-            elif self.error is not None:
-                raise self.error
-            else:
-                self.waiter = self.connection.loop.create_future()
-                try:
-                    async with asyncio.timeout(self.idle):
-                        await self.waiter
-                except TimeoutError:
-                    raise self._stall() from None
-                self.waiter = None
+        loop = self.connection.loop
+        try:
+            while True:
+                if self.buffer:
+                    chunk = self.buffer.popleft()
+                    self.buffered -= len(chunk)
+                    if self.buffered < HIGH_WATER:
+                        self.connection.resume()
+                    yield chunk
+                elif self.complete:
+                    return
+                elif self.error is not None:
+                    raise self.error
+                else:
+                    self.waiter = loop.create_future()
+                    if self.idle is not None:
+                        self.waiting_since = loop.time()
+                        if self.timer is None:
+                            self.timer = loop.call_at(self.waiting_since + self.idle, self._check_idle)
+                    await self.waiter
+                    self.waiter = None
+        finally:
+            self._disarm()
 
-    def _stall(self) -> UpstreamError:
-        """The server sent nothing for `idle`: the answer ends, its connection with it."""
+    def _check_idle(self) -> None:
+        """The idle timer, one per answer rather than one per wait (a wait per chunk): past
+        its time, the answer stalled if its reader has waited `idle` since its wait began;
+        else it waits on to the end of that wait's `idle`, or until the next wait if none."""
         assert self.idle is not None
-        self.error = stalled(self.idle)
+        self.timer = None
+        if self.waiter is None or self.waiter.done() or self.complete:
+            return
+        loop = self.connection.loop
+        deadline = self.waiting_since + self.idle
+        if loop.time() < deadline:
+            self.timer = loop.call_at(deadline, self._check_idle)
+            return
+        self.error = stalled(self.idle)  # the answer ends here, its connection with it
         if self.connection.reply is self:
             self.connection.reply = None  # the abort's close must not end the answer as complete
         self.connection.abort()
-        return self.error
+        self.wake()
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
     async def close(self) -> None:
+        self._disarm()
         if not self.complete:  # left before its end: the connection cannot carry another
             self.connection.abort()
 

@@ -130,6 +130,27 @@ async def test_idle_counts_only_the_wait_on_the_server_not_a_slow_reader() -> No
         await client.aclose()
 
 
+async def test_idle_bounds_each_wait_not_the_whole_body() -> None:
+    """A body that keeps coming, each chunk well within `idle`, for longer than `idle` in all."""
+    idle, count = 0.5, 20
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(count):
+            writer.write(b"%x\r\n%s\r\n" % (len(EVENT), EVENT))
+            await writer.drain()
+            await asyncio.sleep(idle / 10)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async with server(trickle) as (base, _):
+        client = Http1Upstream()
+        reply = await client.send("GET", base, "/", [], None, Timeouts(10.0, None, idle))
+        assert await reply.read() == EVENT * count
+        await client.aclose()
+
+
 async def test_without_limits_a_silent_server_is_waited_for() -> None:
     async with server(silent) as (base, _):
         client = Http1Upstream()
