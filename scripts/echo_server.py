@@ -18,7 +18,7 @@ request body is read in full (Content-Length or chunked) before answering.
 | POST /v1/images/generations | {"created", "data": [{"b64_json", "revised_prompt": "<model>: <prompt>"}]} |
 | POST /v1/images/edits | multipart; the same, revised_prompt "<model> <bytes> <sha256>" of the image |
 | POST /v1/rerank, /v1/reranking, /rerank | {"model", "results": [{"index", "relevance_score", "document"}]} |
-| anything else | {"method", "path", "query", "bytes", "sha256", "content_type"}; gzip with `?gzip=1` |
+| anything else | {"method", "path", "query", "bytes", "sha256", "content_type", "json"}; gzip with `?gzip=1` |
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import array
 import base64
+import contextlib
 import gzip
 import hashlib
 import json
@@ -395,7 +396,11 @@ class Handler(BaseHTTPRequestHandler):
             "bytes": len(body),
             "sha256": sha256(body),
             "content_type": self.headers.get("content-type"),
+            "json": None,  # a JSON body, as received: what the proxy's filters made of it
         }
+        if (self.headers.get("content-type") or "").startswith("application/json"):
+            with contextlib.suppress(ValueError):
+                payload["json"] = json.loads(body)
         answer = json.dumps(payload).encode()
         if "gzip=1" in query.split("&") and "gzip" in self.headers.get("accept-encoding", ""):
             self._send(200, gzip.compress(answer), "application/json", {"Content-Encoding": "gzip"})

@@ -1,9 +1,15 @@
 """Errors into HTTP answers, in one place: a table from error type to status and OpenAI
-error JSON, and the app's exception handlers."""
+error JSON, and the app's exception handlers.
+
+Anthropic's routes (`/v1/messages...`) answer in Anthropic's shape instead, so that its SDKs
+raise their own exceptions: `anthropic(status, body)` turns the one into the other, and
+`error_event` does the same for an event stream that breaks after its head.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -36,6 +42,19 @@ ANSWERS: Mapping[type[SwapctlError], tuple[int, str, str]] = {
     ShuttingDown: (503, "server_error", "shutting_down"),
 }
 RETRY_AFTER = {429: {"retry-after": "1"}}
+ANTHROPIC_ROUTE = "/v1/messages"  # and the paths below it
+# HTTP status -> Anthropic's error type (https://docs.claude.com/en/api/errors)
+ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
 
 
 class ClientGone(Exception):
@@ -74,9 +93,43 @@ def error_answer(error: Exception) -> tuple[int, dict[str, Any]]:
     return status, error_body(str(error), kind, code)
 
 
-def error_response(error: Exception) -> JSONResponse:
+def speaks_anthropic(path: str) -> bool:
+    """Whether a route's clients are Anthropic's: its errors are theirs in shape."""
+    return path.startswith(ANTHROPIC_ROUTE) and path[len(ANTHROPIC_ROUTE) : len(ANTHROPIC_ROUTE) + 1] in (
+        "",
+        "/",
+    )
+
+
+def anthropic(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI error body (`error_body`) in Anthropic's shape, for the same HTTP status."""
+    kind = ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": body["error"]["message"]}}
+
+
+def in_dialect(path: str, status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An error body as the clients of the route at `path` read it."""
+    return anthropic(status, body) if speaks_anthropic(path) else body
+
+
+def error_event(path: str, status: int, body: dict[str, Any]) -> bytes:
+    """The event that ends a stream broken after its head: OpenAI's clients raise on a `data:`
+    event holding an error; Anthropic's on an `event: error`."""
+    if speaks_anthropic(path):
+        return f"event: error\ndata: {json.dumps(anthropic(status, body))}\n\n".encode()
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def error_json(
+    path: str, status: int, body: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """An error answer (`error_body`) in the shape the route's clients read."""
+    return JSONResponse(in_dialect(path, status, body), status, headers=headers)
+
+
+def error_response(error: Exception, path: str = "") -> JSONResponse:
     status, body = error_answer(error)
-    return JSONResponse(body, status, headers=RETRY_AFTER.get(status))
+    return error_json(path, status, body, RETRY_AFTER.get(status))
 
 
 Handler = Callable[[Request, Exception], Any]
@@ -93,7 +146,7 @@ def handlers(metrics: Metrics, models: Collection[str]) -> dict[Any, Handler]:
         status = getattr(error, "status_code", 404)
         message = f"no route {request.method} {request.url.path}"
         kind = "method_not_allowed" if status == 405 else "not_found"
-        return JSONResponse(error_body(message, "invalid_request_error", kind), status)
+        return error_json(request.url.path, status, error_body(message, "invalid_request_error", kind))
 
     async def gone(request: Request, error: Exception) -> Response:
         """The client left (mid-body, or before its answer): one line, and nothing to send."""
@@ -104,7 +157,7 @@ def handlers(metrics: Metrics, models: Collection[str]) -> dict[Any, Handler]:
         return Response(status_code=499)
 
     async def failed(request: Request, error: Exception) -> Response:
-        response = error_response(error)
+        response = error_response(error, request.url.path)
         count(getattr(error, "model", None), response.status_code)
         return response
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Collection
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,7 +29,7 @@ from swapctl.config import Config, Timeouts
 from swapctl.errors import BackendError, RequestError, UnknownModelError, UpstreamTimeout
 from swapctl.lifecycle import Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
-from swapctl.proxy.errors import ClientGone, error_body, handlers, shutting_down
+from swapctl.proxy.errors import ClientGone, error_body, error_event, handlers, shutting_down
 from swapctl.proxy.forms import ModelField, boundary_of, replace_model
 from swapctl.proxy.loading import Loading
 from swapctl.proxy.upstream import (
@@ -48,8 +48,10 @@ from swapctl.proxy.upstream import (
 log = logging.getLogger("swapctl")
 T = TypeVar("T")
 
-# POST routes whose body names the model (JSON, or a multipart form for uploads).
+# POST routes whose body names the model (JSON, or a multipart form for uploads); where it
+# names none, `?model=` does.
 MODEL_ROUTES = (
+    # OpenAI's
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/responses",
@@ -60,9 +62,22 @@ MODEL_ROUTES = (
     "/v1/images/generations",
     "/v1/images/edits",
     "/v1/images/variations",
+    # Anthropic's (its errors in Anthropic's shape: proxy/errors.py)
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    # llama.cpp's server's own, and Cohere/Jina's rerank
+    "/completion",
+    "/completions",
+    "/infill",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+    "/embedding",
+    "/embeddings",
+    "/rerank",
+    "/reranking",
     "/v1/rerank",
     "/v1/reranking",
-    "/rerank",
 )
 HOP_BY_HOP = frozenset(
     {
@@ -165,18 +180,26 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def json_model(body: bytes) -> tuple[str, dict[str, Any]]:
-    """The model a JSON body names, and the body parsed."""
+def json_model(body: bytes, fallback: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The model a JSON body names (else `fallback`, from `?model=`), and the body parsed."""
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as error:  # also too deep, or an integer too long
         raise RequestError(400, f"the request body is not valid JSON: {error}", "invalid_json") from None
     if not isinstance(payload, dict):
         raise RequestError(400, "the request body must be a JSON object", "invalid_json")
-    model = payload.get("model")
+    model = payload.get("model", fallback)
     if not isinstance(model, str) or not model:
         raise RequestError(400, "the request names no model: 'model' must be a string", "missing_model")
     return model, payload
+
+
+def query_model(scope: Scope) -> str | None:
+    """`?model=` of a request, if it has one: a model route's fallback."""
+    query = scope["query_string"]
+    if b"model=" not in query:  # the common case, without parsing
+        return None
+    return next((v for k, v in parse_qsl(query.decode("latin-1")) if k == "model" and v), None)
 
 
 def form_model(body: bytes, boundary: bytes) -> bytes:
@@ -310,13 +333,26 @@ class Forwarder:
                 raw = replace_model(raw, boundary, name, upstream_name.encode())
             streamed = False
         else:
-            text, payload = json_model(raw)
+            fallback = query_model(scope)
+            if not raw.strip() and fallback:  # llama.cpp's GET-like routes, POSTed bare
+                return await self._send(self.resolve(fallback), scope, receive, scope["path"], raw)
+            text, payload = json_model(raw, fallback)
             model = self.resolve(text)
-            upstream_name = self.config.models[model].use_model_name
-            if upstream_name:
-                raw = json.dumps({**payload, "model": upstream_name}).encode()
+            raw = self.filtered(model, text, payload) or raw
             streamed = payload.get("stream") is True
         return await self._send(model, scope, receive, scope["path"], raw, streamed)
+
+    def filtered(self, model: str, requested: str, payload: dict[str, Any]) -> bytes | None:
+        """The body to send for a JSON request that named `requested`: the model's filters
+        applied, `useModelName` put in; None when neither changes anything (sent as it came)."""
+        found = self.config.models[model]
+        if not found.filters and not found.use_model_name:
+            return None
+        if found.filters:
+            payload = found.filters.apply(payload, requested)
+        if found.use_model_name and "model" in payload:
+            payload = {**payload, "model": found.use_model_name}
+        return json.dumps(payload, ensure_ascii=False).encode()
 
     async def upstream(self, request: Request) -> Response:
         """`/upstream/<model>/<path>`: any method, untouched, for a model's own UI or API."""
@@ -324,7 +360,17 @@ class Forwarder:
         name = next((n for n in self.longest_first if rest == n or rest.startswith(n + "/")), None)
         if name is None:
             raise UnknownModelError(rest.split("/")[0])
+        if rest == name and request.method in ("GET", "HEAD"):
+            return self._to_root(name, request.scope["query_string"])
         return await self._pass_on(self.resolve(name), request, rest[len(name) :] or "/")
+
+    @staticmethod
+    def _to_root(name: str, query: bytes) -> Response:
+        """`/upstream/<model>` to `/upstream/<model>/`, where a web UI's relative links resolve,
+        the model not started. Relative, so that a prefix a reverse proxy adds is kept."""
+        location = "./" + quote(name.rpartition("/")[2], safe=_PATH_SAFE) + "/"
+        location += f"?{query.decode('latin-1')}" if query else ""
+        return Response(status_code=308, headers={"location": location})
 
     async def by_query(self, request: Request) -> Response:
         """Any other route, with `?model=`; without it, no such route."""
@@ -385,7 +431,7 @@ class Forwarder:
         identity body: the head, sent before the answer, says no Content-Encoding."""
         plain = replace(call, headers=[(n, v) for n, v in call.headers if n != b"accept-encoding"])
         chat = path == "/v1/chat/completions" and self.config.models[ticket.model].send_loading_state
-        return Loading(self, ticket, plain, began, tick=self.tick, reasoning=chat)
+        return Loading(self, ticket, plain, began, path=path, tick=self.tick, reasoning=chat)
 
     async def open(self, ticket: Ticket, call: Call) -> tuple[Lease, Answer]:
         """The head of the model's answer, and the lease that holds the model for it: once
@@ -432,10 +478,12 @@ class Forwarder:
         self.record(lease.model, answer.status, began, tokens_in(whole))
         return Whole(answer.status, end_to_end(answer.raw_headers), whole)
 
-    async def relay(self, answer: Answer, lease: Lease, tally: Tally | None = None) -> AsyncIterator[bytes]:
+    async def relay(
+        self, answer: Answer, lease: Lease, path: str, tally: Tally | None = None
+    ) -> AsyncIterator[bytes]:
         """The answer's body as it arrives; a plain event stream whole events at a time, so
-        that a break can be reported after the last one: OpenAI clients raise on an error event.
-        The tokens the stream reports it generated go to `tally`."""
+        that a break can be reported after the last one, in the error event the clients of the
+        route at `path` raise on. The tokens the stream reports it generated go to `tally`."""
         raw = answer.raw_headers
         whole_events = events(raw) and header(raw, b"content-encoding") is None
         pending = b""
@@ -463,9 +511,8 @@ class Forwarder:
                 raise  # abort the response: the client sees it cut, not complete
             # the broken event is dropped
             message = f"model '{model}': its server broke off mid-response ({error})"
-            code = "upstream_timeout" if slow else "upstream_broke_off"
-            event = error_body(message, "server_error", code)
-            yield f"data: {json.dumps(event)}\n\n".encode()
+            status, code = (504, "upstream_timeout") if slow else (502, "upstream_broke_off")
+            yield error_event(path, status, error_body(message, "server_error", code))
 
     def record(self, model: str, code: int, began: float, tokens: int | None = None) -> None:
         """One request answered: its status, its time, the tokens its answer reported."""
@@ -495,15 +542,15 @@ class Forwarded(Response):
             raw.append(NO_BUFFERING)
         self.raw_headers = [*raw, (b"content-length", length)] if length is not None else raw
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, send: Send, path: str) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        async for chunk in self.forwarder.relay(self.answer, self.lease, self.tally):
+        async for chunk in self.forwarder.relay(self.answer, self.lease, path, self.tally):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await unless_gone(receive, self._relay(send))
+            await unless_gone(receive, self._relay(send, scope["path"]))
         except (ClientGone, OSError):  # gone: an ASGI 2.4 server may say so at a write
             pass
         finally:

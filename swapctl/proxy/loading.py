@@ -12,8 +12,9 @@ The head goes out before the wait (200, an event stream), then a note of progres
   last starts.
 
 The status is sent before the wait, so what goes wrong after it (a failed start, an upstream
-answer other than 200) ends the stream with an OpenAI error event, which OpenAI clients
-raise. A client that leaves cancels the wait and releases its place in flight.
+answer other than 200) ends the stream with an error event, which OpenAI's clients raise (and
+Anthropic's, on `/v1/messages`, where it is Anthropic's `event: error`; its clients ignore the
+comments). A client that leaves cancels the wait and releases its place in flight.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from swapctl.backend import Pulled
 from swapctl.lifecycle import Lease, Progress, Step, Ticket
-from swapctl.proxy.errors import error_answer, error_body, shutting_down
+from swapctl.proxy.errors import error_answer, error_body, error_event, shutting_down
 from swapctl.proxy.upstream import Answer, Tally, UpstreamError
 
 if TYPE_CHECKING:
@@ -160,10 +161,6 @@ class Reasoning:
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode()
 
 
-def error_event(body: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(body)}\n\n".encode()
-
-
 def refusal(model: str, status: int, body: bytes) -> dict[str, Any]:
     """The OpenAI error event for an upstream answer other than 200: its status and message."""
     message = body[:REFUSAL_BYTES].decode(errors="replace").strip()
@@ -191,9 +188,19 @@ class Loading(StreamingResponse):
     closed, the request's hold released, and its final status counted."""
 
     def __init__(
-        self, forwarder: Forwarder, ticket: Ticket, call: Call, began: float, *, tick: float, reasoning: bool
+        self,
+        forwarder: Forwarder,
+        ticket: Ticket,
+        call: Call,
+        began: float,
+        *,
+        path: str,
+        tick: float,
+        reasoning: bool,
     ) -> None:
+        """`path`: the route's, whose clients' error events it speaks."""
         self.forwarder, self.ticket, self.call, self.began, self.tick = forwarder, ticket, call, began, tick
+        self.path = path
         self.model = ticket.model
         self.voice: Voice = Reasoning(self.model) if reasoning else Comments(self.model)
         self.opening: asyncio.Task[tuple[Lease, Answer]] | None = None
@@ -216,16 +223,16 @@ class Loading(StreamingResponse):
                 lease, answer = opening.result()
             except Exception as error:  # the start failed, or the model's server did not answer
                 self.outcome, body = error_answer(error)
-                yield error_event(body)
+                yield error_event(self.path, self.outcome, body)
                 return
             self.outcome = answer.status
             if answer.status != 200:
-                yield error_event(await self._refusal(answer))
+                yield error_event(self.path, answer.status, await self._refusal(answer))
                 return
             ready = self.voice.ready(self._waited())
             if ready:
                 yield ready
-            async for chunk in self.forwarder.relay(answer, lease, self.tally):
+            async for chunk in self.forwarder.relay(answer, lease, self.path, self.tally):
                 yield chunk
         finally:
             opening.cancel()  # no await here: a cancelled stream may not wait; __call__ settles
@@ -261,7 +268,8 @@ class Loading(StreamingResponse):
     async def _end(self, send: Send, error: Exception) -> None:
         """The stream ended by `error`, in an error event, where the body was cut short."""
         self.outcome, body = error_answer(error)
-        await send({"type": "http.response.body", "body": error_event(body), "more_body": True})
+        event = error_event(self.path, self.outcome, body)
+        await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _settle(self) -> None:
