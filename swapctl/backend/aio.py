@@ -59,6 +59,9 @@ class AsyncBackend:
     async def logs(self, container_id: str, tail: int = 50) -> str:
         return await asyncio.to_thread(self.sync.logs, container_id, tail)
 
+    async def ping(self) -> bool:
+        return await asyncio.to_thread(self.sync.ping)
+
     def follow(self, container_id: str) -> AsyncLogFollow:
         """The container's log lines as they come (on the event loop); `close` it when done."""
         return AsyncLogFollow(self.sync, container_id)

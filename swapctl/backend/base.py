@@ -21,6 +21,7 @@ class Container:
     started_at: float | None = None  # epoch seconds
     image_id: str = ""  # the image it runs, as the engine identifies it
     placed: tuple[str, ...] = ()  # the GPU device IDs swapctl chose for it (label swapctl.gpus)
+    address: str = "127.0.0.1"  # where its engine publishes its port (the engine's `address`)
 
     @property
     def running(self) -> bool:
@@ -28,7 +29,7 @@ class Container:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.host_port}"
+        return f"http://{self.address}:{self.host_port}"
 
 
 class LogFollow(Protocol):
@@ -48,7 +49,8 @@ class Backend(Protocol):
         ...
 
     def start(self, spec: ContainerSpec) -> Container:
-        """Create and start the container, published on 127.0.0.1; leave nothing behind on failure."""
+        """Create and start the container, published on the engine's address (127.0.0.1 for
+        this machine's); leave nothing behind on failure."""
         ...
 
     def get(self, container_id: str) -> Container | None:
@@ -70,6 +72,10 @@ class Backend(Protocol):
         ...
 
     def logs(self, container_id: str, tail: int = 50) -> str: ...
+
+    def ping(self) -> bool:
+        """Whether the engine answers now: False once it stops answering (within its timeout)."""
+        ...
 
     def follow(self, container_id: str) -> LogFollow:
         """Log lines as they come, until the container stops or the follow is closed."""

@@ -1,6 +1,7 @@
 """The Docker engine through the Docker SDK: the only module that imports `docker`.
 
-Every SDK error is translated once, in `_translate`, into swapctl's error tree.
+Every SDK error is translated once, in `_translate`, into swapctl's error tree; an engine
+that cannot be reached is named with why (refused, no answer in time, TLS, ssh).
 `create_arguments` (pure) turns a ContainerSpec into the SDK's `containers.create` keywords
 (https://docker-py.readthedocs.io/en/stable/containers.html), the form Compose's keys take
 in Docker's API (https://docs.docker.com/reference/api/engine/version/v1.41/#tag/Container/operation/ContainerCreate).
@@ -12,16 +13,21 @@ import contextlib
 import functools
 import math
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import docker
+import docker.context
 import docker.errors
+import docker.tls
+import paramiko
 import requests.exceptions
 
 from swapctl.backend.base import Container
+from swapctl.backend.engine import LOCAL, Engine
 from swapctl.backend.lines import split_lines
 from swapctl.backend.progress import LayerReport, PullListener
 from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing, PullFailed
@@ -38,7 +44,9 @@ class Gone(BackendError):
     """The container asked about does not exist (any more): callers take it as an answer."""
 
 
-def _translate(error: Exception, model: str | None = None, image: str | None = None) -> BackendError:
+def _translate(
+    error: Exception, model: str | None = None, image: str | None = None, engine: Engine = LOCAL
+) -> BackendError:
     if isinstance(error, docker.errors.ImageNotFound):
         return ImageMissing(
             f"image '{image}' is not on this machine: build it (for the bundled images: make images) "
@@ -62,11 +70,43 @@ def _translate(error: Exception, model: str | None = None, image: str | None = N
                 model,
             )
         return BackendError(f"Docker refused: {text}", model)
-    if isinstance(error, (requests.exceptions.ConnectionError, docker.errors.DockerException)):
+    unreachable = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, paramiko.SSHException)
+    if isinstance(error, (*unreachable, docker.errors.DockerException, OSError)):
+        return _unreachable(error, engine, model)
+    return BackendError(f"{type(error).__name__}: {error}", model)
+
+
+def _unreachable(error: BaseException, engine: Engine, model: str | None) -> DaemonUnavailable:
+    if engine.docker is None:  # the local engine, as the environment names it
         return DaemonUnavailable(
             f"cannot reach the Docker daemon ({error}); is it running? (`make docker` starts one here)", model
         )
-    return BackendError(f"{type(error).__name__}: {error}", model)
+    return DaemonUnavailable(
+        f"cannot reach the Docker engine of {engine.where}: {_why(error, engine)}", model
+    )
+
+
+def _why(error: BaseException, engine: Engine) -> str:
+    """Why an engine did not answer, in a person's words, the SDK's own after them."""
+    causes = [error]
+    while (cause := causes[-1].__cause__ or causes[-1].__context__) is not None and len(causes) < 10:
+        causes.append(cause)  # the SDK wraps what failed (fetching the API version, say)
+    text = " ".join(str(c) for c in causes)
+    if any(isinstance(c, paramiko.AuthenticationException) for c in causes):
+        why = "ssh authentication failed: is this user's key (~/.ssh/config IdentityFile) authorised there?"
+    elif any(isinstance(c, paramiko.SSHException) for c in causes):
+        why = "ssh failed (an unknown host key is refused: ssh to it once to add it to ~/.ssh/known_hosts)"
+    elif any(isinstance(c, (ssl.SSLError, requests.exceptions.SSLError)) for c in causes) or "SSL" in text:
+        why = "TLS failed: check tls.ca, tls.cert and tls.key against the engine's --tlscacert, --tlscert, --tlskey"
+    elif (
+        any(isinstance(c, (requests.exceptions.Timeout, TimeoutError)) for c in causes) or "timed out" in text
+    ):
+        why = f"no answer within {engine.timeout:g}s: is the machine up and reachable?"
+    elif "refused" in text.lower():
+        why = "connection refused: is dockerd running and listening there?"
+    else:
+        why = "no answer"
+    return f"{why} ({causes[-1]})"
 
 
 def pull_report(line: dict[str, Any]) -> LayerReport:
@@ -87,9 +127,10 @@ def pull_failure(image: str, answer: str) -> PullFailed:
     return PullFailed(f"cannot pull image '{image}': {answer}{hint}")
 
 
-def create_arguments(spec: ContainerSpec) -> dict[str, Any]:
-    """The keywords of `containers.create` for `spec`, unset ones left out. The container
-    joins its first network (`networks:`) at creation; `start` connects it to the others."""
+def create_arguments(spec: ContainerSpec, address: str = LOCAL.address) -> dict[str, Any]:
+    """The keywords of `containers.create` for `spec`, unset ones left out, its port published
+    on the engine's `address`. The container joins its first network (`networks:`) at
+    creation; `start` connects it to the others."""
     arguments: dict[str, Any] = {
         "image": spec.image,
         "name": spec.name,
@@ -98,7 +139,7 @@ def create_arguments(spec: ContainerSpec) -> dict[str, Any]:
         "environment": dict(spec.environment),
         "volumes": list(spec.volumes),
         "labels": dict(spec.labels),
-        "ports": {f"{spec.port}/tcp": ("127.0.0.1", None)},  # swapctl's way in, whatever the network
+        "ports": {f"{spec.port}/tcp": (address, None)},  # swapctl's way in, whatever the network
         "init": True,
         "detach": True,
         "stop_signal": spec.stop_signal,
@@ -146,7 +187,7 @@ def _epoch(text: str | None) -> float | None:
     return moment.timestamp() + float(f"0.{fraction or 0}")
 
 
-def _from_inspect(attrs: dict[str, Any]) -> Container:
+def _from_inspect(attrs: dict[str, Any], address: str = LOCAL.address) -> Container:
     labels = attrs["Config"]["Labels"] or {}
     bindings = (attrs["NetworkSettings"].get("Ports") or {}).values()
     ports = [int(b["HostPort"]) for binding in bindings if binding for b in binding if b.get("HostPort")]
@@ -160,10 +201,11 @@ def _from_inspect(attrs: dict[str, Any]) -> Container:
         started_at=_epoch(attrs["State"].get("StartedAt")),
         image_id=attrs.get("Image", ""),
         placed=placed_ids(labels),
+        address=address,
     )
 
 
-def _from_summary(attrs: dict[str, Any]) -> Container:
+def _from_summary(attrs: dict[str, Any], address: str = LOCAL.address) -> Container:
     labels = attrs.get("Labels") or {}
     ports = [p["PublicPort"] for p in attrs.get("Ports") or [] if p.get("PublicPort")]
     return Container(
@@ -176,17 +218,52 @@ def _from_summary(attrs: dict[str, Any]) -> Container:
         started_at=float(attrs["Created"]) if attrs.get("Created") else None,
         image_id=attrs.get("ImageID", ""),
         placed=placed_ids(labels),
+        address=address,
+    )
+
+
+def connect(engine: Engine) -> docker.DockerClient:
+    """A client of `engine` (SDK errors raised as they come: callers translate them)."""
+    if engine.docker is None:
+        return docker.from_env(version="auto", timeout=engine.timeout)
+    base_url, tls = engine.docker, _tls(engine)
+    if engine.context is not None:
+        found = docker.context.ContextAPI.get_context(engine.context)
+        if found is None:
+            raise docker.errors.DockerException(
+                f"no Docker context named '{engine.context}' (docker context ls)"
+            )
+        base_url, tls = found.Host, found.TLSConfig or False
+    client = docker.DockerClient(
+        base_url=base_url, version="auto", timeout=engine.timeout, tls=tls, use_ssh_client=False
+    )
+    # requests' environment (REQUESTS_CA_BUNDLE, proxies) would override the engine's CA
+    client.api.trust_env = False
+    return client
+
+
+def _tls(engine: Engine) -> docker.tls.TLSConfig | bool:
+    if engine.tls is None:
+        return False
+    found = engine.tls
+    return docker.tls.TLSConfig(
+        client_cert=(str(found.cert), str(found.key)) if found.cert and found.key else None,
+        ca_cert=str(found.ca) if found.ca else None,
+        verify=found.verify,
     )
 
 
 class DockerBackend:
-    def __init__(self, client: docker.DockerClient | None = None) -> None:
+    """One Docker engine's containers: the local one (`LOCAL`) unless told another."""
+
+    def __init__(self, engine: Engine = LOCAL, *, client: docker.DockerClient | None = None) -> None:
+        self.engine = engine
         self._client = client
 
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            self._client = self._call(lambda: docker.from_env(version="auto", timeout=60))
+            self._client = self._call(lambda: connect(self.engine))
         return self._client
 
     def _call(self, action: Callable[[], T], model: str | None = None, image: str | None = None) -> T:
@@ -194,7 +271,16 @@ class DockerBackend:
         try:
             return action()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
-            raise _translate(error, model, image) from None
+            raise _translate(error, model, image, self.engine) from None
+        except (paramiko.SSHException, OSError) as error:  # ssh://: paramiko's, and its socket's
+            raise _unreachable(error, self.engine, model) from None
+
+    def ping(self) -> bool:
+        """Whether the engine answers now (within the engine's timeout)."""
+        try:
+            return bool(self._call(lambda: self.client.ping()))
+        except BackendError:
+            return False
 
     def _unless_gone(self, action: Callable[[], T]) -> T | None:
         """`action`'s result, or None when the container it asks about does not exist."""
@@ -206,11 +292,12 @@ class DockerBackend:
     def list(self, instance: str) -> list[Container]:
         filters = {"label": [f"{MANAGED}=true", f"{INSTANCE}={instance}"]}
         api = self.client.api
-        return [_from_summary(c) for c in self._call(lambda: api.containers(all=True, filters=filters))]
+        found = self._call(lambda: api.containers(all=True, filters=filters))
+        return [_from_summary(c, self.engine.address) for c in found]
 
     def get(self, container_id: str) -> Container | None:
         found = self._unless_gone(lambda: self.client.api.inspect_container(container_id))
-        return _from_inspect(found) if found is not None else None
+        return _from_inspect(found, self.engine.address) if found is not None else None
 
     def start(self, spec: ContainerSpec) -> Container:
         created = self._call(lambda: self._create(spec), spec.model, spec.image)
@@ -241,7 +328,7 @@ class DockerBackend:
             self._call(join, spec.model)
 
     def _create(self, spec: ContainerSpec) -> Any:
-        arguments = create_arguments(spec)
+        arguments = create_arguments(spec, self.engine.address)
         deadline, attempts = time.monotonic() + NAME_WAIT, 0
         while True:
             attempts += 1
@@ -301,7 +388,7 @@ class DockerBackend:
         except docker.errors.APIError as error:
             raise pull_failure(image, str(error.explanation or error)) from None
         except requests.exceptions.RequestException as error:
-            raise _translate(error) from None
+            raise _translate(error, engine=self.engine) from None
         except docker.errors.DockerException as error:  # a credential helper failed, say
             raise pull_failure(image, str(error)) from None
 
@@ -311,7 +398,8 @@ class DockerBackend:
 
     def follow(self, container_id: str) -> _Follow:
         return _Follow(
-            self._unless_gone(lambda: self.client.api.logs(container_id, stream=True, follow=True))
+            self._unless_gone(lambda: self.client.api.logs(container_id, stream=True, follow=True)),
+            self.engine,
         )
 
 
@@ -320,8 +408,9 @@ class _Follow:
     (an over-long one cut short: `split_lines`). `close` shuts the stream's socket, from any
     thread: a read waiting on it ends."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: Any, engine: Engine = LOCAL) -> None:
         self.stream = stream
+        self.engine = engine
         self.closed = False
 
     def __iter__(self) -> Iterator[str]:
@@ -331,7 +420,7 @@ class _Follow:
             yield from split_lines(self.stream)
         except Exception as error:
             if not self.closed:
-                raise _translate(error) from error
+                raise _translate(error, engine=self.engine) from error
             return  # closed under the read: the end, not an error
 
     def close(self) -> None:

@@ -110,6 +110,7 @@ class FakeBackend:
         self._ids = itertools.count(1)
         self.transport = _Transport(self)
         self.logged = threading.Condition()  # notified when a container logs a line or stops
+        self.reachable = True  # what ping answers: False plays an engine that stopped answering
 
     def list(self, instance: str) -> list[Container]:
         # the swapper calls from threads: iterate over a copy (list() of a dict is atomic)
@@ -187,6 +188,9 @@ class FakeBackend:
         with self.logged:
             self.boxes.pop(container_id, None)
             self.logged.notify_all()
+
+    def ping(self) -> bool:
+        return self.reachable
 
     def logs(self, container_id: str, tail: int = 50) -> str:
         box = self.boxes.get(container_id)

@@ -38,7 +38,7 @@ class Engine:
 
 
 def followed(*chunks: bytes) -> list[str]:
-    return list(DockerBackend(cast(Any, Engine(chunks))).follow("c"))
+    return list(DockerBackend(client=cast(Any, Engine(chunks))).follow("c"))
 
 
 def test_lines_come_whole_across_chunks() -> None:
