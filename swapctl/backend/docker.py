@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 NAME_WAIT = 10.0  # seconds a start waits for a leftover's name to be freed
+MIN_API = "1.24"  # the oldest API version engines still answer: enough to ask for theirs
 
 
 class Gone(BackendError):
@@ -94,10 +95,18 @@ def _why(error: BaseException, engine: Engine) -> str:
     text = " ".join(str(c) for c in causes)
     if any(isinstance(c, paramiko.AuthenticationException) for c in causes):
         why = "ssh authentication failed: is this user's key (~/.ssh/config IdentityFile) authorised there?"
+    elif "not found in known_hosts" in text:
+        why = "ssh refused its host key, unknown here: ssh to it once to add it to ~/.ssh/known_hosts"
+    elif any(isinstance(c, paramiko.ChannelException) for c in causes):
+        why = (
+            "ssh would not open another session (sshd's MaxSessions, 10 by default, bounds the calls at once)"
+        )
     elif any(isinstance(c, paramiko.SSHException) for c in causes):
-        why = "ssh failed (an unknown host key is refused: ssh to it once to add it to ~/.ssh/known_hosts)"
+        why = "ssh failed"
     elif any(isinstance(c, (ssl.SSLError, requests.exceptions.SSLError)) for c in causes) or "SSL" in text:
         why = "TLS failed: check tls.ca, tls.cert and tls.key against the engine's --tlscacert, --tlscert, --tlskey"
+        if engine.tls is not None and engine.tls.cert is None:
+            why = "TLS failed: the engine wants a client certificate its CA signed (tls.cert and tls.key)"
     elif (
         any(isinstance(c, (requests.exceptions.Timeout, TimeoutError)) for c in causes) or "timed out" in text
     ):
@@ -234,12 +243,18 @@ def connect(engine: Engine) -> docker.DockerClient:
                 f"no Docker context named '{engine.context}' (docker context ls)"
             )
         base_url, tls = found.Host, found.TLSConfig or False
-    client = docker.DockerClient(
-        base_url=base_url, version="auto", timeout=engine.timeout, tls=tls, use_ssh_client=False
-    )
-    # requests' environment (REQUESTS_CA_BUNDLE, proxies) would override the engine's CA
-    client.api.trust_env = False
-    return client
+
+    def client(version: str) -> docker.DockerClient:
+        made = docker.DockerClient(
+            base_url=base_url, version=version, timeout=engine.timeout, tls=tls, use_ssh_client=False
+        )
+        made.api.trust_env = False  # requests' REQUESTS_CA_BUNDLE would override the engine's CA
+        return made
+
+    # "auto" would ask the engine's API version before the environment is ignored: ask it here
+    with contextlib.closing(client(MIN_API)) as first:
+        version = str(first.version(api_version=False)["ApiVersion"])
+    return client(version)
 
 
 def _tls(engine: Engine) -> docker.tls.TLSConfig | bool:

@@ -1,17 +1,22 @@
 """One contract, two backends: what the swapper relies on holds for the real Docker backend
 and for the in-memory fake alike. A case that passes on Docker and fails on the fake means
-the fake lies (fix the fake); the reverse means the Docker backend is wrong."""
+the fake lies (fix the fake); the reverse means the Docker backend is wrong.
+
+The Docker backend is held to it three ways: on the local engine, and on a second real
+engine in a network namespace of its own (tests/engines.py), as another machine's engine is
+reached: over TCP with mutual TLS, and over ssh. Its containers are reached on its address."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
 import pytest
+from engines import SecondEngine
 
 from swapctl.backend import Backend, Container
 from swapctl.backend.docker import DockerBackend
@@ -52,11 +57,46 @@ def _config(instance: str, models_dir: Path, base_dir: Path) -> Config:
     )
 
 
-@pytest.fixture(params=["fake", pytest.param("docker", marks=pytest.mark.docker)])
-def backend(request: pytest.FixtureRequest) -> Backend:
+LOCAL_ENGINES = ["fake", pytest.param("docker", marks=pytest.mark.docker)]
+
+
+@pytest.fixture(scope="module")
+def second(docker_engine: docker.DockerClient) -> Iterator[SecondEngine]:
+    """Another machine's engine, with the test image, shared by this module's tests."""
+    with SecondEngine.start(image=IMAGE) as engine:
+        yield engine
+
+
+@pytest.fixture(
+    params=[
+        *LOCAL_ENGINES,
+        pytest.param("docker-tls", marks=pytest.mark.docker),
+        pytest.param("docker-ssh", marks=pytest.mark.docker),
+    ]
+)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     if request.param == "fake":
-        return FakeBackend(images={IMAGE}, gpus=False)  # this machine: one image, no GPU runtime
-    return DockerBackend()
+        yield FakeBackend(images={IMAGE}, gpus=False)  # this machine: one image, no GPU runtime
+        return
+    if request.param == "docker":
+        yield DockerBackend()
+        return
+    second: SecondEngine = request.getfixturevalue("second")
+    if request.param == "docker-tls":
+        remote = DockerBackend(second.tls_engine())
+    else:
+        remote = DockerBackend(second.ssh_engine())
+        with second.ssh_user():  # the SDK reads ~/.ssh (key, known host) as it connects
+            assert remote.ping()
+    try:
+        yield remote
+    finally:
+        second.remove_containers()
+
+
+def _address(backend: Backend) -> str:
+    """Where the backend's containers are reached: the engine's address, the fake's loopback."""
+    return backend.engine.address if isinstance(backend, DockerBackend) else "127.0.0.1"
 
 
 @pytest.fixture
@@ -95,11 +135,8 @@ def _crash(backend: Backend, container: Container) -> None:
     if isinstance(backend, FakeBackend):
         backend.crash(container.model)
     else:
-        engine = docker.from_env()
-        try:
-            engine.containers.get(container.id).kill()
-        finally:
-            engine.close()
+        assert isinstance(backend, DockerBackend)
+        backend.client.containers.get(container.id).kill()
     assert not _wait_stopped(backend, container.id).running
 
 
@@ -109,7 +146,7 @@ def test_start_gives_a_running_container(backend: Backend, specs: Callable[[str]
     container = backend.start(spec)
     assert container.running and container.state == "running"
     assert isinstance(container.host_port, int) and 0 < container.host_port < 65536
-    assert container.url == f"http://127.0.0.1:{container.host_port}"
+    assert container.url == f"http://{_address(backend)}:{container.host_port}"
     assert container.model == "tiny"
     assert container.name == spec.name
     assert container.spec_hash == spec.spec_hash
@@ -244,6 +281,8 @@ def test_instances_do_not_see_each_other(
     assert backend.list(other) == []
 
 
+# The pull tests' registry serves on this machine's 127.0.0.1, which another machine's engine
+# cannot reach: they run on the local engines.
 @pytest.fixture
 def pullable(backend: Backend, request: pytest.FixtureRequest) -> str:
     """An image its registry holds and this machine lacks: on Docker the registry fixture's
@@ -257,6 +296,7 @@ def pullable(backend: Backend, request: pytest.FixtureRequest) -> str:
     return str(registry.image)
 
 
+@pytest.mark.parametrize("backend", LOCAL_ENGINES, indirect=True)
 def test_a_pull_reports_its_layers_and_makes_the_image_present(backend: Backend, pullable: str) -> None:
     assert backend.image_id(pullable) is None
     reports: list[LayerReport] = []
@@ -269,6 +309,7 @@ def test_a_pull_reports_its_layers_and_makes_the_image_present(backend: Backend,
     assert downloaded <= {r.layer for r in reports if r.status == "Pull complete"}
 
 
+@pytest.mark.parametrize("backend", LOCAL_ENGINES, indirect=True)
 def test_a_pull_of_a_tag_the_registry_lacks_fails_naming_it(backend: Backend, pullable: str) -> None:
     missing = pullable.replace(":pull-test", ":no-such-tag")
     with pytest.raises(PullFailed) as raised:
