@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from swapctl.config import Config
@@ -19,6 +19,7 @@ from swapctl.proxy import admin, ui
 from swapctl.proxy.forwarding import MODEL_ROUTES, Forwarder
 from swapctl.proxy.guard import Guard
 from swapctl.proxy.upstream import Upstream
+from swapctl.proxy.websocket import Sockets
 
 log = logging.getLogger("swapctl")
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
@@ -45,13 +46,16 @@ def build_app(
     recent = admin.RecentLines()
     forwarder = Forwarder(swapper, upstream, metrics, known=admin.PATHS, prefixes=admin.PREFIXES, tick=tick)
     own = admin.Admin(swapper, metrics, recent, forwarder.resolve, reload)
-    routes = [Route(path, forwarder.model_request, methods=["POST"]) for path in MODEL_ROUTES]
+    routes: list[BaseRoute] = [
+        Route(path, forwarder.model_request, methods=["POST"]) for path in MODEL_ROUTES
+    ]
     routes += own.routes()
     routes += ui.routes()
     routes += [
         Route("/upstream/{rest:path}", forwarder.upstream, methods=ANY_METHOD),
         Route("/{path:path}", forwarder.by_query, methods=ANY_METHOD),
     ]
+    routes += Sockets(forwarder).routes()  # WebSockets on the same paths as the two above
     duties = Duties(swapper, recent, check_interval, preload=preload, stop_on_exit=stop_on_exit)
     rest = Starlette(routes=routes, lifespan=duties.lifespan, exception_handlers=forwarder.handlers)
     return Guard(

@@ -19,10 +19,22 @@ each HTTP request, in this order:
 
 `Access-Control-*` headers of upstream answers are always dropped: only this module decides
 what a browser may read.
+
+A WebSocket's handshake passes the same checks, refused by `deny` (an HTTP denial where the
+server can send one, uvicorn can; else a close, which servers answer with 403). CORS does not
+cover WebSockets: a browser opens one to any site and sends its page's `Origin`, so a handshake
+whose `Origin` is neither this host nor in `cors` is refused. A browser cannot set headers on
+a WebSocket either, so besides `Authorization` and `x-api-key` a key may come as the
+subprotocol `swapctl.key.<the key in unpadded base64url>` (as Kubernetes does for bearer
+tokens): never in the URL, where logs and histories keep it. That subprotocol is taken out
+of the offer the model's server sees; when the server picks none, it is the one answered, as
+a browser that offered subprotocols needs one back.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import ipaddress
 import re
@@ -47,6 +59,8 @@ _WANTED = {
 _TOKENS = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 _ACCESS_CONTROL = b"access-control-"
 OPEN_PATHS = frozenset({"/health", "/ui"})  # GET without a key: they hold no data
+KEY_PROTOCOL = "swapctl.key."  # a WebSocket subprotocol carrying a key, base64url after it
+DENIAL = "websocket.http.response"  # the ASGI extension for an HTTP answer to a handshake
 
 
 def host_of(value: str) -> str:
@@ -84,8 +98,26 @@ def _error(status: int, message: str, code: str, headers: dict[str, str] | None 
     return JSONResponse(body, status, headers=headers)
 
 
+async def deny(scope: Scope, receive: Receive, send: Send, answer: ASGIApp) -> None:
+    """Refuse a WebSocket's handshake with `answer`, an HTTP response, where the server can send
+    one; else close it before it is accepted (the server answers 403)."""
+    if DENIAL in scope.get("extensions", {}):
+        await answer(scope, receive, send)
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": ""})
+
+
+def _key_in(protocol: str) -> bytes:
+    """The key a `swapctl.key.` subprotocol carries; empty if it is not base64url."""
+    encoded = protocol.removeprefix(KEY_PROTOCOL)
+    try:
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        return b""
+
+
 class Guard:
-    """The checks above, for HTTP requests; lifespan and anything else pass through."""
+    """The checks above, for HTTP requests and WebSockets; lifespan passes through."""
 
     def __init__(
         self,
@@ -117,6 +149,9 @@ class Guard:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -150,6 +185,50 @@ class Guard:
             headers = [(name, value) for name, value in scope["headers"] if name not in carried]
             scope = {**scope, "headers": headers}
         await self.app(scope, receive, reply)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket's handshake: Host, Origin (same host or `cors`), then a key (a header or
+        the key subprotocol), which is taken out before the app sees the handshake."""
+        got = {name: value for name, value in scope["headers"] if name in _WANTED}
+        origin = got.get(b"origin")
+        cors = origin is not None and (self.any_origin or origin.lower() in self.origins)
+        refusal = self._refusal(got.get(b"host", b"").lower(), origin, cors, got.get(b"sec-fetch-site"))
+        offered: list[str] = list(scope.get("subprotocols", ()))
+        keyed = [p for p in offered if p.startswith(KEY_PROTOCOL)]
+        carried = self._carrying_a_key(got)
+        if refusal is None and self._keys and not carried and not any(self._valid(_key_in(p)) for p in keyed):
+            given = bool(keyed) or b"authorization" in got or b"x-api-key" in got
+            message = (
+                "invalid API key"
+                if given
+                else "missing API key: send 'Authorization: Bearer <key>', 'x-api-key: <key>' or"
+                f" the subprotocol '{KEY_PROTOCOL}<the key in base64url>'"
+            )
+            refusal = _error(401, message, "invalid_api_key", {"www-authenticate": "Bearer"})
+        if refusal is not None:
+            await deny(scope, receive, send, refusal)
+            return
+        # a swapctl key is swapctl's: it never reaches a model's server
+        rest = [p for p in offered if not p.startswith(KEY_PROTOCOL)]
+        headers = [(n, v) for n, v in scope["headers"] if n not in carried and n != b"sec-websocket-protocol"]
+        if rest:
+            headers.append((b"sec-websocket-protocol", ", ".join(rest).encode("latin-1")))
+        scope = {**scope, "headers": headers, "subprotocols": rest}
+        await self.app(scope, receive, self._accepting(send, keyed[0] if keyed else None))
+
+    @staticmethod
+    def _accepting(send: Send, key_protocol: str | None) -> Send:
+        """`send`, answering a WebSocket with the key subprotocol when the app picks none: a
+        browser that offered subprotocols fails a handshake that answers none."""
+        if key_protocol is None:
+            return send
+
+        async def accepting(message: Message) -> None:
+            if message["type"] == "websocket.accept" and not message.get("subprotocol"):
+                message = {**message, "subprotocol": key_protocol}
+            await send(message)
+
+        return accepting
 
     def _refusal(
         self, host: bytes, origin: bytes | None, cors: bool, fetch_site: bytes | None
