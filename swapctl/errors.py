@@ -12,6 +12,8 @@ into OpenAI error JSON.
      |    +-- StopFailed    a container outlived a stop and a kill: it still counts as running
      |    +-- Overdue       a model stuck in a transitional state, ended by the watchdog
      |    +-- UpstreamTimeout  a model's server took longer than its `timeouts`: it stays up
+     |    +-- ElsewhereUnavailable  a peer or a `proxy:` model's server did not answer: names it
+     +-- Loop               a request came back to a swapctl it had passed through already
      +-- StartError         a model's container did not become ready: names model and cause
      +-- Busy               a model has as many requests as its concurrencyLimit admits
      +-- ShuttingDown       the proxy shut down before a request for a model was answered
@@ -72,6 +74,14 @@ class Overdue(BackendError):
 
 class UpstreamTimeout(BackendError):
     """A model's server took longer than one of its `timeouts`: a slow answer, not a crash."""
+
+
+class ElsewhereUnavailable(BackendError):
+    """A server elsewhere (a peer, a `proxy:` model's) did not answer: `where` names it."""
+
+
+class Loop(SwapctlError):
+    """A request forwarded between peers came back to one it had passed through."""
 
 
 class StartError(SwapctlError):

@@ -5,13 +5,14 @@ clients may send), or by a matrix var (`matrix.vars`, a short name for sets). Ea
 that reads a name accepts some of these kinds:
 
     where the name is written                     accept
-    an API request's model, hooks.on_startup      ID | ALIAS
-    a command a person types (plan, logs, ...)    VAR | ID | ALIAS
+    an API request's model, hooks.on_startup      ID | ALIAS | REMOTE
+    a command a person types (plan, logs, ...)    VAR | ID | ALIAS | REMOTE
     a matrix set, a matrix.evict_costs key        VAR | ID
     a matrix var's model, a group member          ID
 
-A var wins over a model ID of the same spelling, and a model ID over an alias (the config
-refuses an alias that equals a model ID).
+A REMOTE is the ID of a model served elsewhere (`proxy:`): never started, so outside the
+matrix. A var wins over a model ID of the same spelling, and a model ID over an alias (the
+config refuses an alias that equals a model ID).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Kind(Flag):
     VAR = auto()
     ID = auto()
     ALIAS = auto()
+    REMOTE = auto()
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Names:
     ids: frozenset[str]
     aliases: Mapping[str, str] = field(default_factory=dict)  # alias -> model ID
     vars: Mapping[str, str] = field(default_factory=dict)  # matrix var -> model ID
+    remotes: frozenset[str] = frozenset()  # IDs of the models served elsewhere (`proxy:`)
 
     def resolve(
         self, name: object, accept: Kind, *, where: str = "", text: tuple[int, str] | None = None
@@ -56,10 +59,14 @@ class Names:
                 return name
             if name in self.aliases and Kind.ALIAS in accept:
                 return self.aliases[name]
+            if name in self.remotes and Kind.REMOTE in accept:
+                return name
         at = f" at position {text[0]} in {text[1]!r}" if text else ""
         raise ConfigError(where, self._refusal(name, accept, at))
 
     def _refusal(self, name: object, accept: Kind, at: str) -> str:
+        if name in self.remotes:
+            return f"'{name}'{at} is a proxy: model, served elsewhere and never started: it stands outside the matrix"
         model = self.aliases.get(name) if isinstance(name, str) else None
         if model is not None:  # aliases are the clients' names; the config names models otherwise
             rule = (

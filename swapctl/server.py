@@ -30,6 +30,8 @@ from swapctl.proxy import build_app
 from swapctl.proxy.guard import is_loopback
 from swapctl.proxy.http1 import Http1Upstream
 from swapctl.proxy.transport import AiohttpTransport, no_cookies
+from swapctl.proxy.upstream import HttpxUpstream
+from swapctl.remote import Watch
 
 log = logging.getLogger("swapctl")
 
@@ -87,9 +89,12 @@ async def serve(
         else await watch_gpus(metrics, inventory, backend, loaded.instance, loaded.gpu_memory)
     )
     upstream = Http1Upstream()  # forwarding: kept-alive connections, httptools' parser
-    async with httpx.AsyncClient(  # health checks
-        timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
-    ) as client:
+    async with (
+        httpx.AsyncClient(  # health checks
+            timeout=timeout, transport=AiohttpTransport(), cookies=no_cookies()
+        ) as client,
+        httpx.AsyncClient(timeout=timeout, cookies=no_cookies()) as elsewhere,  # peers, proxy: models (https)
+    ):
         swapper = Swapper(loaded, backend, client, metrics=metrics, inventory=gpus, measures=measures)
         adopted = await swapper.adopt()
         log.info(
@@ -110,6 +115,8 @@ async def serve(
             stop_on_exit=stop_on_exit,
             listen_host=host,
             reload=reloader.reload,
+            elsewhere=HttpxUpstream(elsewhere),
+            watch=Watch(lambda: swapper.config.peers, elsewhere),
         )
         try:
             async with reloader.serving(watch):

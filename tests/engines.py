@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from netns import Namespace, run, stop_pid
 
-from swapctl.backend.engine import Engine, Tls
+from swapctl.config.hosts import Engine, Tls
 
 TLS_PORT = 2376
 SSH_PORT = 22

@@ -27,7 +27,7 @@ import paramiko
 import requests.exceptions
 
 from swapctl.backend.base import Container
-from swapctl.backend.engine import LOCAL, Engine
+from swapctl.config.hosts import LOCAL, Engine
 from swapctl.backend.lines import split_lines
 from swapctl.backend.progress import LayerReport, PullListener
 from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing, PullFailed

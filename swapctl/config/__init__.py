@@ -19,7 +19,7 @@ from swapctl.config.document import read_yaml
 from swapctl.config.envfile import parse_env_file
 from swapctl.config.file import ConfigFile, GroupConfig, MatrixConfig, ModelConfig, json_schema
 from swapctl.config.interpolation import InterpolationError, substitute
-from swapctl.config.resolved import Config, Model, Timeouts, load_config, parse_config
+from swapctl.config.resolved import Config, Model, Peer, Remote, Routed, Timeouts, load_config, parse_config
 from swapctl.config.scalars import (
     DEFAULT_GRACE,
     MAX_CONCURRENCY,
@@ -63,6 +63,9 @@ __all__ = [
     "Model",
     "ModelConfig",
     "Network",
+    "Peer",
+    "Remote",
+    "Routed",
     "TemplateInfo",
     "Timeouts",
     "Ulimit",

@@ -10,17 +10,20 @@ import re
 import shlex
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainValidator,
     SecretStr,
     StrictBool,
     StrictInt,
+    Tag,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -30,6 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from swapctl.config.compose import env_file_entries, unsupported_key
 from swapctl.config.filters import PROTECTED as PROTECTED_PARAMS
+from swapctl.config.hosts import DEFAULT_TIMEOUT, LOCAL_NAME, check_address, check_docker
 from swapctl.config.metadata import json_metadata
 from swapctl.config.scalars import (
     DEFAULT_GRACE,
@@ -417,7 +421,37 @@ class ModelTimeoutsConfig(_Strict):
     idle: OwnTimeout = Field(None, description=f"{_IDLE}; absent: the global one.")
 
 
-class ModelConfig(_Strict):
+class _Routed(_Strict):
+    """What every model has, wherever it is served: its names, how it is listed, and how
+    requests for it are forwarded."""
+
+    aliases: tuple[str, ...] = ()
+    # how GET /v1/models shows it; none of them changes its container
+    name: str | None = Field(None, max_length=256, description="A display name, in GET /v1/models.")
+    description: str | None = Field(
+        None, max_length=4096, description="What the model is for, in GET /v1/models."
+    )
+    metadata: Annotated[dict[str, Any], WithJsonSchema({"type": "object"})] = Field(
+        default_factory=dict,
+        description="Any values, returned as written under `meta.llamaswap` in GET /v1/models (dates as "
+        "ISO 8601 strings).",
+    )
+    unlisted: StrictBool = Field(
+        False,
+        description="Left out of GET /v1/models (and its aliases and variants); requests still reach it.",
+    )
+    filters: FiltersConfig = Field(
+        default_factory=FiltersConfig, description="Changes to JSON request bodies before they are forwarded."
+    )
+    use_model_name: str | None = Field(None, alias="useModelName", description="Model name sent upstream.")
+    concurrency_limit: StrictInt = Field(10, alias="concurrencyLimit", ge=1, le=MAX_CONCURRENCY)
+    timeouts: ModelTimeoutsConfig = Field(
+        default_factory=ModelTimeoutsConfig,
+        description="Limits on waiting for this model's server, key by key over the global `timeouts`.",
+    )
+
+
+class ModelConfig(_Routed):
     """One model: a container definition (Compose keys) plus swapctl's own keys."""
 
     image: str = Field(
@@ -500,31 +534,12 @@ class ModelConfig(_Strict):
         "its GPU memory, instead of stopping it; a request wakes it (POST /wake_up). Needs vLLM's "
         "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 (see the vllm template).",
     )
-    aliases: tuple[str, ...] = ()
-    # how GET /v1/models shows it; none of them changes its container
-    name: str | None = Field(None, max_length=256, description="A display name, in GET /v1/models.")
-    description: str | None = Field(
-        None, max_length=4096, description="What the model is for, in GET /v1/models."
-    )
-    metadata: Annotated[dict[str, Any], WithJsonSchema({"type": "object"})] = Field(
-        default_factory=dict,
-        description="Any values, returned as written under `meta.llamaswap` in GET /v1/models (dates as "
-        "ISO 8601 strings).",
-    )
-    unlisted: StrictBool = Field(
-        False,
-        description="Left out of GET /v1/models (and its aliases and variants); requests still reach it.",
-    )
-    filters: FiltersConfig = Field(
-        default_factory=FiltersConfig, description="Changes to JSON request bodies before they are forwarded."
-    )
     ttl: StrictInt | None = Field(
         None,
         ge=0,
         le=MAX_DURATION,
         description="Stop after this many idle seconds; 0 never, even with globalTTL; absent: globalTTL.",
     )
-    use_model_name: str | None = Field(None, alias="useModelName", description="Model name sent upstream.")
     health_check_timeout: StrictInt | None = Field(
         None,
         alias="healthCheckTimeout",
@@ -532,15 +547,10 @@ class ModelConfig(_Strict):
         le=MAX_HEALTH_TIMEOUT,
         description="Seconds this model may take to answer its health check; absent: the global one.",
     )
-    concurrency_limit: StrictInt = Field(10, alias="concurrencyLimit", ge=1, le=MAX_CONCURRENCY)
     send_loading_state: StrictBool | None = Field(
         None,
         alias="sendLoadingState",
         description="While it starts, tell streamed chat requests how it goes; absent: the global one.",
-    )
-    timeouts: ModelTimeoutsConfig = Field(
-        default_factory=ModelTimeoutsConfig,
-        description="Limits on waiting for this model's server, key by key over the global `timeouts`.",
     )
 
     @field_validator("command", "entrypoint", mode="before")
@@ -612,6 +622,87 @@ class ModelConfig(_Strict):
         return self
 
 
+def _http_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL of a server, got {text!r}")
+    return text.rstrip("/")
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url), WithJsonSchema({"type": "string", "format": "uri"})]
+
+
+class ProxyModelConfig(_Routed):
+    """A model served elsewhere by an OpenAI-compatible server that already runs: routed like
+    any model, never started or stopped, outside the matrix."""
+
+    proxy: HttpUrl = Field(
+        description="The server's URL (http(s)://host:port[/prefix]); requests go to it with their own "
+        "path: /v1/chat/completions -> URL/v1/chat/completions. Instead of an image."
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        alias="apiKey",
+        description="Sent as `Authorization: Bearer KEY` to the server (the client's key is swapctl's and "
+        "never sent on); `${NAME}` reads it from the environment.",
+    )
+
+
+def _model_kind(value: object) -> str:
+    """A model with `proxy` is served elsewhere; any other is a container."""
+    found = (isinstance(value, dict) and "proxy" in value) or isinstance(value, ProxyModelConfig)
+    return PROXY_TAG if found else CONTAINER_TAG
+
+
+PROXY_TAG, CONTAINER_TAG = "proxy model", "container model"  # dropped from error paths
+AnyModel = Annotated[
+    Annotated[ModelConfig, Tag(CONTAINER_TAG)] | Annotated[ProxyModelConfig, Tag(PROXY_TAG)],
+    Discriminator(_model_kind),
+]
+
+
+class PeerTimeoutsConfig(_Strict):
+    """How long forwarding waits on a peer: its own cold starts included."""
+
+    connect: Timeout = Field(10.0, description=f"{_CONNECT}. Default: 10s.")
+    response_header: Timeout = Field(
+        0.0,
+        alias="responseHeader",
+        description=f"{_RESPONSE_HEADER}. Default: 0, no limit: the peer may start the model first "
+        "(llama-swap's 60s would cut a cold start).",
+    )
+
+
+def _peer_models(value: object) -> tuple[str, ...] | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, list) and all(isinstance(name, str) and name for name in value):
+        return tuple(value)
+    raise ValueError("expected `auto` or a list of the model IDs the peer serves")
+
+
+class PeerConfig(_Strict):
+    """Another swapctl (or llama-swap, or any OpenAI-compatible server) whose models this one
+    routes to; llama-swap's keys."""
+
+    proxy: HttpUrl = Field(description="The peer's URL, such as http://gpu2.lan:8080.")
+    api_key: SecretStr | None = Field(
+        None,
+        alias="apiKey",
+        description="Sent as `Authorization: Bearer KEY` to the peer; `${NAME}` reads it.",
+    )
+    models: Annotated[
+        tuple[str, ...] | Literal["auto"],
+        PlainValidator(_peer_models),
+        WithJsonSchema({"anyOf": [{"const": "auto"}, _NAMES]}),
+    ] = Field(
+        "auto",
+        description="The model IDs the peer serves, or `auto` (the default): read from its GET /v1/models "
+        "and followed as it changes.",
+    )
+    timeouts: PeerTimeoutsConfig = Field(default_factory=PeerTimeoutsConfig)
+
+
 class MatrixConfig(_Strict):
     vars: dict[str, str] = Field(default_factory=dict, description="Short names for model IDs.")
     evict_costs: EvictCostsKey = Field(
@@ -652,6 +743,36 @@ class StartupHooks(_Strict):
     preload: tuple[str, ...] = Field((), description="Models started when `swapctl up` starts, in order.")
 
 
+class HostTlsConfig(_Strict):
+    """As `docker --tlsverify --tlscacert --tlscert --tlskey`: paths relative to this file."""
+
+    ca: str | None = Field(None, description="The CA that signed the engine's certificate (PEM).")
+    cert: str | None = Field(
+        None, description="This side's client certificate (PEM), signed by a CA the engine trusts."
+    )
+    key: str | None = Field(None, description="The client certificate's key (PEM).")
+    verify: StrictBool = Field(True, description="Check the engine's certificate against `ca`.")
+
+
+class HostConfig(_Strict):
+    """Another machine's Docker engine: how to reach it. (Its own matrix and hardware, and
+    which models it serves, come with the lifecycle's hosts; not yet.)"""
+
+    docker: Annotated[str, AfterValidator(check_docker)] = Field(
+        description="The engine: tcp://HOST:PORT (with `tls`), ssh://[USER@]HOST[:PORT] (the user's "
+        "~/.ssh config and known_hosts), unix:///PATH, or a Docker context's name."
+    )
+    tls: HostTlsConfig | None = Field(None, description="Mutual TLS for a tcp:// engine.")
+    address: Annotated[str | None, AfterValidator(check_address)] = Field(
+        None,
+        description="The IP its containers publish their port on, where swapctl reaches them; absent: "
+        "the docker URL's host, when it is an IP.",
+    )
+    timeout: float = Field(
+        DEFAULT_TIMEOUT, gt=0, le=3600, description="Seconds a call to the engine may wait for its answer."
+    )
+
+
 class Hooks(_Strict):
     on_startup: StartupHooks = Field(default_factory=StartupHooks)
 
@@ -680,7 +801,10 @@ def _host_name(value: str) -> str:
 class ConfigFile(_Strict):
     """The whole file, every default of every key written here and nowhere else."""
 
-    models: dict[str, ModelConfig]
+    models: dict[str, AnyModel]
+    peers: dict[str, PeerConfig] = Field(
+        default_factory=dict, description="Other boxes whose models this one routes to, by name."
+    )
     matrix: MatrixConfig | None = None
     groups: dict[str, GroupConfig] | None = None
     instance: str = Field(
@@ -768,6 +892,11 @@ class ConfigFile(_Strict):
         description="Host names the proxy answers to besides the listen host, loopback names and IP "
         "addresses (a guard against DNS rebinding): `name`, `*.example.com`, or `*` for any.",
     )
+    hosts: dict[str, HostConfig] = Field(
+        default_factory=dict,
+        description=f"Other machines' Docker engines, by name (`{LOCAL_NAME}` is this machine's): how to "
+        "reach each. Not yet used to run models.",
+    )
 
 
 def parse_file(document: object) -> ConfigFile:
@@ -777,8 +906,8 @@ def parse_file(document: object) -> ConfigFile:
         shape = ConfigFile.model_validate(document)
     except ValidationError as error:
         raise _translate(error) from None
-    if not shape.models:
-        raise ConfigError("models", "no models: define at least one")
+    if not shape.models and not shape.peers:
+        raise ConfigError("models", "no models: define at least one (or a peer that serves some)")
     return shape
 
 
@@ -786,16 +915,19 @@ def _translate(error: ValidationError) -> ConfigError:
     """pydantic's first error (an unknown key first: likely a typo) under its key path."""
     errors = error.errors()
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    path = ".".join(str(part) for part in first["loc"])
+    loc = tuple(part for part in first["loc"] if part not in (PROXY_TAG, CONTAINER_TAG))
+    path = ".".join(str(part) for part in loc)
     kind, message = first["type"], first["msg"].removeprefix("Value error, ")
     message = message[:1].lower() + message[1:]
+    if kind == "extra_forbidden" and PROXY_TAG in first["loc"] and loc[-1] in ModelConfig.model_fields:
+        return ConfigError(path, f"a model with `proxy` runs no container: '{loc[-1]}' does not apply")
     if kind == "extra_forbidden":  # a Compose key swapctl does not support, or a typo
-        return ConfigError(path, unsupported_key(first["loc"]) or f"unknown key '{first['loc'][-1]}'")
+        return ConfigError(path, unsupported_key(loc) or f"unknown key '{loc[-1]}'")
     if kind == "missing":
         return ConfigError(path, "required key is missing")
     if kind == "conflict":
         return ConfigError(path, message)
-    if first["loc"][:1] == ("apiKeys",):  # a key is never shown, not even a malformed one
+    if loc[:1] == ("apiKeys",) or loc[-1:] == ("apiKey",):  # a key is never shown, even a malformed one
         return ConfigError(path, message)
     return ConfigError(path, f"{message}, got {first['input']!r}" if "got" not in message else message)
 

@@ -31,11 +31,15 @@ from swapctl.config.file import (
     GroupConfig,
     ModelConfig,
     ModelTimeoutsConfig,
+    PeerConfig,
+    ProxyModelConfig,
     TimeoutsConfig,
+    _Routed,
     parse_file,
 )
 from swapctl.config.filters import Filters, Settings
 from swapctl.config.hardware import fit_policy, footprint
+from swapctl.config.hosts import Engine, parse_hosts
 from swapctl.config.scalars import DEFAULT_GRACE
 from swapctl.config.service import DeviceRequest, Network, Ulimit
 from swapctl.config.templates import load_template, template_name
@@ -47,8 +51,8 @@ from swapctl.names import Kind, Names
 
 # the names a request (or a hook, which starts models as requests do) and a person may use;
 # computed once, as a request resolves its model on every call
-REQUEST_NAMES = Kind.ID | Kind.ALIAS
-PERSON_NAMES = Kind.VAR | Kind.ID | Kind.ALIAS
+REQUEST_NAMES = Kind.ID | Kind.ALIAS | Kind.REMOTE
+PERSON_NAMES = Kind.VAR | Kind.ID | Kind.ALIAS  # commands act on what runs here
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +65,42 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
-class Model:
+class Routed:
+    """What every model has, wherever it is served: its names, its entry in the model list,
+    and how requests for it are forwarded."""
+
+    aliases: tuple[str, ...]
+    name: str | None  # its display name in the model list
+    description: str | None
+    metadata: Mapping[str, Any]  # JSON values, as written; the list returns them under meta.llamaswap
+    unlisted: bool  # left out of the model list, still routable
+    filters: Filters  # applied to a JSON body before it is forwarded
+    use_model_name: str | None
+    concurrency_limit: int
+    timeouts: Timeouts  # each its own, else the global one's (0 in the file: None, no limit)
+
+
+@dataclass(frozen=True)
+class Remote(Routed):
+    """A model served elsewhere (`proxy: URL`): routed like any model, never started."""
+
+    url: str  # without a trailing slash; a request's path is appended
+    api_key: SecretStr | None = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another box whose models this one routes to."""
+
+    name: str
+    url: str
+    api_key: SecretStr | None = field(repr=False)
+    models: tuple[str, ...] | None  # None: `auto`, read from its GET /v1/models
+    timeouts: Timeouts
+
+
+@dataclass(frozen=True)
+class Model(Routed):
     """One model as swapctl runs it: its keys (Compose names), its template merged in."""
 
     image: str
@@ -96,25 +135,18 @@ class Model:
     device_requests: tuple[DeviceRequest, ...]  # deploy.resources.reservations.devices (gpus: is apart)
     vram: int | None  # bytes on each GPU it uses; None: unknown
     sleep: int | None  # vLLM's sleep level when evicted (1 or 2); None: evicted by stopping
-    aliases: tuple[str, ...]
-    name: str | None  # its display name in the model list
-    description: str | None
-    metadata: Mapping[str, Any]  # JSON values, as written; the list returns them under meta.llamaswap
-    unlisted: bool  # left out of the model list, still routable
-    filters: Filters  # applied to a JSON body before it is forwarded
-    use_model_name: str | None
-    concurrency_limit: int
     ttl: int  # idle seconds before it stops, 0 never: its own ttl, else globalTTL
     health_check_timeout: int  # seconds: its own, else the global healthCheckTimeout
     send_loading_state: bool  # its own, else the global sendLoadingState
-    timeouts: Timeouts  # each its own, else the global one's (0 in the file: None, no limit)
 
 
 @dataclass(frozen=True)
 class Config:
     """The parsed configuration, built only by `parse_config`."""
 
-    models: Mapping[str, Model]
+    models: Mapping[str, Model]  # the containers swapctl runs
+    remotes: Mapping[str, Remote]  # `proxy:` models: served elsewhere, never started
+    peers: Mapping[str, Peer]
     names: Names
     policy: Policy
     preload: tuple[str, ...]  # model IDs
@@ -133,6 +165,9 @@ class Config:
     evict_costs: Mapping[str, CostRule]  # matrix.evict_costs by model ID, `auto` included; others cost 1
     variants: Mapping[str, str]  # filters.setParamsByID's own IDs -> model ID (they resolve as aliases)
     include_aliases_in_list: bool  # the model list shows each alias as an entry too
+    # the Docker engines by host name, `local` (this machine's) among them: how to reach each.
+    # What each runs (its matrix, hardware, models) is the lifecycle's, to come beside it.
+    hosts: Mapping[str, Engine]
 
     @property
     def aliases(self) -> Mapping[str, str]:
@@ -166,6 +201,11 @@ class Config:
         found = self.models.get(model)
         return found.stop_grace_period if found else DEFAULT_GRACE
 
+    def routed(self, model: str) -> Routed:
+        """How requests for a model ID are forwarded: a container's or a `proxy:` model's."""
+        found: Routed | None = self.models.get(model)
+        return found if found is not None else self.remotes[model]
+
     def resolve(self, name: str) -> str | None:
         """A model ID from a model ID or an alias (as API requests name models); else None."""
         try:
@@ -174,11 +214,19 @@ class Config:
             return None
 
     def resolve_any(self, name: str) -> str:
-        """A model ID from a matrix var, a model ID or an alias (as a person types them)."""
+        """A model ID from a matrix var, a model ID or an alias (as a person types them): a
+        model that runs here, never one served elsewhere."""
         try:
-            return self.names.resolve(name, PERSON_NAMES)
-        except ConfigError:
+            model = self.names.resolve(name, PERSON_NAMES)
+        except ConfigError as error:
+            if name in self.remotes:
+                raise ConfigError("", error.message) from None
             raise UnknownModelError(name, tuple(self.models)) from None
+        if model in self.remotes:  # an alias of one
+            raise ConfigError(
+                "", f"'{name}' names proxy: model '{model}', served elsewhere: nothing runs here"
+            )
+        return model
 
 
 def _model(own: ModelConfig, shape: ConfigFile) -> Model:
@@ -192,19 +240,14 @@ def _model(own: ModelConfig, shape: ConfigFile) -> Model:
         "ttl",
         "health_check_timeout",
         "send_loading_state",
-        "filters",
-        "timeouts",
         *_LIMITS,
+        *_Routed.model_fields,
     }
     keys = {name: getattr(own, name) for name in type(own).model_fields if name not in resolved}
     return Model(
         **keys,
+        **_routed(own, shape),
         **_limits(own),
-        filters=Filters(
-            strip=own.filters.strip_params,
-            set=Settings.of(own.filters.set_params),
-            by_id={name: Settings.of(values) for name, values in own.filters.set_params_by_id.items()},
-        ),
         ttl=shape.global_ttl if own.ttl is None else own.ttl,
         health_check_timeout=(
             shape.health_check_timeout if own.health_check_timeout is None else own.health_check_timeout
@@ -212,8 +255,40 @@ def _model(own: ModelConfig, shape: ConfigFile) -> Model:
         send_loading_state=(
             shape.send_loading_state if own.send_loading_state is None else own.send_loading_state
         ),
-        timeouts=_timeouts(own.timeouts, shape.timeouts),
     )
+
+
+def _routed(own: _Routed, shape: ConfigFile) -> dict[str, Any]:
+    """The keys every model has, resolved: its filters, its timeouts over the global ones."""
+    keys = {name: getattr(own, name) for name in _Routed.model_fields if name not in ("filters", "timeouts")}
+    return {
+        **keys,
+        "filters": Filters(
+            strip=own.filters.strip_params,
+            set=Settings.of(own.filters.set_params),
+            by_id={name: Settings.of(values) for name, values in own.filters.set_params_by_id.items()},
+        ),
+        "timeouts": _timeouts(own.timeouts, shape.timeouts),
+    }
+
+
+def _remote(own: ProxyModelConfig, shape: ConfigFile) -> Remote:
+    return Remote(**_routed(own, shape), url=own.proxy, api_key=own.api_key)
+
+
+def _peer(name: str, own: PeerConfig, shape: ConfigFile) -> Peer:
+    limits = own.timeouts
+    timeouts = Timeouts(limits.connect or None, limits.response_header or None, shape.timeouts.idle or None)
+    models = None if own.models == "auto" else own.models
+    return Peer(name=name, url=own.proxy, api_key=own.api_key, models=models, timeouts=timeouts)
+
+
+def _preloaded(names: Names, name: str, i: int) -> str:
+    where = f"hooks.on_startup.preload.{i}"
+    model = names.resolve(name, REQUEST_NAMES, where=where)
+    if model in names.remotes:
+        raise ConfigError(where, f"'{name}' is a proxy: model, served elsewhere: swapctl never starts it")
+    return model
 
 
 def _timeouts(own: ModelTimeoutsConfig, shared: TimeoutsConfig) -> Timeouts:
@@ -252,7 +327,7 @@ def _limits(own: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
+def _aliases(models: Mapping[str, _Routed]) -> dict[str, str]:
     aliases: dict[str, str] = {}
     for model_id, model in models.items():
         for alias in model.aliases:
@@ -265,7 +340,7 @@ def _aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
     return aliases
 
 
-def _variants(models: Mapping[str, ModelConfig], aliases: Mapping[str, str]) -> dict[str, str]:
+def _variants(models: Mapping[str, _Routed], aliases: Mapping[str, str]) -> dict[str, str]:
     """The IDs `filters.setParamsByID` adds: each routes to its model as an alias does. An
     entry under the model's own ID or one of its aliases adds none; any other name is taken."""
     variants: dict[str, str] = {}
@@ -339,18 +414,19 @@ def parse_config(
 
 def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str]) -> Config:
     shape = parse_file(apply_env_files(composed, env_files(composed.document, base_dir), env_file_texts))
-    models = {model_id: _model(model, shape) for model_id, model in shape.models.items()}
+    models = {m: _model(own, shape) for m, own in shape.models.items() if isinstance(own, ModelConfig)}
+    remotes = {m: _remote(own, shape) for m, own in shape.models.items() if isinstance(own, ProxyModelConfig)}
     gpus = tuple(gpu.memory for gpu in shape.hardware.gpus) if shape.hardware else None
     aliases = _aliases(shape.models)
     variants = _variants(shape.models, aliases)
-    policy, names = _policy(shape, Names(frozenset(shape.models), {**aliases, **variants}), models, gpus)
+    known = Names(frozenset(models), {**aliases, **variants}, remotes=frozenset(remotes))
+    policy, names = _policy(shape, known, models, gpus)
     matrix_costs = shape.matrix.evict_costs if shape.matrix else {}
-    preload = tuple(
-        names.resolve(name, REQUEST_NAMES, where=f"hooks.on_startup.preload.{i}")
-        for i, name in enumerate(shape.hooks.on_startup.preload)
-    )
+    preload = tuple(_preloaded(names, name, i) for i, name in enumerate(shape.hooks.on_startup.preload))
     return Config(
         models=models,
+        remotes=remotes,
+        peers={name: _peer(name, own, shape) for name, own in shape.peers.items()},
         names=names,
         policy=policy,
         preload=preload,
@@ -368,6 +444,7 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         evict_costs=compile_cost_rules(names, tuple(models), matrix_costs),
         variants=variants,
         include_aliases_in_list=shape.include_aliases_in_list,
+        hosts=parse_hosts(shape.hosts, base_dir),
     )
 
 

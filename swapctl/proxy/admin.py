@@ -23,6 +23,7 @@ from swapctl.lifecycle import Event, Reload, Subscription, Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy import catalog
 from swapctl.proxy.errors import error_body
+from swapctl.remote import Places
 
 log = logging.getLogger("swapctl")
 # paths answered here (a request to one with another method is a 405, not a 404)
@@ -60,11 +61,12 @@ class Admin:
         recent: RecentLines,
         resolve: Callable[[str], str],
         reload: Reload | None = None,
+        places: Places | None = None,
     ) -> None:
         self.swapper, self.metrics, self.recent = swapper, metrics, recent
         self.resolve, self.reload_file = resolve, reload
         self.created = int(time.time())
-        self.catalog = catalog.Catalog(swapper, resolve, self.created)
+        self.catalog = catalog.Catalog(swapper, resolve, self.created, places)
         recent.tell = swapper.activity.logged
 
     def routes(self) -> list[Route]:

@@ -20,6 +20,7 @@ from swapctl.proxy.forwarding import MODEL_ROUTES, Forwarder
 from swapctl.proxy.guard import Guard
 from swapctl.proxy.upstream import Upstream
 from swapctl.proxy.websocket import Sockets
+from swapctl.remote import Places, Watch
 
 log = logging.getLogger("swapctl")
 ANY_METHOD = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
@@ -37,15 +38,30 @@ def build_app(
     listen_host: str | None = None,
     reload: Reload | None = None,
     tick: float = 1.0,
+    elsewhere: Upstream | None = None,
+    watch: Watch | None = None,
 ) -> ASGIApp:
     """`upstream` reaches the models' servers (its owner closes it); `listen_host` (default:
     the config's `listen`) is the name the Host check accepts besides loopback names, IP
     addresses and `allowedHosts`; `reload` reads the config file again for POST /reload;
-    `tick` is the seconds between notes of progress to a streamed request that waits.
+    `tick` is the seconds between notes of progress to a streamed request that waits;
+    `elsewhere` reaches peers and `proxy:` models' servers (default: `upstream`), `watch`
+    probes the peers (default: one with a client of its own).
     Routes read the config through `swapper.config`, which a reload replaces."""
     recent = admin.RecentLines()
-    forwarder = Forwarder(swapper, upstream, metrics, known=admin.PATHS, prefixes=admin.PREFIXES, tick=tick)
-    own = admin.Admin(swapper, metrics, recent, forwarder.resolve, reload)
+    watch = watch or Watch(lambda: swapper.config.peers, None)
+    places = Places(swapper, watch)
+    forwarder = Forwarder(
+        swapper,
+        upstream,
+        metrics,
+        known=admin.PATHS,
+        prefixes=admin.PREFIXES,
+        tick=tick,
+        places=places,
+        elsewhere=elsewhere,
+    )
+    own = admin.Admin(swapper, metrics, recent, forwarder.resolve, reload, places)
     routes: list[BaseRoute] = [
         Route(path, forwarder.model_request, methods=["POST"]) for path in MODEL_ROUTES
     ]
@@ -56,7 +72,7 @@ def build_app(
         Route("/{path:path}", forwarder.by_query, methods=ANY_METHOD),
     ]
     routes += Sockets(forwarder).routes()  # WebSockets on the same paths as the two above
-    duties = Duties(swapper, recent, check_interval, preload=preload, stop_on_exit=stop_on_exit)
+    duties = Duties(swapper, recent, check_interval, watch, preload=preload, stop_on_exit=stop_on_exit)
     rest = Starlette(routes=routes, lifespan=duties.lifespan, exception_handlers=forwarder.handlers)
     return Guard(
         ModelRoutes(forwarder, rest),
@@ -92,17 +108,21 @@ class Duties:
         swapper: Swapper,
         recent: admin.RecentLines,
         interval: float,
+        watch: Watch,
         *,
         preload: bool,
         stop_on_exit: bool,
     ) -> None:
-        self.swapper, self.recent, self.interval = swapper, recent, interval
+        self.swapper, self.recent, self.interval, self.watch = swapper, recent, interval, watch
         self.preload, self.stop_on_exit = preload, stop_on_exit
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         log.addHandler(self.recent)
-        tasks = [asyncio.create_task(self.swapper.upkeep(self.interval))]
+        tasks = [
+            asyncio.create_task(self.swapper.upkeep(self.interval)),
+            asyncio.create_task(self.watch.run()),
+        ]
         if self.preload:
             tasks.append(asyncio.create_task(self.swapper.preload()))
         try:
@@ -110,6 +130,7 @@ class Duties:
         finally:
             for task in tasks:
                 task.cancel()
+            await self.watch.aclose()
             if self.stop_on_exit:
                 await self.swapper.unload()
             log.removeHandler(self.recent)

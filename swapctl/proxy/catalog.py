@@ -46,6 +46,7 @@ from swapctl.config import Config
 from swapctl.errors import RequestError
 from swapctl.lifecycle import State, Swapper
 from swapctl.proxy.forwarding import json_model, read_body
+from swapctl.remote import Places
 
 # swapctl's states by the names llama-server's router gives its models' states
 STATUS: Mapping[State, str] = {
@@ -66,8 +67,8 @@ Entry = dict[str, Any]
 
 def entry(config: Config, listed_as: str, model: str, status: Mapping[str, Any], created: int) -> Entry:
     """The entry of `model` under the id `listed_as` (its ID, an alias or a variant)."""
-    own = config.models[model]
     found: Entry = {"id": listed_as, "object": "model", "created": created, "owned_by": "swapctl"}
+    own = config.routed(model)
     found |= {key: value for key, value in (("name", own.name), ("description", own.description)) if value}
     found["aliases"] = list(own.aliases)
     found["status"] = dict(status)
@@ -76,12 +77,25 @@ def entry(config: Config, listed_as: str, model: str, status: Mapping[str, Any],
     return found
 
 
+def peer_entry(model: str, peer: str, status: Mapping[str, Any], created: int) -> Entry:
+    """The entry of a model only peers serve: its ID, its status, the first peer that serves it."""
+    return {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "swapctl",
+        "aliases": [],
+        "status": dict(status),
+        "meta": {"llamaswap": {"peer": peer}},
+    }
+
+
 def listed(config: Config) -> Iterator[tuple[str, str]]:
     """(id, model ID) of each entry of the list, in the config's order."""
     variants: dict[str, list[str]] = {}
     for name, model in config.variants.items():
         variants.setdefault(model, []).append(name)
-    for model, own in config.models.items():
+    for model, own in [*config.models.items(), *config.remotes.items()]:
         if own.unlisted:
             continue
         yield model, model
@@ -100,10 +114,14 @@ def catalog(config: Config, statuses: Mapping[str, Mapping[str, Any]], created: 
 
 class Catalog:
     """The routes. `resolve` turns a name (ID, alias, variant) into a model ID or raises
-    UnknownModelError (a 404)."""
+    UnknownModelError (a 404); `places` knows the models served elsewhere and their state."""
 
-    def __init__(self, swapper: Swapper, resolve: Callable[[str], str], created: int) -> None:
-        self.swapper, self.resolve, self.created = swapper, resolve, created
+    def __init__(
+        self, swapper: Swapper, resolve: Callable[[str], str], created: int, places: Places | None = None
+    ) -> None:
+        self.swapper, self.created = swapper, created
+        self.places = places
+        self.resolve = places.resolve if places is not None else resolve
 
     def routes(self) -> list[Route]:
         return [
@@ -115,7 +133,10 @@ class Catalog:
         ]
 
     def status(self, model: str) -> dict[str, Any]:
-        """Its status object: STATUS, and whether its last start failed while it is unloaded."""
+        """Its status object: STATUS, and whether its last start failed while it is unloaded;
+        for a model served elsewhere (too), the nearest to serving of its places'."""
+        if self.places is not None and model not in self.swapper.config.models:
+            return self.places.status(model)
         slot = self.swapper.slots.get(model)
         value = STATUS[slot.state] if slot is not None else "unloaded"
         last = next((swap for swap in reversed(self.swapper.activity.swaps) if swap.model == model), None)
@@ -127,18 +148,30 @@ class Catalog:
 
     async def models(self, request: Request) -> Response:
         config = self.swapper.config
-        statuses = {model: self.status(model) for model in config.models}
-        return JSONResponse({"object": "list", "data": catalog(config, statuses, self.created)})
+        statuses = {model: self.status(model) for model in [*config.models, *config.remotes]}
+        data = catalog(config, statuses, self.created)
+        if self.places is not None:  # the peers' models, each once, after this config's
+            seen = {*config.models, *config.remotes}
+            for model, place in self.places.offered():
+                if model not in seen and place.peer is not None:
+                    seen.add(model)
+                    data.append(peer_entry(model, place.peer.name, self.status(model), self.created))
+        return JSONResponse({"object": "list", "data": data})
 
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         model = self.resolve(name)
-        return JSONResponse(entry(self.swapper.config, name, model, self.status(model), self.created))
+        config = self.swapper.config
+        if model in config.models or model in config.remotes or self.places is None:
+            return JSONResponse(entry(config, name, model, self.status(model), self.created))
+        peer = next(place.peer.name for m, place in self.places.offered() if m == model and place.peer)
+        return JSONResponse(peer_entry(model, peer, self.status(model), self.created))
 
     async def load(self, request: Request) -> Response:
         """Load the model as a request would (the matrix decides what stops); answer once it
         is loaded."""
         model = await self._named(request)
+        self._here(model)
         status = self.status(model)["value"]
         if status in ("loaded", "loading"):
             raise RequestError(400, f"model '{model}' is already running ({status})", "model_already_running")
@@ -149,9 +182,18 @@ class Catalog:
     async def unload(self, request: Request) -> Response:
         """Stop the model once its requests in flight finish; answer once it is stopped."""
         model = await self._named(request)
+        self._here(model)
         if not await self.swapper.unload(model):
             raise RequestError(400, f"model '{model}' is not running", "model_not_running")
         return JSONResponse({"success": True})
+
+    def _here(self, model: str) -> None:
+        """A model this box does not run is loaded and unloaded where it runs."""
+        if model not in self.swapper.config.models:
+            message = (
+                f"model '{model}' is served elsewhere (a peer or a proxy: model): load and unload it there"
+            )
+            raise RequestError(400, message, "model_elsewhere")
 
     async def _named(self, request: Request) -> str:
         """The model a router request's JSON body names: 400 for a body without one."""

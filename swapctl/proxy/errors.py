@@ -20,6 +20,8 @@ from starlette.responses import JSONResponse, Response
 from swapctl.errors import (
     BackendError,
     Busy,
+    ElsewhereUnavailable,
+    Loop,
     RequestError,
     ShuttingDown,
     StartError,
@@ -39,6 +41,8 @@ ANSWERS: Mapping[type[SwapctlError], tuple[int, str, str]] = {
     StartError: (502, "server_error", "model_start_failed"),
     BackendError: (503, "server_error", "backend_error"),
     UpstreamTimeout: (504, "server_error", "upstream_timeout"),
+    ElsewhereUnavailable: (502, "server_error", "upstream_unavailable"),
+    Loop: (508, "invalid_request_error", "loop_detected"),
     ShuttingDown: (503, "server_error", "shutting_down"),
 }
 RETRY_AFTER = {429: {"retry-after": "1"}}

@@ -16,17 +16,23 @@ import logging
 import posixpath
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, quote
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from swapctl.config import Config, Timeouts
-from swapctl.errors import BackendError, RequestError, UnknownModelError, UpstreamTimeout
+from swapctl.config import Config, Routed, Timeouts
+from swapctl.errors import (
+    BackendError,
+    ElsewhereUnavailable,
+    RequestError,
+    UnknownModelError,
+    UpstreamTimeout,
+)
 from swapctl.lifecycle import Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
 from swapctl.proxy.errors import ClientGone, error_body, error_event, handlers, shutting_down
@@ -44,6 +50,8 @@ from swapctl.proxy.upstream import (
     UpstreamError,
     tokens_in,
 )
+from swapctl.remote import VIA, Places, There, Watch
+from swapctl.remote.places import Sent
 
 log = logging.getLogger("swapctl")
 T = TypeVar("T")
@@ -142,6 +150,34 @@ def upstream_headers(scope: Scope, length: int | None) -> list[tuple[bytes, byte
 def events(raw: RawHeaders) -> bool:
     """Whether lower-cased headers announce an event stream."""
     return (header(raw, b"content-type") or b"").startswith(b"text/event-stream")
+
+
+def _prefix(names: Iterable[str], rest: str) -> str | None:
+    """The name (longest first) that `rest`, an `/upstream/` path, begins with."""
+    return next((n for n in names if rest == n or rest.startswith(n + "/")), None)
+
+
+def _named(body: bytes | None, model: str) -> bytes | None:
+    """A JSON body that names `model` (its ID), for a peer, which knows none of this config's
+    aliases; any other body as it is."""
+    if not body or not body.lstrip().startswith(b"{"):
+        return body
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return body
+    if not isinstance(payload, dict) or payload.get("model") in (None, model):
+        return body
+    return json.dumps({**payload, "model": model}, ensure_ascii=False).encode()
+
+
+class Hold(Protocol):
+    """What a request holds while its answer comes: a Lease on a container, or a request Sent
+    elsewhere."""
+
+    model: str
+
+    async def release(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,9 +316,15 @@ class Forwarder:
         known: Collection[str] = (),
         tick: float = 1.0,
         prefixes: tuple[str, ...] = (),
+        places: Places | None = None,
+        elsewhere: Upstream | None = None,
     ) -> None:
-        """`tick`: seconds between two notes of progress to a streamed request that waits."""
+        """`tick`: seconds between two notes of progress to a streamed request that waits;
+        `places` chooses where each request goes (here, a peer, a `proxy:` model's server),
+        `elsewhere` reaches those servers (https included)."""
         self.swapper, self.servers, self.metrics = swapper, upstream, metrics
+        self.places = places or Places(swapper, Watch(lambda: swapper.config.peers, None))
+        self.elsewhere = elsewhere or upstream
         self.handlers = handlers(metrics, swapper.slots)  # live: a reload adds and drops slots
         self.known = frozenset({*MODEL_ROUTES, *known})
         self.prefixes = prefixes  # of other routes' paths: a wrong method there is a 405
@@ -298,10 +340,20 @@ class Forwarder:
         return self.config.longest_names
 
     def resolve(self, name: str) -> str:
+        """A model this box runs, for swapctl's own routes (logs, plan, load, unload); requests
+        resolve through `places`, which knows the models served elsewhere too."""
         model = self.config.resolve(name)
         if model is None:
             raise UnknownModelError(name)
+        if model not in self.config.models:
+            message = f"model '{model}' is served elsewhere (a proxy: model): swapctl runs nothing for it"
+            raise RequestError(400, message, "model_elsewhere")
         return model
+
+    def _routed(self, model: str) -> Routed | None:
+        """How the config forwards requests for `model`; None for a model only peers serve."""
+        config = self.config
+        return config.models.get(model) or config.remotes.get(model)
 
     async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         """A model route, as a plain ASGI app: the hot path goes past Starlette's router and
@@ -327,17 +379,18 @@ class Forwarder:
                     400, "a multipart body needs a boundary in its content-type", "invalid_form"
                 )
             name = form_model(raw, boundary)
-            model = self.resolve(name.decode(errors="replace"))
-            upstream_name = self.config.models[model].use_model_name
+            model = self.places.resolve(name.decode(errors="replace"))
+            routed = self._routed(model)
+            upstream_name = routed.use_model_name if routed is not None else None
             if upstream_name:
                 raw = replace_model(raw, boundary, name, upstream_name.encode())
             streamed = False
         else:
             fallback = query_model(scope)
             if not raw.strip() and fallback:  # llama.cpp's GET-like routes, POSTed bare
-                return await self._send(self.resolve(fallback), scope, receive, scope["path"], raw)
+                return await self._send(self.places.resolve(fallback), scope, receive, scope["path"], raw)
             text, payload = json_model(raw, fallback)
-            model = self.resolve(text)
+            model = self.places.resolve(text)
             raw = self.filtered(model, text, payload) or raw
             streamed = payload.get("stream") is True
         return await self._send(model, scope, receive, scope["path"], raw, streamed)
@@ -345,7 +398,9 @@ class Forwarder:
     def filtered(self, model: str, requested: str, payload: dict[str, Any]) -> bytes | None:
         """The body to send for a JSON request that named `requested`: the model's filters
         applied, `useModelName` put in; None when neither changes anything (sent as it came)."""
-        found = self.config.models[model]
+        found = self._routed(model)
+        if found is None:  # a peer's model: the peer has its own filters
+            return None
         if not found.filters and not found.use_model_name:
             return None
         if found.filters:
@@ -357,12 +412,14 @@ class Forwarder:
     async def upstream(self, request: Request) -> Response:
         """`/upstream/<model>/<path>`: any method, untouched, for a model's own UI or API."""
         rest = request.path_params["rest"]
-        name = next((n for n in self.longest_first if rest == n or rest.startswith(n + "/")), None)
+        name = _prefix(self.longest_first, rest)
+        if name is None:  # a model only peers serve
+            name = _prefix(sorted({m for m, _ in self.places.offered()}, key=len, reverse=True), rest)
         if name is None:
             raise UnknownModelError(rest.split("/")[0])
         if rest == name and request.method in ("GET", "HEAD"):
             return self._to_root(name, request.scope["query_string"])
-        return await self._pass_on(self.resolve(name), request, rest[len(name) :] or "/")
+        return await self._pass_on(self.places.resolve(name), request, rest[len(name) :] or "/")
 
     @staticmethod
     def _to_root(name: str, query: bytes) -> Response:
@@ -380,14 +437,16 @@ class Forwarder:
             known = path in self.known or path.startswith(self.prefixes)
             status, code = (405, "method_not_allowed") if known else (404, "not_found")
             raise RequestError(status, f"no route {request.method} {path}", code)
-        return await self._pass_on(self.resolve(name), request, request.url.path)
+        return await self._pass_on(self.places.resolve(name), request, request.url.path)
 
     async def _pass_on(self, model: str, request: Request, path: str) -> Response:
         """Forward a request untouched; its path as the client spelled it (quoted again). A
         model that swapctl puts to sleep keeps its sleep routes to swapctl alone: a sleep
         behind its back would leave it forwarding to a sleeping server."""
+        found = self.config.models.get(model)
         if (
-            self.config.models[model].sleep is not None
+            found is not None
+            and found.sleep is not None
             and posixpath.normpath("/" + path.lstrip("/")) in SLEEP_ROUTES
         ):
             message = f"model '{model}': {path} is swapctl's own (it puts this model to sleep and wakes it)"
@@ -417,14 +476,45 @@ class Forwarder:
         headers = upstream_headers(scope, len(content) if sized else None)
         query = scope["query_string"]
         target = f"{path}?{query.decode('latin-1')}" if query else path
+        began = time.perf_counter()
+        where = await self.places.choose(model, scope)  # a loop, every place down: a plain answer
+        if isinstance(where, There):
+            call = Call(scope["method"], target, headers, content if sized else None, where.place.timeouts)
+            return await self._elsewhere(where, call, began)
         timeouts = self.config.models[model].timeouts
         call = Call(scope["method"], target, headers, content if sized else None, timeouts)
-        began = time.perf_counter()
         ticket = await self.swapper.admit(model)  # busy, unknown, stop-failed: a plain answer
         if streamed and not ticket.ready:
             return self._loading(ticket, call, path, began)
         lease, answer = await self.open(ticket, call)
         return await self._answer(lease, answer, began)
+
+    async def _elsewhere(self, where: There, call: Call, began: float) -> Response:
+        """Forward to a peer or a `proxy:` model's server: its key instead of the client's,
+        this node added to X-Swapctl-Via, the model named by its ID (a peer knows no alias
+        of this config). A server that does not answer counts against its circuit."""
+        place = where.place
+        dropped = {VIA, b"authorization", b"x-api-key"} if place.api_key else {VIA}
+        headers = [(n, v) for n, v in call.headers if n not in dropped]
+        headers += [(n.encode(), v.encode()) for n, v in place.headers().items()]
+        headers.append((VIA, where.via))
+        body = _named(call.body, where.model) if place.peer is not None else call.body
+        if body is not call.body and body is not None:
+            headers = [(n, b"%d" % len(body) if n == b"content-length" else v) for n, v in headers]
+        sent = Sent(where, self.places)
+        try:
+            answer = await _send_once(self.elsewhere, replace(call, headers=headers, body=body), place.url)
+        except UpstreamError as error:
+            await sent.release()
+            place.failed(str(error))
+            if isinstance(error, TimedOut):
+                raise UpstreamTimeout(f"{place.label} timed out: {error}", where.model) from None
+            raise ElsewhereUnavailable(f"{place.label} did not answer: {error}", where.model) from None
+        except BaseException:
+            await sent.release()
+            raise
+        place.answered()
+        return await self._answer(sent, answer, began)
 
     def _loading(self, ticket: Ticket, call: Call, path: str, began: float) -> Response:
         """The head now; the wait, its progress, then the answer in the body. Asked for an
@@ -461,7 +551,15 @@ class Forwarder:
                 return lease, answer
         raise AssertionError("unreachable")
 
-    async def _answer(self, lease: Lease, answer: Answer, began: float) -> Response:
+    async def _broke(self, hold: Hold, error: UpstreamError) -> None:
+        """An answer broke off: a container is checked (a crash returns its model to
+        stopped); a server elsewhere counts a failure against its circuit."""
+        if isinstance(hold, Sent):
+            hold.place.failed(str(error))
+        elif isinstance(hold, Lease):
+            await self.swapper.confirm_alive(hold)
+
+    async def _answer(self, lease: Hold, answer: Answer, began: float) -> Response:
         if not _small(answer):
             return Forwarded(answer, lease, self, began)
         try:  # a small, complete answer: one write, none of a stream's machinery
@@ -470,7 +568,7 @@ class Forwarder:
             log.warning("%s: its server timed out: %s", lease.model, error)
             raise UpstreamTimeout(f"its server timed out: {error}", lease.model) from None
         except UpstreamError as error:
-            await self.swapper.confirm_alive(lease)
+            await self._broke(lease, error)
             raise BackendError(f"the model's server did not answer: {error}", lease.model) from None
         finally:
             await answer.close()
@@ -479,7 +577,7 @@ class Forwarder:
         return Whole(answer.status, end_to_end(answer.raw_headers), whole)
 
     async def relay(
-        self, answer: Answer, lease: Lease, path: str, tally: Tally | None = None
+        self, answer: Answer, lease: Hold, path: str, tally: Tally | None = None
     ) -> AsyncIterator[bytes]:
         """The answer's body as it arrives; a plain event stream whole events at a time, so
         that a break can be reported after the last one, in the error event the clients of the
@@ -506,7 +604,7 @@ class Forwarder:
             log.warning("%s: upstream broke off mid-response: %s", model, error)
             slow = isinstance(error, TimedOut)  # stalled past timeouts.idle: slow, not dead
             if not slow:
-                await self.swapper.confirm_alive(lease)
+                await self._broke(lease, error)
             if not whole_events:
                 raise  # abort the response: the client sees it cut, not complete
             # the broken event is dropped
@@ -533,7 +631,7 @@ class Forwarded(Response):
     ends its lease, whether the stream ends, fails, or the client goes away first (which
     stops the relay at once: one watcher task, as for the request)."""
 
-    def __init__(self, answer: Answer, lease: Lease, forwarder: Forwarder, began: float) -> None:
+    def __init__(self, answer: Answer, lease: Hold, forwarder: Forwarder, began: float) -> None:
         self.answer, self.lease, self.forwarder, self.began = answer, lease, forwarder, began
         self.status_code, self.background, self.tally = answer.status, None, Tally()
         raw = end_to_end(answer.raw_headers)

@@ -41,8 +41,10 @@ import re
 from collections.abc import Iterable
 
 from pydantic import SecretStr
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from swapctl.proxy.errors import error_body, error_json
 
 ALLOW_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS, HEAD"
 ALLOW_HEADERS = b"authorization, content-type, x-api-key"
@@ -93,9 +95,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    return JSONResponse(body, status, headers=headers)
+def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> ASGIApp:
+    """A refusal, in the error shape of the route it answers (Anthropic's on its routes)."""
+    body = error_body(message, "invalid_request_error", code)
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        await error_json(scope["path"], status, body, headers)(scope, receive, send)
+
+    return answer
 
 
 async def deny(scope: Scope, receive: Receive, send: Send, answer: ASGIApp) -> None:
@@ -232,7 +239,7 @@ class Guard:
 
     def _refusal(
         self, host: bytes, origin: bytes | None, cors: bool, fetch_site: bytes | None
-    ) -> Response | None:
+    ) -> ASGIApp | None:
         """421 for a Host this server does not answer to; 403 for another site's page."""
         name = host_of(host.decode("latin-1"))
         if host and not self.host_allowed(name):
@@ -270,7 +277,7 @@ class Guard:
         return valid
 
     @staticmethod
-    def _preflight(origin: bytes, cors: bool, requested: bytes | None) -> Response:
+    def _preflight(origin: bytes, cors: bool, requested: bytes | None) -> ASGIApp:
         """The answer to a CORS preflight. Browsers send no credentials with one, so it needs
         no key; it is sent as is, past `_reply`, which would drop its headers."""
         if not cors:  # a same-origin page asking: only `cors` grants CORS

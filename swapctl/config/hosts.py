@@ -9,19 +9,30 @@ socket), its containers reached on 127.0.0.1. Another machine's engine is reache
     ssh://[USER@]HOST[:PORT]    Docker's API through ssh: the user's ~/.ssh/config and known_hosts
     NAME                        a Docker context (`docker context create`): its host and TLS files
 
-Nothing here connects: `swapctl.backend.docker.DockerBackend(engine)` does.
+Nothing here connects: `swapctl.backend.docker.DockerBackend(engine)` does. The values live
+with the config, which reads them from `hosts:` (`parse_hosts`), as the backend reads config.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from swapctl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from swapctl.config.file import HostConfig, HostTlsConfig
 
 LOCAL_NAME = "local"
 LOCAL_ADDRESS = "127.0.0.1"
 DEFAULT_TIMEOUT = 60.0  # seconds an engine call may take to answer (a stop adds its grace)
 SCHEMES = ("unix", "tcp", "ssh")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _CONTEXT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # as the docker CLI names contexts
 
 
@@ -94,3 +105,61 @@ def check_docker(value: str) -> str:
     if not rest or (scheme == "unix" and not rest.startswith("/")):
         raise ValueError(f"{scheme}:// needs {'an absolute path' if scheme == 'unix' else 'a host'}")
     return value
+
+
+def check_address(value: str | None) -> str | None:
+    """An IP address (v4 or v6), as Docker publishes ports on; ValueError else."""
+    if value is not None:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"expected an IP address, got {value!r}") from None
+    return value
+
+
+def parse_hosts(hosts: Mapping[str, HostConfig], base_dir: Path) -> dict[str, Engine]:
+    """The file's `hosts` as Engines, `local` (this machine's) first; paths relative to
+    `base_dir`, each checked to exist; an error names its key path."""
+    found = {LOCAL_NAME: LOCAL}
+    for name, own in hosts.items():
+        where = f"hosts.{name}"
+        if name == LOCAL_NAME:
+            raise ConfigError(
+                where, f"'{LOCAL_NAME}' is this machine's engine, always there: name others otherwise"
+            )
+        if not _NAME.fullmatch(name):
+            raise ConfigError(
+                where, "a host's name is letters, digits, '_', '.' and '-', a letter or digit first"
+            )
+        tls = _tls(own.tls, base_dir, f"{where}.tls") if own.tls is not None else None
+        address = own.address or _url_ip(own.docker)
+        if address is None:
+            raise ConfigError(f"{where}.address", "required key is missing (the docker URL names no IP)")
+        try:
+            found[name] = Engine(name, own.docker, tls, address, own.timeout)
+        except ValueError as error:
+            raise ConfigError(f"{where}.tls" if tls else where, str(error)) from None
+    return found
+
+
+def _tls(own: HostTlsConfig, base_dir: Path, where: str) -> Tls:
+    paths: dict[str, Path | None] = {}
+    for key in ("ca", "cert", "key"):
+        text = getattr(own, key)
+        path = None if text is None else (base_dir / Path(text).expanduser())
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{where}.{key}", f"file not found: {path}")
+        paths[key] = path
+    try:
+        return Tls(paths["ca"], paths["cert"], paths["key"], own.verify)
+    except ValueError as error:
+        raise ConfigError(where, str(error)) from None
+
+
+def _url_ip(docker: str) -> str | None:
+    """The IP a tcp:// or ssh:// URL names, if it names one."""
+    host = urlsplit(docker).hostname if "://" in docker else None
+    try:
+        return str(ipaddress.ip_address(host)) if host else None
+    except ValueError:
+        return None

@@ -1,0 +1,213 @@
+"""Where a request for a model goes: here (the swapper's containers), a peer, or the server of
+a `proxy:` model.
+
+A model served in one place goes there. A model offered here and by peers (or by several
+peers) goes where it is loaded; else where it is loading; else where it sleeps; else to the
+place whose own plan evicts least (`swapper.plan` here, `GET /plan/<model>` on a swapctl
+peer; a peer with no plan comes after those with one), ties to the order written, here
+first. While a request waits on a place it chose cold, every request for that model goes
+there too: two requests never make two boxes load the same model. A place whose circuit is
+open is passed over; when every place of a model is, the request gets a 502 naming them.
+
+A request forwarded to a peer carries `X-Swapctl-Via`, the nodes it passed through; one that
+arrives with this node in it, or past `MAX_HOPS`, is refused (508), and one that came from
+another swapctl is served here whenever this box has the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from starlette.types import Scope
+
+from swapctl.config import Config, Remote
+from swapctl.errors import ElsewhereUnavailable, Loop, UnknownModelError
+from swapctl.lifecycle import State, Swapper
+from swapctl.remote.elsewhere import Place, Watch, remote_place
+
+VIA = b"x-swapctl-via"
+MAX_HOPS = 8
+# how far a model is from serving, by its state: loaded, loading, asleep, not running
+_NEAR = {"loaded": 0, "loading": 1, "sleeping": 2}
+_HERE = {State.READY: 0, State.PULLING: 1, State.STARTING: 1, State.SLEEPING: 2}
+NOWHERE = None  # _near's answer for a model loaded, loading or asleep in none of its places
+
+
+@dataclass(frozen=True)
+class Here:
+    model: str
+
+
+@dataclass(frozen=True)
+class There:
+    model: str
+    place: Place
+    via: bytes  # the X-Swapctl-Via to send on: the nodes so far, and this one
+
+
+Target = Here | There
+
+
+class Places:
+    def __init__(self, swapper: Swapper, watch: Watch, node: str | None = None) -> None:
+        self.swapper, self.watch = swapper, watch
+        self.node = node or secrets.token_hex(6)  # this process, in X-Swapctl-Via
+        self.remotes: dict[str, tuple[Remote, Place]] = {}
+        self.cold: dict[str, tuple[Place | None, int]] = {}  # model -> where it was sent cold, requests
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def config(self) -> Config:
+        return self.swapper.config
+
+    def resolve(self, name: str) -> str:
+        """The model ID a request's name stands for: a model, alias or variant here, a
+        `proxy:` model, or a model a peer serves."""
+        model = self.config.resolve(name)
+        if model is not None:
+            return model
+        if self.watch.offering(name):
+            return name
+        raise UnknownModelError(name)
+
+    def offered(self) -> Iterator[tuple[str, Place]]:
+        """(model, peer) of every model the peers serve, in the config's order."""
+        for place in self.watch.places.values():
+            for model in place.models:
+                yield model, place
+
+    def status(self, model: str) -> dict[str, object]:
+        """A model served elsewhere (too), as the model list shows it: the nearest to serving
+        of its places' states; a `proxy:` model's server is `loaded` while it answers."""
+        if model in self.config.remotes:
+            place = self._remote_place(model, self.config.remotes[model])
+            return {"value": "unloaded", "failed": True} if place.circuit.open else {"value": "loaded"}
+        places: list[Place | None] = [None] if model in self.config.models else []
+        places += [place for place in self.watch.offering(model) if not place.circuit.open]
+        near = min((self._nearness(model, place) for place in places), default=len(_NEAR))
+        return {"value": next((name for name, rank in _NEAR.items() if rank == near), "unloaded")}
+
+    def passed(self, scope: Scope) -> bytes:
+        """The nodes a request passed through; Loop if this is one of them."""
+        via = next((value for name, value in scope["headers"] if name == VIA), b"")
+        nodes = [node.strip() for node in via.split(b",") if node.strip()]
+        if self.node.encode() in nodes or len(nodes) >= MAX_HOPS:
+            path = " -> ".join(node.decode("latin-1") for node in nodes)
+            raise Loop(
+                f"this request came back to a swapctl it passed through already ({path}): check the peers"
+            )
+        return via
+
+    async def choose(self, model: str, scope: Scope) -> Target:
+        """Where a request for `model` (an ID from `resolve`) goes now."""
+        via = self.passed(scope)
+        config = self.config
+        remote = config.remotes.get(model)
+        if remote is not None:
+            return self._there(model, self._remote_place(model, remote), via)
+        here = model in config.models
+        if here and via:  # it came from another swapctl: served here, never sent on again
+            return Here(model)
+        peers = self.watch.offering(model)
+        if not peers:
+            return Here(model)
+        places: list[Place | None] = [None] if here else []
+        places += [place for place in peers if not place.circuit.open]
+        if not places:
+            down = "; ".join(f"{p.label}: {p.circuit.last_error}" for p in peers)
+            raise ElsewhereUnavailable(f"no place that serves it answers ({down})", model)
+        chosen = self._near(model, places)
+        if chosen is NOWHERE:
+            async with self.locks.setdefault(model, asyncio.Lock()):
+                chosen = self._near(model, places)  # another request may have chosen meanwhile
+                if chosen is NOWHERE:
+                    chosen = self.cold[model] = (await self._cheapest(model, places), 0)
+        place = chosen[0]
+        return Here(model) if place is None else self._there(model, place, via)
+
+    def _there(self, model: str, place: Place, via: bytes) -> There:
+        if place.circuit.open:
+            raise ElsewhereUnavailable(
+                f"{place.label} is not answering ({place.circuit.last_error}); nothing is sent there until it "
+                "answers again",
+                model,
+            )
+        node = self.node.encode()
+        return There(model, place, via + b", " + node if via else node)
+
+    def _near(self, model: str, places: list[Place | None]) -> tuple[Place | None, int] | None:
+        """The place where the model is nearest to serving (loaded, loading, asleep), or the
+        one it was sent to cold (None: here); NOWHERE where it is nowhere near."""
+        cold = self.cold.get(model)
+        if cold is not None and cold[0] in places:
+            return cold
+        best, i = min((self._nearness(model, place), i) for i, place in enumerate(places))
+        return (places[i], 0) if best < len(_NEAR) else NOWHERE
+
+    def _nearness(self, model: str, place: Place | None) -> int:
+        if place is None:
+            slot = self.swapper.slots.get(model)
+            return _HERE.get(slot.state, len(_NEAR)) if slot is not None else len(_NEAR)
+        return _NEAR.get(place.statuses.get(model, ""), len(_NEAR))
+
+    async def _cheapest(self, model: str, places: list[Place | None]) -> Place | None:
+        """The place whose own plan evicts least; unknown costs last; ties to the order."""
+
+        async def cost(place: Place | None) -> float:
+            if place is None:
+                return self.swapper.plan(model).cost
+            found = await self.watch.plan_cost(place, model)
+            return float("inf") if found is None else found
+
+        costs = await asyncio.gather(*(cost(place) for place in places))
+        return places[min(range(len(places)), key=lambda i: (costs[i], i))]
+
+    def hold(self, target: Target) -> None:
+        """A request sent to `target` is on its way: a cold choice stays while any is."""
+        cold = self.cold.get(target.model)
+        if cold is not None and cold[0] is _place(target):
+            self.cold[target.model] = (cold[0], cold[1] + 1)
+
+    def done(self, target: Target) -> None:
+        """A request's answer came (or it failed): once none is on its way, the cold choice
+        is forgotten, and the place is taken to be loading it until its next probe says."""
+        cold = self.cold.get(target.model)
+        if cold is None or cold[0] is not _place(target):
+            return
+        if cold[1] <= 1:
+            del self.cold[target.model]
+            statuses = target.place.statuses if isinstance(target, There) else {}
+            if statuses.get(target.model) not in ("loaded", "loading"):
+                statuses[target.model] = "loading"
+        else:
+            self.cold[target.model] = (cold[0], cold[1] - 1)
+
+    def _remote_place(self, model: str, remote: Remote) -> Place:
+        """A `proxy:` model's place, kept (its circuit with it) while its config is the same."""
+        found = self.remotes.get(model)
+        if found is None or found[0] != remote:
+            found = self.remotes[model] = (remote, remote_place(model, remote))
+        return found[1]
+
+
+def _place(target: Target) -> Place | None:
+    return target.place if isinstance(target, There) else None
+
+
+class Sent:
+    """A request on its way to a place elsewhere: what forwarding holds instead of a Lease.
+    `release` (once is enough) ends its hold on a cold choice."""
+
+    def __init__(self, target: There, places: Places) -> None:
+        self.target, self.places = target, places
+        self.model, self.url, self.place = target.model, target.place.url, target.place
+        places.hold(target)
+        self._held = True
+
+    async def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.places.done(self.target)
