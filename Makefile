@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.example.yaml
 
-.PHONY: test lint pytest docker images browser registry models run bench clean
+.PHONY: test lint pytest docker images browser registry hosts models run bench clean
 
 test: lint pytest
 
@@ -19,7 +19,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed docker images browser registry
+pytest: $(VENV)/.installed docker images browser registry hosts
 	$(BIN)/pytest
 
 # A Docker engine (installed and started when absent) and the image the tests and example use.
@@ -32,6 +32,10 @@ images: docker
 # Debian's container registry, which the pull tests serve images from on 127.0.0.1.
 registry:
 	bash scripts/registry.sh
+
+# Debian's sshd and iptables, for the second engine the tests run in a network namespace.
+hosts:
+	bash scripts/hosts.sh
 
 # Chromium (Debian's package) for the browser test of the web page; Playwright drives it.
 browser:
