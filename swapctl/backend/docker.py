@@ -27,9 +27,9 @@ import paramiko
 import requests.exceptions
 
 from swapctl.backend.base import Container
-from swapctl.config.hosts import LOCAL, Engine
 from swapctl.backend.lines import split_lines
 from swapctl.backend.progress import LayerReport, PullListener
+from swapctl.config.hosts import LOCAL, Engine
 from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing, PullFailed
 from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests, placed_ids
 
