@@ -1,6 +1,6 @@
 """Models served elsewhere: `proxy:` models and peers, over the fake engine. The peer here is
 another swapctl app (a FakeStack) reached through httpx; the real ones, in network
-namespaces, are in tests/real/test_peers.py."""
+namespaces, are in tests/real/test_two_boxes.py."""
 
 from __future__ import annotations
 
