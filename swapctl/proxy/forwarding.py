@@ -171,6 +171,26 @@ def _named(body: bytes | None, model: str) -> bytes | None:
     return json.dumps({**payload, "model": model}, ensure_ascii=False).encode()
 
 
+def peer_target(where: There, path: str, target: str) -> str:
+    """What to ask a place elsewhere for: a peer (a swapctl, a llama-swap) keeps the
+    `/upstream/<model>/` of a passthrough, naming the model by its ID; a `proxy:` model's
+    server is asked for the path below it."""
+    if where.place.peer is None or not path.startswith("/upstream/"):
+        return target
+    return f"/upstream/{quote(where.model, safe=_PATH_SAFE)}{target}"
+
+
+def elsewhere_headers(where: There, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """A request's headers for a place elsewhere: its key instead of the client's (where it
+    has one), and this node added to X-Swapctl-Via."""
+    place = where.place
+    dropped = {VIA, b"authorization", b"x-api-key"} if place.api_key else {VIA}
+    kept = [(n, v) for n, v in headers if n not in dropped]
+    kept += [(n.encode(), v.encode()) for n, v in place.headers().items()]
+    kept.append((VIA, where.via))
+    return kept
+
+
 class Hold(Protocol):
     """What a request holds while its answer comes: a Lease on a container, or a request Sent
     elsewhere."""
@@ -412,14 +432,20 @@ class Forwarder:
     async def upstream(self, request: Request) -> Response:
         """`/upstream/<model>/<path>`: any method, untouched, for a model's own UI or API."""
         rest = request.path_params["rest"]
-        name = _prefix(self.longest_first, rest)
-        if name is None:  # a model only peers serve
-            name = _prefix(sorted({m for m, _ in self.places.offered()}, key=len, reverse=True), rest)
+        name = self.upstream_name(rest)
         if name is None:
             raise UnknownModelError(rest.split("/")[0])
         if rest == name and request.method in ("GET", "HEAD"):
             return self._to_root(name, request.scope["query_string"])
         return await self._pass_on(self.places.resolve(name), request, rest[len(name) :] or "/")
+
+    def upstream_name(self, rest: str) -> str | None:
+        """The model name an `/upstream/` path begins with: a model, alias or variant here
+        (longest first: an ID may hold '/'), else a model only peers serve."""
+        name = _prefix(self.longest_first, rest)
+        if name is None:
+            name = _prefix(sorted({m for m, _ in self.places.offered()}, key=len, reverse=True), rest)
+        return name
 
     @staticmethod
     def _to_root(name: str, query: bytes) -> Response:
@@ -479,6 +505,7 @@ class Forwarder:
         began = time.perf_counter()
         where = await self.places.choose(model, scope)  # a loop, every place down: a plain answer
         if isinstance(where, There):
+            target = peer_target(where, scope["path"], target)
             call = Call(scope["method"], target, headers, content if sized else None, where.place.timeouts)
             return await self._elsewhere(where, call, began)
         timeouts = self.config.models[model].timeouts
@@ -490,14 +517,11 @@ class Forwarder:
         return await self._answer(lease, answer, began)
 
     async def _elsewhere(self, where: There, call: Call, began: float) -> Response:
-        """Forward to a peer or a `proxy:` model's server: its key instead of the client's,
-        this node added to X-Swapctl-Via, the model named by its ID (a peer knows no alias
-        of this config). A server that does not answer counts against its circuit."""
+        """Forward to a peer or a `proxy:` model's server (`elsewhere_headers`), the model
+        named by its ID (a peer knows no alias of this config). A server that does not answer
+        counts against its circuit."""
         place = where.place
-        dropped = {VIA, b"authorization", b"x-api-key"} if place.api_key else {VIA}
-        headers = [(n, v) for n, v in call.headers if n not in dropped]
-        headers += [(n.encode(), v.encode()) for n, v in place.headers().items()]
-        headers.append((VIA, where.via))
+        headers = elsewhere_headers(where, call.headers)
         body = _named(call.body, where.model) if place.peer is not None else call.body
         if body is not call.body and body is not None:
             headers = [(n, b"%d" % len(body) if n == b"content-length" else v) for n, v in headers]
@@ -551,7 +575,7 @@ class Forwarder:
                 return lease, answer
         raise AssertionError("unreachable")
 
-    async def _broke(self, hold: Hold, error: UpstreamError) -> None:
+    async def broke(self, hold: Hold, error: Exception) -> None:
         """An answer broke off: a container is checked (a crash returns its model to
         stopped); a server elsewhere counts a failure against its circuit."""
         if isinstance(hold, Sent):
@@ -568,7 +592,7 @@ class Forwarder:
             log.warning("%s: its server timed out: %s", lease.model, error)
             raise UpstreamTimeout(f"its server timed out: {error}", lease.model) from None
         except UpstreamError as error:
-            await self._broke(lease, error)
+            await self.broke(lease, error)
             raise BackendError(f"the model's server did not answer: {error}", lease.model) from None
         finally:
             await answer.close()
@@ -604,7 +628,7 @@ class Forwarder:
             log.warning("%s: upstream broke off mid-response: %s", model, error)
             slow = isinstance(error, TimedOut)  # stalled past timeouts.idle: slow, not dead
             if not slow:
-                await self._broke(lease, error)
+                await self.broke(lease, error)
             if not whole_events:
                 raise  # abort the response: the client sees it cut, not complete
             # the broken event is dropped

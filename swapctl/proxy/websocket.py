@@ -43,8 +43,18 @@ from websockets.frames import EXTERNAL_CLOSE_CODES, CloseCode
 from swapctl.errors import RequestError
 from swapctl.lifecycle import Lease, Ticket
 from swapctl.proxy.errors import ClientGone, error_response
-from swapctl.proxy.forwarding import _PATH_SAFE, Forwarder, end_to_end, upstream_headers
+from swapctl.proxy.forwarding import (
+    _PATH_SAFE,
+    Forwarder,
+    Hold,
+    elsewhere_headers,
+    end_to_end,
+    peer_target,
+    upstream_headers,
+)
 from swapctl.proxy.guard import deny
+from swapctl.remote import There
+from swapctl.remote.places import Sent
 
 log = logging.getLogger("swapctl")
 
@@ -81,8 +91,11 @@ def sendable(code: int | None, missing: int, other: int) -> int:
 
 def server_url(base: str, path: str, query: bytes) -> str:
     """The server's WebSocket URL for `path` (unquoted) and the raw query."""
-    target = quote(path, safe=_PATH_SAFE) + (f"?{query.decode('latin-1')}" if query else "")
-    return "ws" + base.removeprefix("http") + target
+    return "ws" + base.removeprefix("http") + _quoted(path, query)
+
+
+def _quoted(path: str, query: bytes) -> str:
+    return quote(path, safe=_PATH_SAFE) + (f"?{query.decode('latin-1')}" if query else "")
 
 
 def server_headers(websocket: WebSocket) -> list[tuple[str, str]]:
@@ -107,7 +120,7 @@ class Sockets:
     async def upstream(self, websocket: WebSocket) -> None:
         """`/upstream/<model>/<path>`."""
         rest = websocket.path_params["rest"]
-        name = next((n for n in self.forwarder.longest_first if rest == n or rest.startswith(n + "/")), None)
+        name = self.forwarder.upstream_name(rest)
         path = rest[len(name) :] if name is not None else ""
         await self.relay(websocket, name or rest.split("/")[0], path or "/")
 
@@ -126,9 +139,15 @@ class Sockets:
         """The whole life of one socket; the lease it holds is released on every way out."""
         began = time.perf_counter()
         await websocket.receive()  # the handshake's start: what comes next can only be its end
+        places = self.forwarder.places
         try:
-            model = self.forwarder.resolve(name)
-            lease = await self._lease(websocket, await self.forwarder.swapper.admit(model))
+            model = places.resolve(name)
+            where = await places.choose(model, websocket.scope)
+            lease: Hold = (
+                Sent(where, places)
+                if isinstance(where, There)
+                else await self._lease(websocket, await self.forwarder.swapper.admit(model))
+            )
         except ClientGone as gone:
             log.info("WebSocket %s: the client went away (%s)", websocket.url.path, gone.model)
             self.forwarder.record(str(gone.model), 499, began)
@@ -137,7 +156,16 @@ class Sockets:
             await self._deny(websocket, error, began)
             return
         try:
-            await self._open(websocket, lease, path, began)
+            headers = server_headers(websocket)
+            query = websocket.scope["query_string"]
+            if isinstance(where, There):  # a peer's or a proxy: model's: its key, the nodes passed
+                raw = [(n.encode(), v.encode("latin-1")) for n, v in headers]
+                headers = [(n.decode(), v.decode("latin-1")) for n, v in elsewhere_headers(where, raw)]
+                target = peer_target(where, websocket.url.path, _quoted(path, query))
+                url = server_url(where.place.url, "", b"") + target
+            else:
+                url = server_url(lease.url if isinstance(lease, Lease) else "", path, query)
+            await self._open(websocket, lease, url, headers, began)
         finally:
             await lease.release()
 
@@ -168,14 +196,16 @@ class Sockets:
         await _drop(waiting, ticket)
         raise ClientGone(ticket.model)
 
-    async def _open(self, websocket: WebSocket, lease: Lease, path: str, began: float) -> None:
+    async def _open(
+        self, websocket: WebSocket, lease: Hold, url: str, offer: list[tuple[str, str]], began: float
+    ) -> None:
         """The server's socket, then the client's accepted with its subprotocol and relayed."""
         model, scope = lease.model, websocket.scope
         try:
             server = await connect(
-                server_url(lease.url, path, scope["query_string"]),
+                url,
                 subprotocols=scope.get("subprotocols") or None,
-                additional_headers=server_headers(websocket),
+                additional_headers=offer,
                 user_agent_header=None,  # the client's own goes on, if it sent one
                 proxy=None,  # the model's server is on this machine: never through a proxy
                 compression=None,  # loopback: not worth the CPU; the client's is uvicorn's
@@ -187,7 +217,7 @@ class Sockets:
             await self._refused(websocket, model, why, began)
             return
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as error:
-            await self.forwarder.swapper.confirm_alive(lease)
+            await self.forwarder.broke(lease, error)
             await self._refused(websocket, model, f"its server did not open the WebSocket: {error}", began)
             return
         async with server:

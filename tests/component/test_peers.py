@@ -270,8 +270,12 @@ async def test_a_request_that_comes_back_is_refused(front: Front) -> None:
 
 
 async def test_a_peers_model_through_upstream_and_query(front: Front) -> None:
-    answer = await front.stack.client.get("/upstream/big/health", headers=KEY)
-    assert answer.status_code == 200
+    answer = await front.stack.client.get("/upstream/big/props?x=1", headers=KEY)
+    assert answer.status_code == 200  # the peer's own passthrough to its container
+    seen = [r for r in front.hosts.seen if r.url.host == "peer-a.test" and "props" in r.url.path]
+    assert seen[-1].url.raw_path == b"/upstream/big/props?x=1"
+    query = await front.stack.client.get("/props", params={"model": "big"}, headers=KEY)
+    assert query.status_code == 200
 
 
 async def test_commands_refuse_proxy_models_with_a_reason(front: Front) -> None:

@@ -32,9 +32,11 @@ from engines import SecondEngine
 from netns import stop_pid
 from openai import OpenAI
 from support import free_port, llama_model, running_models, write_yaml
+from websockets.sync.client import connect
 
 pytestmark = pytest.mark.docker
 IMAGE = "swapctl/llama-server:sid"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @dataclass
@@ -117,7 +119,17 @@ def boxes(
         config_b = {
             "instance": instance_b,
             "healthCheckTimeout": 60,
-            "models": {"big": llama_model(models_dir, 3), "shared": llama_model(models_dir, 2)},
+            "models": {
+                "big": llama_model(models_dir, 3),
+                "shared": llama_model(models_dir, 2),
+                "talk": {  # a WebSocket echo server (standard library only)
+                    "template": "llama-server",
+                    "entrypoint": ["python3"],
+                    "command": ["/srv/ws_echo_server.py", "--port", "8080"],
+                    "volumes": [f"{SCRIPTS}:/srv:ro"],
+                    "stop_grace_period": "1s",
+                },
+            },
             "peers": {"a": {"proxy": url_a, "models": ["ghost"]}},  # a loop, for the test of one
         }
         config_a = {
@@ -190,6 +202,16 @@ def test_a_model_on_both_boxes_starts_where_its_plan_costs_less(boxes: Boxes) ->
     httpx.post(f"{boxes.a.url}/unload", timeout=30).raise_for_status()
     client.chat.completions.create(model="shared", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert boxes.running_here() == frozenset()
+
+
+def test_a_websocket_through_two_hops(boxes: Boxes) -> None:
+    url = boxes.a.url.replace("http://", "ws://", 1) + "/upstream/talk/chat"
+    with connect(url, proxy=None, open_timeout=60) as socket:
+        socket.send("hello")
+        assert socket.recv(timeout=30) == "hello"
+        socket.send(b"\x00\x01")
+        assert socket.recv(timeout=30) == b"\x00\x01"
+    assert boxes.running_there() == {"talk"}
 
 
 def test_a_loop_between_peers_is_refused(boxes: Boxes) -> None:
