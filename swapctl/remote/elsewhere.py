@@ -27,6 +27,7 @@ log = logging.getLogger("swapctl")
 THRESHOLD = 2  # failures in a row that open a circuit
 INTERVAL = 2.0  # seconds between two probes of a peer (and of an open circuit)
 PROBE_TIMEOUT = 2.0  # seconds a probe may take: a peer that hangs is noticed as one that refuses
+AGAIN = 0.25  # seconds before a peer whose probe just failed is probed again
 
 
 @dataclass
@@ -141,8 +142,11 @@ class Watch:
     async def run(self) -> None:
         """Probe every peer, forever (a task of the app's lifespan)."""
         while True:
-            await asyncio.gather(*(self.probe(place) for place in list(self.places.values())))
-            await asyncio.sleep(self.interval)
+            places = list(self.places.values())
+            await asyncio.gather(*(self.probe(place) for place in places))
+            # one that just failed is probed again at once: its circuit opens (or not) sooner
+            doubted = any(place.circuit.failures and not place.circuit.open for place in places)
+            await asyncio.sleep(AGAIN if doubted else self.interval)
 
     async def probe(self, place: Place) -> None:
         try:
