@@ -418,7 +418,7 @@ def status(
         table.add_row(
             s["model"],
             f"[{colours[state]}]{state}[/]" if state in colours else state,
-            s["container"] or "-",
+            s["container"] or (f"@{s['place']}" if s.get("place") else "-"),
             str(s["host_port"] or "-"),
             _seconds(s["ready_seconds"]),
             _seconds(s["idle_seconds"]),

@@ -103,7 +103,11 @@ class Board:
             table.add_row(
                 model,
                 f"[{COLOURS[state]}]{state}[/]" if state in COLOURS else state,
-                *((row.get("container") or "-",) if containers else ()),
+                *(
+                    (row.get("container") or (f"@{row['place']}" if row.get("place") else "-"),)
+                    if containers
+                    else ()
+                ),
                 str(row.get("host_port") or "-"),
                 _duration(_grown(row.get("ready_seconds"), later)),
                 _duration(_grown(row.get("idle_seconds"), later)),

@@ -6,7 +6,7 @@ reload changes (`changes`) and when it reads the file (`reloader`). What people 
 last swaps, request rates, and events for subscribers) is recorded in `activity`; what the
 container engine shows of it while no proxy answers is read in `observed`."""
 
-from swapctl.lifecycle.activity import Activity, Event, Rates, Subscription, Swap
+from swapctl.lifecycle.activity import Activity, Event, Rates, Row, Subscription, Swap
 from swapctl.lifecycle.changes import Changes, Reload
 from swapctl.lifecycle.lease import Lease, Ticket
 from swapctl.lifecycle.reloader import Reloader
@@ -23,6 +23,7 @@ __all__ = [
     "Rates",
     "Reload",
     "Reloader",
+    "Row",
     "Slot",
     "State",
     "Step",

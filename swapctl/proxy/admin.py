@@ -67,6 +67,7 @@ class Admin:
         self.resolve, self.reload_file = resolve, reload
         self.created = int(time.time())
         self.catalog = catalog.Catalog(swapper, resolve, self.created, places)
+        self.places = places
         recent.tell = swapper.activity.logged
 
     def routes(self) -> list[Route]:
@@ -96,6 +97,7 @@ class Admin:
 
     async def running(self, request: Request) -> Response:
         statuses = [s.to_json() for s in self.swapper.status()]
+        statuses += self.places.rows() if self.places is not None else []
         idle = ("stopped", "sleeping")  # a sleeping model's container runs, but it holds no GPU
         return JSONResponse({"running": [s for s in statuses if s["state"] not in idle], "models": statuses})
 
@@ -135,7 +137,8 @@ class Admin:
     def snapshot(self) -> dict[str, object]:
         """Where an event stream starts from: every model's row, the last swaps, log lines."""
         lines = list(self.recent.lines)[-SNAPSHOT_LINES:]
-        return {"models": self.swapper.rows(), "swaps": self.swapper.activity.history(), "logs": lines}
+        rows = self.swapper.rows() + (self.places.rows() if self.places is not None else [])
+        return {"models": rows, "swaps": self.swapper.activity.history(), "logs": lines}
 
     async def events(self, request: Request) -> Response:
         """Server-Sent Events: a snapshot, then every change (see swapctl.lifecycle.activity)."""

@@ -118,6 +118,7 @@ class Watch:
         self._client, self._owned, self.interval = client, client is None, interval
         self.source = peers
         self.seen: Mapping[str, Peer] | None = None
+        self.changed: Callable[[Place], None] = lambda place: None  # its models' states, or it, changed
         self._places: dict[str, Place] = {}
 
     @property
@@ -149,6 +150,12 @@ class Watch:
             await asyncio.sleep(AGAIN if doubted else self.interval)
 
     async def probe(self, place: Place) -> None:
+        before = (place.circuit.open, dict(place.statuses), place.models)
+        await self._probe(place)
+        if (place.circuit.open, place.statuses, place.models) != before:
+            self.changed(place)
+
+    async def _probe(self, place: Place) -> None:
         try:
             answer = await self.client.get(
                 f"{place.url}/v1/models", headers=place.headers(), timeout=httpx.Timeout(PROBE_TIMEOUT)

@@ -25,7 +25,7 @@ from starlette.types import Scope
 
 from swapctl.config import Config, Remote
 from swapctl.errors import ElsewhereUnavailable, Loop, UnknownModelError
-from swapctl.lifecycle import State, Swapper
+from swapctl.lifecycle import Row, State, Swapper
 from swapctl.remote.elsewhere import Place, Watch, remote_place
 
 VIA = b"x-swapctl-via"
@@ -34,6 +34,8 @@ MAX_HOPS = 8
 _NEAR = {"loaded": 0, "loading": 1, "sleeping": 2}
 _HERE = {State.READY: 0, State.PULLING: 1, State.STARTING: 1, State.SLEEPING: 2}
 NOWHERE = None  # _near's answer for a model loaded, loading or asleep in none of its places
+# a place's status value by the name swapctl gives the state (in /running, /events, status)
+_STATE = {"loaded": State.READY, "loading": State.STARTING, "sleeping": State.SLEEPING}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,8 @@ class Places:
         self.remotes: dict[str, tuple[Remote, Place]] = {}
         self.cold: dict[str, tuple[Place | None, int]] = {}  # model -> where it was sent cold, requests
         self.locks: dict[str, asyncio.Lock] = {}
+        self.flying: dict[str, int] = {}  # requests on their way elsewhere, by model
+        watch.changed = self._changed
 
     @property
     def config(self) -> Config:
@@ -89,6 +93,50 @@ class Places:
         places += [place for place in self.watch.offering(model) if not place.circuit.open]
         near = min((self._nearness(model, place) for place in places), default=len(_NEAR))
         return {"value": next((name for name, rank in _NEAR.items() if rank == near), "unloaded")}
+
+    def rows(self) -> list[Row]:
+        """A row for each model served only elsewhere, as `/running` and `/events` show the
+        models here: its state by swapctl's names, `place` saying where (a peer's name, or
+        `proxy`), no container here."""
+        config = self.config
+        found = [self.row(model) for model in config.remotes]
+        seen = {*config.models, *config.remotes}
+        for model, _ in self.offered():
+            if model not in seen:
+                seen.add(model)
+                found.append(self.row(model))
+        return found
+
+    def row(self, model: str) -> Row:
+        remote = model in self.config.remotes
+        value = str(self.status(model)["value"])
+        peers = self.watch.offering(model)
+        place = (
+            "proxy" if remote else next((p.peer.name for p in peers if p.peer and not p.circuit.open), None)
+        )
+        place = place or (peers[0].peer.name if peers and peers[0].peer else "-")
+        state = _STATE.get(value, State.STOPPED).value
+        return {
+            "model": model,
+            "state": state,
+            "container": None,
+            "host_port": None,
+            "in_flight": self.flying.get(model, 0),
+            "ready_seconds": None,
+            "idle_seconds": None,
+            "gpu_memory": None,
+            "gpus": None,
+            "place": place,
+            "last_start_seconds": None,
+            **self.swapper.activity.rates(model).to_json(),
+        }
+
+    def _changed(self, place: Place) -> None:
+        """A peer's models changed state (or it went away, or came back): their rows go out."""
+        config = self.config
+        for model in place.models:
+            if model not in config.models:
+                self.swapper.activity.publish("model", self.row(model))
 
     def passed(self, scope: Scope) -> bytes:
         """The nodes a request passed through; Loop if this is one of them."""
@@ -205,9 +253,11 @@ class Sent:
         self.target, self.places = target, places
         self.model, self.url, self.place = target.model, target.place.url, target.place
         places.hold(target)
+        places.flying[self.model] = places.flying.get(self.model, 0) + 1
         self._held = True
 
     async def release(self) -> None:
         if self._held:
             self._held = False
+            self.places.flying[self.model] -= 1
             self.places.done(self.target)

@@ -283,3 +283,22 @@ async def test_commands_refuse_proxy_models_with_a_reason(front: Front) -> None:
     assert plan.status_code == 400 and "served elsewhere" in plan.json()["error"]["message"]
     load = await front.stack.client.post("/models/load", json={"model": "big"}, headers=KEY)
     assert load.status_code == 400 and load.json()["error"]["code"] == "model_elsewhere"
+
+
+async def test_running_and_events_show_the_models_served_elsewhere(front: Front) -> None:
+    rows = {
+        row["model"]: row for row in (await front.stack.client.get("/running", headers=KEY)).json()["models"]
+    }
+    assert rows["gpt"]["place"] == "proxy" and rows["gpt"]["state"] == "ready"
+    assert rows["big"]["place"] == "a" and rows["big"]["state"] == "stopped"
+    assert rows["big"]["container"] is None and "place" not in rows["chat"]
+    assert "shared" in rows and "place" not in rows["shared"]  # here too: this box's own row
+    events: list[dict[str, Any]] = []
+    activity = front.stack.swapper.activity
+    with activity.subscribe({"model"}) as subscription:
+        await front.peers["peer-a.test"].use("big")
+        await front.probe()  # the peer now lists big as loaded: its row goes out
+        async with asyncio.timeout(5):
+            event = await anext(subscription)
+        events.append(event.data)
+    assert events[0]["model"] == "big" and events[0]["state"] == "ready" and events[0]["place"] == "a"
