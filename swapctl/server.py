@@ -30,7 +30,7 @@ from swapctl.proxy import build_app
 from swapctl.proxy.guard import is_loopback
 from swapctl.proxy.http1 import Http1Upstream
 from swapctl.proxy.transport import AiohttpTransport, no_cookies
-from swapctl.proxy.upstream import HttpxUpstream
+from swapctl.proxy.upstream import ByScheme, HttpxUpstream
 from swapctl.remote import Watch
 
 log = logging.getLogger("swapctl")
@@ -115,7 +115,7 @@ async def serve(
             stop_on_exit=stop_on_exit,
             listen_host=host,
             reload=reloader.reload,
-            elsewhere=HttpxUpstream(elsewhere),
+            elsewhere=ByScheme(upstream, HttpxUpstream(elsewhere)),
             watch=Watch(lambda: swapper.config.peers, elsewhere),
         )
         try:

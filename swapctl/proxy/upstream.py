@@ -159,6 +159,28 @@ class HttpxUpstream:
         return _HttpxAnswer(response, timeouts.idle)
 
 
+class ByScheme:
+    """`http` (the hot path's client) for a server at a plain http://host:port, `general`
+    for any other (https://, or a URL with a path prefix): peers and `proxy:` models may be
+    either."""
+
+    def __init__(self, http: Upstream, general: Upstream) -> None:
+        self.http, self.general = http, general
+
+    async def send(
+        self,
+        method: str,
+        base: str,
+        target: str,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | None,
+        timeouts: Timeouts,
+    ) -> Answer:
+        plain = base.startswith("http://") and base.count("/") == 2  # no path below the root
+        upstream = self.http if plain else self.general
+        return await upstream.send(method, base, target, headers, body, timeouts)
+
+
 def tokens_in(answer: bytes) -> int | None:
     """The tokens an answer (or a stream's event) says it generated: OpenAI's
     `usage.completion_tokens`, else llama.cpp's `timings.predicted_n`; None if it says not."""

@@ -114,8 +114,10 @@ class Watch:
         peers: Callable[[], Mapping[str, Peer]],
         client: httpx.AsyncClient | None,
         interval: float = INTERVAL,
+        probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self._client, self._owned, self.interval = client, client is None, interval
+        self.probe_timeout = probe_timeout
         self.source = peers
         self.seen: Mapping[str, Peer] | None = None
         self.changed: Callable[[Place], None] = lambda place: None  # its models' states, or it, changed
@@ -141,12 +143,26 @@ class Watch:
             await self._client.aclose()
 
     async def run(self) -> None:
-        """Probe every peer, forever (a task of the app's lifespan)."""
+        """Probe every peer, forever (a task of the app's lifespan): each on its own, so that
+        one that hangs delays no other; a reload's peers are taken up within `interval`."""
+        probing: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                places = {id(place): place for place in self.places.values()}
+                for key in probing.keys() - places.keys():
+                    probing.pop(key).cancel()
+                for key in places.keys() - probing.keys():
+                    probing[key] = asyncio.create_task(self._keep_probing(places[key]))
+                await asyncio.sleep(self.interval)
+        finally:
+            for task in probing.values():
+                task.cancel()
+
+    async def _keep_probing(self, place: Place) -> None:
         while True:
-            places = list(self.places.values())
-            await asyncio.gather(*(self.probe(place) for place in places))
+            await self.probe(place)
             # one that just failed is probed again at once: its circuit opens (or not) sooner
-            doubted = any(place.circuit.failures and not place.circuit.open for place in places)
+            doubted = place.circuit.failures and not place.circuit.open
             await asyncio.sleep(AGAIN if doubted else self.interval)
 
     async def probe(self, place: Place) -> None:
@@ -158,7 +174,7 @@ class Watch:
     async def _probe(self, place: Place) -> None:
         try:
             answer = await self.client.get(
-                f"{place.url}/v1/models", headers=place.headers(), timeout=httpx.Timeout(PROBE_TIMEOUT)
+                f"{place.url}/v1/models", headers=place.headers(), timeout=httpx.Timeout(self.probe_timeout)
             )
             answer.raise_for_status()
             listed = answer.json().get("data")

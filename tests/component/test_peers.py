@@ -15,6 +15,7 @@ import pytest
 from support import FakeStack
 
 from swapctl.backend.fake import FakeModel
+from swapctl.config import Peer, Timeouts
 from swapctl.proxy.upstream import HttpxUpstream
 from swapctl.remote import Watch
 
@@ -302,3 +303,31 @@ async def test_running_and_events_show_the_models_served_elsewhere(front: Front)
             event = await anext(subscription)
         events.append(event.data)
     assert events[0]["model"] == "big" and events[0]["state"] == "ready" and events[0]["place"] == "a"
+
+
+async def test_a_peer_that_hangs_delays_no_other_peers_probes() -> None:
+    asked: list[str] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request.url.host)
+        if request.url.host == "hung.test":
+            await asyncio.sleep(60)  # accepted, never answered
+        return httpx.Response(
+            200, json={"object": "list", "data": [{"id": "m", "status": {"value": "loaded"}}]}
+        )
+
+    peers = {
+        "hung": Peer("hung", "http://hung.test", None, None, Timeouts(1, None, None)),
+        "fine": Peer("fine", "http://fine.test", None, None, Timeouts(1, None, None)),
+    }
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        watch = Watch(lambda: peers, client, interval=0.02, probe_timeout=30)
+        running = asyncio.create_task(watch.run())
+        try:
+            async with asyncio.timeout(5):
+                while asked.count("fine.test") < 5:
+                    await asyncio.sleep(0.01)
+        finally:
+            running.cancel()
+    assert asked.count("hung.test") == 1  # still waiting on its first probe
+    assert watch.places["fine"].statuses == {"m": "loaded"}
