@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -37,8 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import timing  # noqa: E402
 from storm_bench import remove_instance, write_models  # noqa: E402
 from support import Proxy, llama_model, write_yaml  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 import swapctl  # noqa: E402
 
@@ -56,30 +57,7 @@ def plain(client: httpx.Client, base: str) -> float:
 
 
 def first_byte(client: httpx.Client, base: str) -> float:
-    """llama-server closes its connection after a stream: each streamed request opens its own
-    (through swapctl too: its client's and its own to the server); one that meets a pooled
-    connection the server had closed is sent again, its time not counted."""
-    body = {**MESSAGE, "stream": True}
-    headers = {**HEADERS, "connection": "close"}
-    while True:
-        began = time.perf_counter()
-        try:
-            with client.stream("POST", f"{base}/v1/messages", json=body, headers=headers) as answer:
-                chunks = answer.iter_raw()
-                next(chunks)
-                took = time.perf_counter() - began
-                assert answer.status_code == 200
-                for _ in chunks:
-                    pass
-            return took
-        except httpx.RemoteProtocolError:
-            continue
-
-
-def median_ms(
-    measure: Callable[[httpx.Client, str], float], client: httpx.Client, base: str, n: int
-) -> float:
-    return statistics.median(measure(client, base) for _ in range(n)) * 1000
+    return timing.first_byte(client, f"{base}/v1/messages", {**MESSAGE, "stream": True}, HEADERS)
 
 
 def main() -> int:

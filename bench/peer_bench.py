@@ -37,7 +37,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import docker
@@ -47,8 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import timing  # noqa: E402
 from peers import IMAGE, Boxes, poll, two_boxes  # noqa: E402
 from storm_bench import write_models  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 import swapctl  # noqa: E402
 
@@ -64,31 +65,7 @@ def plain(client: httpx.Client, base: str) -> float:
 
 
 def first_byte(client: httpx.Client, base: str) -> float:
-    """llama-server closes its connection after a stream: each streamed request opens its own
-    (through the front and the peer too); one that meets a pooled connection the server had
-    closed is sent again, its time not counted."""
-    body = {**CHAT, "stream": True}
-    while True:
-        began = time.perf_counter()
-        try:
-            with client.stream(
-                "POST", f"{base}/v1/chat/completions", json=body, headers={"connection": "close"}
-            ) as answer:
-                chunks = answer.iter_raw()
-                next(chunks)
-                took = time.perf_counter() - began
-                assert answer.status_code == 200
-                for _ in chunks:
-                    pass
-            return took
-        except httpx.RemoteProtocolError:
-            continue
-
-
-def median_ms(
-    measure: Callable[[httpx.Client, str], float], client: httpx.Client, base: str, n: int
-) -> float:
-    return statistics.median(measure(client, base) for _ in range(n)) * 1000
+    return timing.first_byte(client, f"{base}/v1/chat/completions", {**CHAT, "stream": True}, {})
 
 
 def latencies(boxes: Boxes, rounds: int, requests: int) -> dict[str, dict[str, list[float]]]:
