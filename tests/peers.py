@@ -4,9 +4,10 @@ driving a second real dockerd there (tests/engines.py), so the front reaches it 
 pair as it would reach another machine. Both run real llama-server containers.
 
     a (this machine, its local engine)     llm, shared           one at a time
-    b (the namespace, its own engine)      big, shared, talk     one at a time
+    b (the namespace, its own engine)      big, shared, talk,    one at a time
+                                           slow
 
-`talk` is a WebSocket echo server; a also offers b's `big` as a proxy: model (`b-big`); b names a as a peer offering `ghost`
+`talk` is a WebSocket echo server, `slow` an echo server that takes 65 s to start; a also offers b's `big` as a proxy: model (`b-big`); b names a as a peer offering `ghost`
 (a loop, for the test of one). Needs root and the scripts/hosts.sh packages.
 
     with two_boxes(docker_engine, models_dir, folder) as boxes:
@@ -36,6 +37,7 @@ from support import free_port, llama_model, running_models, write_yaml
 
 IMAGE = "swapctl/llama-server:sid"
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SLOW_START = 65  # seconds: past llama-swap's 60 s header timeout for peers
 
 
 @dataclass
@@ -116,6 +118,14 @@ def two_boxes(local: docker.DockerClient, models_dir: Path, folder: Path) -> Ite
                     "entrypoint": ["python3"],
                     "command": ["/srv/ws_echo_server.py", "--port", "8080"],
                     "volumes": [f"{SCRIPTS}:/srv:ro"],
+                    "stop_grace_period": "1s",
+                },
+                "slow": {  # an OpenAI-shaped echo server whose start takes longer than 60 s
+                    "template": "llama-server",
+                    "entrypoint": ["sh", "-c"],
+                    "command": [f"sleep {SLOW_START}; exec python3 /srv/echo_server.py --port 8080"],
+                    "volumes": [f"{SCRIPTS}:/srv:ro"],
+                    "healthCheckTimeout": 2 * SLOW_START,
                     "stop_grace_period": "1s",
                 },
             },

@@ -24,7 +24,7 @@ import docker
 import httpx
 import pytest
 from openai import OpenAI
-from peers import Boxes, poll, two_boxes
+from peers import SLOW_START, Boxes, poll, two_boxes
 from websockets.sync.client import connect
 
 pytestmark = pytest.mark.docker
@@ -129,3 +129,20 @@ def test_a_peer_that_goes_away_is_noticed_skipped_and_taken_back(boxes: Boxes, f
     print(f"\n{fault}: noticed after {noticed:.1f}s, taken back {recovered:.1f}s after it answered again")
     assert began < back
     assert len(boxes.running_there()) <= 1
+
+
+@pytest.mark.storm  # over a minute: the long tier
+def test_a_peers_cold_start_longer_than_a_minute_is_waited_for(boxes: Boxes) -> None:
+    """llama-swap cuts a peer's answer after 60 s without its head; swapctl's default for a
+    peer's responseHeader is no limit, as the peer may be starting the model first."""
+    began = time.monotonic()
+    answer = httpx.post(
+        f"{boxes.a.url}/v1/chat/completions",
+        json={"model": "slow", "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=SLOW_START * 3,
+    )
+    took = time.monotonic() - began
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["path"] == "/v1/chat/completions"  # the echo server's own answer
+    assert took > SLOW_START
+    assert "slow" in boxes.running_there()
