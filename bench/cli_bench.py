@@ -10,6 +10,11 @@ noisy neighbour slows every command alike instead of one. `python -c pass` is th
 what no command can go below. CPU time (user + system, from the children's rusage) is
 reported beside wall time: on a shared machine it moves less.
 
+`status` is timed twice: against a `swapctl up` the bench starts on a free 127.0.0.1 port
+(found through the state directory, as a user's `status` finds it), and with `--url` naming a
+closed port, so that it falls back to reading the containers' labels from Docker (a
+Docker engine must run).
+
 Bytecode is cached, as for an installed swapctl (pip compiles it at install) or a checkout
 run twice: the commands write their .pyc files into a temporary PYTHONPYCACHEPREFIX during
 the warm-up round, even where PYTHONDONTWRITEBYTECODE is set (then every run would compile
@@ -21,20 +26,27 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 15
 GOAL_S = 0.3
 FLOOR = "python -c pass"
+CONFIG = "config.example.yaml"
+CLOSED = "CLOSED_PORT"  # replaced by a port nothing listens on
 COMMANDS: dict[str, list[str]] = {
     FLOOR: ["-c", "pass"],
     "swapctl --help": ["-m", "swapctl", "--help"],
+    "swapctl --version": ["-m", "swapctl", "--version"],
     "swapctl validate -c config.example.yaml": ["-m", "swapctl", "validate", "-c", "config.example.yaml"],
     "swapctl plan tiny-big -c config.example.yaml --running tiny-chat --json": [
         "-m",
@@ -47,7 +59,47 @@ COMMANDS: dict[str, list[str]] = {
         "tiny-chat",
         "--json",
     ],
+    "swapctl status -c config.example.yaml (a proxy answers)": ["-m", "swapctl", "status", "-c", CONFIG],
+    "swapctl status -c config.example.yaml --url (no proxy: Docker)": [
+        "-m",
+        "swapctl",
+        "status",
+        "-c",
+        CONFIG,
+        "--url",
+        f"http://127.0.0.1:{CLOSED}",
+    ],
 }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def proxy(env: dict[str, str]) -> Iterator[None]:
+    """A `swapctl up` of the example config on a free port, owning its instance in env's state
+    directory, until the block ends."""
+    port = free_port()
+    argv = [sys.executable, "-m", "swapctl", "up", "-c", CONFIG, "--listen", f"127.0.0.1:{port}"]
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/running", timeout=1):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    sys.exit(f"swapctl up did not answer on port {port}")
+                time.sleep(0.1)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def children_cpu() -> float:
@@ -68,14 +120,18 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
 def measure(rounds: int) -> dict[str, list[tuple[float, float]]]:
     """(wall, CPU) of every command, one of each per round, the first round thrown away."""
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in COMMANDS}
-    with tempfile.TemporaryDirectory(prefix="swapctl-pycache-") as pycache:
+    closed = str(free_port())
+    with tempfile.TemporaryDirectory(prefix="swapctl-bench-") as scratch:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        env["PYTHONPYCACHEPREFIX"] = pycache
-        for round_ in range(rounds + 1):
-            for name, argv in COMMANDS.items():
-                sample = timed(argv, env)
-                if round_:
-                    samples[name].append(sample)
+        env["PYTHONPYCACHEPREFIX"] = str(Path(scratch) / "pycache")
+        env["SWAPCTL_STATE_DIR"] = str(Path(scratch) / "state")
+        env.pop("SWAPCTL_URL", None)
+        with proxy(env):
+            for round_ in range(rounds + 1):
+                for name, argv in COMMANDS.items():
+                    sample = timed([arg.replace(CLOSED, closed) for arg in argv], env)
+                    if round_:
+                        samples[name].append(sample)
     return samples
 
 
