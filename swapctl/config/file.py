@@ -673,6 +673,22 @@ class PeerTimeoutsConfig(_Strict):
     )
 
 
+class PeerFiltersConfig(_Strict):
+    """A peer's filters: llama-swap's, without setParamsByID (a peer's IDs are its own)."""
+
+    strip_params: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_comma_list),
+        AfterValidator(_no_protected),
+        WithJsonSchema({"anyOf": [{"type": "string"}, _NAMES]}),
+    ] = Field((), alias="stripParams", description="JSON keys removed from requests sent to the peer.")
+    set_params: _PARAMS = Field(
+        default_factory=dict,
+        alias="setParams",
+        description="Values set in requests sent to the peer; a key ending in '?' only where absent.",
+    )
+
+
 def _peer_models(value: object) -> tuple[str, ...] | Literal["auto"]:
     if value == "auto":
         return "auto"
@@ -701,6 +717,10 @@ class PeerConfig(_Strict):
         "and followed as it changes.",
     )
     timeouts: PeerTimeoutsConfig = Field(default_factory=PeerTimeoutsConfig)
+    filters: PeerFiltersConfig = Field(
+        default_factory=PeerFiltersConfig,
+        description="Changes to JSON request bodies sent to this peer (stripParams, setParams).",
+    )
 
 
 class MatrixConfig(_Strict):

@@ -97,6 +97,7 @@ class Peer:
     api_key: SecretStr | None = field(repr=False)
     models: tuple[str, ...] | None  # None: `auto`, read from its GET /v1/models
     timeouts: Timeouts
+    filters: Filters  # applied to the JSON bodies sent to it
 
 
 @dataclass(frozen=True)
@@ -280,7 +281,10 @@ def _peer(name: str, own: PeerConfig, shape: ConfigFile) -> Peer:
     limits = own.timeouts
     timeouts = Timeouts(limits.connect or None, limits.response_header or None, shape.timeouts.idle or None)
     models = None if own.models == "auto" else own.models
-    return Peer(name=name, url=own.proxy, api_key=own.api_key, models=models, timeouts=timeouts)
+    filters = Filters(strip=own.filters.strip_params, set=Settings.of(own.filters.set_params))
+    return Peer(
+        name=name, url=own.proxy, api_key=own.api_key, models=models, timeouts=timeouts, filters=filters
+    )
 
 
 def _preloaded(names: Names, name: str, i: int) -> str:

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from swapctl.config import Config, Routed, Timeouts
+from swapctl.config.filters import Filters
 from swapctl.errors import (
     BackendError,
     ElsewhereUnavailable,
@@ -157,18 +158,21 @@ def _prefix(names: Iterable[str], rest: str) -> str | None:
     return next((n for n in names if rest == n or rest.startswith(n + "/")), None)
 
 
-def _named(body: bytes | None, model: str) -> bytes | None:
-    """A JSON body that names `model` (its ID), for a peer, which knows none of this config's
-    aliases; any other body as it is."""
+def _for_peer(body: bytes | None, model: str, filters: Filters) -> bytes | None:
+    """A JSON body for a peer: its filters applied, `model` named by its ID (a peer knows none
+    of this config's aliases); any other body as it is."""
     if not body or not body.lstrip().startswith(b"{"):
         return body
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
         return body
-    if not isinstance(payload, dict) or payload.get("model") in (None, model):
+    if not isinstance(payload, dict) or (payload.get("model") in (None, model) and not filters):
         return body
-    return json.dumps({**payload, "model": model}, ensure_ascii=False).encode()
+    named = filters.apply(payload, model) if filters else payload
+    if named.get("model") not in (None, model):
+        named = {**named, "model": model}
+    return json.dumps(named, ensure_ascii=False).encode()
 
 
 def peer_target(where: There, path: str, target: str) -> str:
@@ -522,7 +526,7 @@ class Forwarder:
         counts against its circuit."""
         place = where.place
         headers = elsewhere_headers(where, call.headers)
-        body = _named(call.body, where.model) if place.peer is not None else call.body
+        body = _for_peer(call.body, where.model, place.peer.filters) if place.peer is not None else call.body
         if body is not call.body and body is not None:
             headers = [(n, b"%d" % len(body) if n == b"content-length" else v) for n, v in headers]
         sent = Sent(where, self.places)

@@ -12,9 +12,10 @@ llama-server's router list them).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +29,10 @@ THRESHOLD = 2  # failures in a row that open a circuit
 INTERVAL = 2.0  # seconds between two probes of a peer (and of an open circuit)
 PROBE_TIMEOUT = 2.0  # seconds a probe may take: a peer that hangs is noticed as one that refuses
 AGAIN = 0.25  # seconds before a peer whose probe just failed is probed again
+# a swapctl peer's /events: a keep-alive comment comes every 15 s, so a silent stream is dead
+EVENTS_TIMEOUT = httpx.Timeout(PROBE_TIMEOUT, read=45.0)
+# a swapctl row's state -> the status value its model list gives it
+LISTED = {"ready": "loaded", "pulling": "loading", "starting": "loading", "sleeping": "sleeping"}
 
 
 @dataclass
@@ -70,6 +75,7 @@ class Place:
     circuit: Circuit = field(default_factory=Circuit)
     models: tuple[str, ...] = ()  # what a peer serves: configured, or as it last listed them
     statuses: dict[str, str] = field(default_factory=dict)  # a peer's models' status.value
+    followed: set[str] = field(default_factory=set)  # those its /events reports on, live
     answers_plans: bool = True  # a swapctl: GET /plan/<model> answers (until it does not)
 
     def failed(self, error: str) -> None:
@@ -152,11 +158,47 @@ class Watch:
                 for key in probing.keys() - places.keys():
                     probing.pop(key).cancel()
                 for key in places.keys() - probing.keys():
-                    probing[key] = asyncio.create_task(self._keep_probing(places[key]))
+                    place = places[key]
+                    probing[key] = asyncio.create_task(self._watch(place))
                 await asyncio.sleep(self.interval)
         finally:
             for task in probing.values():
                 task.cancel()
+
+    async def _watch(self, place: Place) -> None:
+        await asyncio.gather(self._keep_probing(place), self.follow(place))
+
+    async def follow(self, place: Place) -> None:
+        """A swapctl peer's own `/events`: its models' states as they change, between probes.
+        A peer whose `/events` is not an event stream (not a swapctl) is left to its probes."""
+        while True:
+            try:
+                async with self.client.stream(
+                    "GET", f"{place.url}/events", headers=place.headers(), timeout=EVENTS_TIMEOUT
+                ) as answer:
+                    if not answer.headers.get("content-type", "").startswith("text/event-stream"):
+                        return
+                    async for name, data in sse_events(answer.aiter_lines()):
+                        self._told(place, name, data)
+            except (httpx.HTTPError, ValueError):
+                pass
+            place.followed = set()  # its probes say it all again until the stream is back
+            await asyncio.sleep(self.interval)
+
+    def _told(self, place: Place, name: str, data: Any) -> None:
+        rows = data.get("models", ()) if name == "snapshot" else (data,) if name == "model" else ()
+        changed = False
+        for row in rows:
+            model = row.get("model") if isinstance(row, dict) else None
+            if not isinstance(model, str) or "place" in row:  # served elsewhere by it: its list says
+                continue
+            place.followed.add(model)
+            value = LISTED.get(str(row.get("state")), "unloaded")
+            if place.statuses.get(model) != value:
+                place.statuses[model] = value
+                changed = True
+        if changed:
+            self.changed(place)
 
     async def _keep_probing(self, place: Place) -> None:
         while True:
@@ -187,7 +229,11 @@ class Watch:
         )
         if place.peer is not None and place.peer.models is None:
             place.models = tuple(e["id"] for e in entries)
-        place.statuses = {e["id"]: _status(e) for e in entries}
+        # the models its /events reports on keep the newer word of the two
+        place.statuses = {
+            e["id"]: place.statuses.get(e["id"], "") if e["id"] in place.followed else _status(e)
+            for e in entries
+        }
 
     def offering(self, model: str) -> list[Place]:
         """The peers that serve `model`, in the config's order."""
@@ -208,6 +254,20 @@ class Watch:
         if answer.status_code in (404, 405) and not isinstance(cost, int):
             place.answers_plans = False  # not a swapctl: it has no plans
         return cost if isinstance(cost, int) else None
+
+
+async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, Any]]:
+    """(event name, its JSON data) of a Server-Sent Events stream's lines; comments skipped."""
+    name, data = "message", ""
+    async for line in lines:
+        if not line:
+            if data:
+                yield name, json.loads(data)
+            name, data = "message", ""
+        elif line.startswith("event:"):
+            name = line.removeprefix("event:").strip()
+        elif line.startswith("data:"):
+            data += line.removeprefix("data:").strip()
 
 
 def _status(entry: Mapping[str, Any]) -> str:

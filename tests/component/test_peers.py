@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,8 +17,10 @@ from support import FakeStack
 
 from swapctl.backend.fake import FakeModel
 from swapctl.config import Peer, Timeouts
+from swapctl.config.filters import Filters
 from swapctl.proxy.upstream import HttpxUpstream
 from swapctl.remote import Watch
+from swapctl.server import build_server
 
 pytestmark = pytest.mark.anyio
 PEER = "http://peer-a.test:8080"
@@ -117,7 +120,7 @@ async def front() -> AsyncIterator[Front]:
             },
         },
         "matrix": {"sets": {"one": "chat", "two": "shared"}},
-        "peers": {"a": {"proxy": PEER}},
+        "peers": {"a": {"proxy": PEER, "filters": {"stripParams": "top_p", "setParams": {"seed?": 7}}}},
         "apiKeys": ["sk-front"],
     }
     found = Front(config, {"peer-a.test": peer})
@@ -309,6 +312,8 @@ async def test_a_peer_that_hangs_delays_no_other_peers_probes() -> None:
     asked: list[str] = []
 
     async def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/events":  # not a swapctl: no event stream to follow
+            return httpx.Response(404)
         asked.append(request.url.host)
         if request.url.host == "hung.test":
             await asyncio.sleep(60)  # accepted, never answered
@@ -317,8 +322,8 @@ async def test_a_peer_that_hangs_delays_no_other_peers_probes() -> None:
         )
 
     peers = {
-        "hung": Peer("hung", "http://hung.test", None, None, Timeouts(1, None, None)),
-        "fine": Peer("fine", "http://fine.test", None, None, Timeouts(1, None, None)),
+        "hung": Peer("hung", "http://hung.test", None, None, Timeouts(1, None, None), Filters()),
+        "fine": Peer("fine", "http://fine.test", None, None, Timeouts(1, None, None), Filters()),
     }
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
         watch = Watch(lambda: peers, client, interval=0.02, probe_timeout=30)
@@ -331,3 +336,48 @@ async def test_a_peer_that_hangs_delays_no_other_peers_probes() -> None:
             running.cancel()
     assert asked.count("hung.test") == 1  # still waiting on its first probe
     assert watch.places["fine"].statuses == {"m": "loaded"}
+
+
+async def test_a_peers_filters_change_what_it_is_sent(front: Front) -> None:
+    body = {"model": "big", "messages": [], "top_p": 0.5}
+    answer = await front.stack.client.post("/v1/chat/completions", json=body, headers=KEY)
+    assert answer.status_code == 200
+    sent = next(r for r in reversed(front.hosts.seen) if r.url.path == "/v1/chat/completions")
+    assert json.loads(sent.content) == {"model": "big", "messages": [], "seed": 7}
+
+
+async def test_a_swapctl_peers_own_events_keep_its_states_live_between_probes() -> None:
+    """The peer under the real uvicorn server `up` builds: the front follows its /events, so a
+    model it loads shows as loaded at once, with no probe."""
+    peer = peer_stack({"big": {"image": "img"}})
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+    server = build_server(peer.app, "127.0.0.1", 0, verbose=False, closing=peer.swapper.activity.close)
+    serving = asyncio.create_task(server.serve(sockets=[listening]))
+    peers = {"p": Peer("p", url, None, None, Timeouts(1, None, None), Filters())}
+    async with httpx.AsyncClient() as client:
+        watch = Watch(lambda: peers, client, interval=3600)  # no second probe in this test
+        place = watch.places["p"]
+        seen: list[str] = []
+        watch.changed = lambda changed: seen.append(changed.statuses.get("big", ""))
+        following = asyncio.create_task(watch.follow(place))
+        try:
+            async with asyncio.timeout(10):
+                while place.statuses.get("big") != "unloaded":  # the snapshot
+                    await asyncio.sleep(0.01)
+                await peer.use("big")
+                while place.statuses.get("big") != "loaded":
+                    await asyncio.sleep(0.01)
+                assert seen[0] == "unloaded" and seen[-1] == "loaded"
+                server.should_exit = True  # the peer goes away: its stream ends
+                await serving
+                while place.followed:  # its probes say it all again
+                    await asyncio.sleep(0.01)
+        finally:
+            following.cancel()
+            server.should_exit = True
+            await serving
+            listening.close()
+            await peer.close()
