@@ -75,12 +75,35 @@ def _gpus_of(ctx: typer.Context) -> InventoryFactory:
 app = typer.Typer(
     help="Run many models, one container each, behind one OpenAI-compatible endpoint.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion: Typer's, for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     # Click's plain help: it loads no rich (a tenth of a second) and keeps "[default: ...]",
     # which rich's markup took for a style tag and dropped
     rich_markup_mode=None,
 )
+
+
+def _print_version(asked: bool) -> None:
+    """--version: eager, so it answers before any command (and loads nothing of theirs)."""
+    if asked:
+        import swapctl
+
+        print(f"swapctl {swapctl.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print swapctl's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Options before the command."""
+
+
 config_app = typer.Typer(
     help="Inspect the configuration format, or make one from a Compose file.",
     no_args_is_help=True,
@@ -123,6 +146,45 @@ def _load(path: Path) -> Config:
     if not path.exists():
         raise ConfigError(str(path), "no such file (pass -c FILE or set SWAPCTL_CONFIG)")
     return load_config(path)
+
+
+@app.command()
+def init(
+    ctx: typer.Context,
+    model: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(
+            "--model",
+            "-m",
+            help="ID=TEMPLATE[:MODELPATH], once per model: qwen=llama-cpp-cuda:/srv/models/qwen.gguf, "
+            "whisper=speaches (swapctl templates lists the templates).",
+            show_default=False,
+        ),
+    ] = None,
+    listen: Annotated[str, typer.Option(help="HOST:PORT swapctl up serves on.")] = "127.0.0.1:8080",
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Where to write the config.")
+    ] = DEFAULT_CONFIG,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT when it exists.")] = False,
+) -> None:
+    """Write a starter config for this machine: its GPUs, one model per --model, a matrix to
+    grow, with comments; `swapctl validate` then checks it."""
+    from swapctl.gpus import NoGpu
+    from swapctl.starter import parse_model_option, starter_config
+
+    if output.exists() and not force:
+        raise ConfigError(str(output), "already exists: pass --force to overwrite it, or -o FILE")
+    choices = [parse_model_option(text) for text in model or ()]
+    found = _gpus_of(ctx)().read()
+    starter = starter_config(choices, found, listen, output.resolve().parent)
+    try:
+        output.write_text(starter.text, encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(str(output), f"cannot write: {error.strerror or error}") from None
+    count = 0 if isinstance(found, NoGpu) else len(found.devices)
+    print(f"wrote {output}: {len(choices)} model{'s' * (len(choices) != 1)}, {count} GPU{'s' * (count != 1)}")
+    for note in starter.notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 @app.command()
@@ -329,18 +391,26 @@ def _proxy_url(loaded: Config, url: str | None) -> str:
 
 
 def _ask_proxy(loaded: Config, url: str | None, method: str, path: str, timeout: float = 30.0) -> Any | None:
-    """The proxy's JSON answer, or None when no proxy answers there."""
-    import httpx
+    """The proxy's JSON answer, or None when no proxy answers there. One request through
+    urllib: httpx's import alone (with the rich it loads) took a sixth of `status`."""
+    import urllib.error
+    import urllib.request
+    from http.client import HTTPException
 
+    asked = urllib.request.Request(_proxy_url(loaded, url) + path, headers=_key(loaded), method=method)
     try:
-        response = httpx.request(
-            method, _proxy_url(loaded, url) + path, headers=_key(loaded), timeout=timeout
-        )
-    except httpx.TransportError:
+        with urllib.request.urlopen(asked, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:  # an answer >= 400: the proxy's own message
+        with error:
+            text = error.read().decode(errors="replace")
+        try:
+            message = json.loads(text).get("error", {}).get("message", text)
+        except (ValueError, AttributeError):
+            message = text
+        raise SwapctlError(message) from None
+    except (OSError, HTTPException, ValueError):  # refused, reset, timed out, not a URL
         return None
-    if response.status_code >= 400:
-        raise SwapctlError(response.json().get("error", {}).get("message", response.text))
-    return response.json()
 
 
 def _key(loaded: Config) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""swapctl's own routes: health, what runs, unload, reload, metrics and logs (the model list
+"""swapctl's own routes: health, version, what runs, unload, reload, metrics and logs (the model list
 and llama.cpp's router API are `catalog`'s); and the live ones: events (Server-Sent Events,
 see `swapctl.lifecycle.activity`), log streams, a plan preview and load.
 
@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+import swapctl
 from swapctl.errors import ConfigError, RequestError
 from swapctl.lifecycle import Event, Reload, Subscription, Swapper
 from swapctl.metrics import Metrics
@@ -27,7 +28,18 @@ from swapctl.remote import Places
 
 log = logging.getLogger("swapctl")
 # paths answered here (a request to one with another method is a 405, not a 404)
-PATHS = ("/health", "/running", "/unload", "/reload", "/metrics", "/logs", "/events", "/ui", *catalog.PATHS)
+PATHS = (
+    "/health",
+    "/version",
+    "/running",
+    "/unload",
+    "/reload",
+    "/metrics",
+    "/logs",
+    "/events",
+    "/ui",
+    *catalog.PATHS,
+)
 PREFIXES = ("/unload/", "/logs/", "/plan/", "/load/", *catalog.PREFIXES)
 KEEP_ALIVE = 15.0  # seconds between the comments that keep an event stream's proxies patient
 SNAPSHOT_LINES = 100  # the proxy's log lines in a snapshot
@@ -74,6 +86,7 @@ class Admin:
         return [
             *self.catalog.routes(),
             Route("/health", self.health, methods=["GET"]),
+            Route("/version", self.version, methods=["GET"]),
             Route("/running", self.running, methods=["GET"]),
             Route("/metrics", self.render_metrics, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),
@@ -94,6 +107,10 @@ class Admin:
         200: the proxy serves)."""
         degraded = self.swapper.degraded()
         return PlainTextResponse("degraded: " + "; ".join(degraded) if degraded else "OK")
+
+    async def version(self, request: Request) -> Response:
+        """The swapctl serving: `{"version": "0.1.0"}`."""
+        return JSONResponse({"version": swapctl.__version__})
 
     async def running(self, request: Request) -> Response:
         statuses = [s.to_json() for s in self.swapper.status()]
@@ -138,7 +155,8 @@ class Admin:
         """Where an event stream starts from: every model's row, the last swaps, log lines."""
         lines = list(self.recent.lines)[-SNAPSHOT_LINES:]
         rows = self.swapper.rows() + (self.places.rows() if self.places is not None else [])
-        return {"models": rows, "swaps": self.swapper.activity.history(), "logs": lines}
+        history = self.swapper.activity.history()
+        return {"models": rows, "swaps": history, "logs": lines, "version": swapctl.__version__}
 
     async def events(self, request: Request) -> Response:
         """Server-Sent Events: a snapshot, then every change (see swapctl.lifecycle.activity)."""

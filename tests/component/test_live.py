@@ -288,7 +288,7 @@ async def test_events_start_with_a_snapshot_then_follow(
         events = sse_events(response.aiter_lines())
         name, snapshot = await anext(events)
         assert name == "snapshot"
-        assert set(snapshot) == {"models", "swaps", "logs"}
+        assert set(snapshot) == {"models", "swaps", "logs", "version"}
         assert [row["model"] for row in snapshot["models"]] == ["chat", "code", "big", "broken"]
         assert all(set(row) == ROW for row in snapshot["models"])
         assert snapshot["models"][0]["state"] == "ready"

@@ -16,6 +16,7 @@ import pytest
 from starlette.types import Message, Receive, Scope, Send
 from support import json_server
 
+import swapctl
 from swapctl import cli
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
@@ -316,6 +317,7 @@ GUARDED = [
     ("GET", "/logs/code"),
     ("GET", "/metrics"),
     ("GET", "/running"),
+    ("GET", "/version"),
     ("POST", "/unload"),
     ("POST", "/unload/code"),
     ("GET", "/nowhere"),
@@ -349,6 +351,8 @@ async def test_bearer_and_x_api_key_both_work_and_stay_here(keyed: Proxy) -> Non
     assert got["authorization"] == "Bearer upstream-own-key"
     assert "x-api-key" not in got
     assert (await client.get("/running", headers={"authorization": f"bearer {KEY}"})).status_code == 200
+    version = await client.get("/version", headers={"authorization": f"Bearer {KEY}"})
+    assert version.json() == {"version": swapctl.__version__}
 
 
 @pytest.mark.anyio

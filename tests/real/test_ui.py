@@ -19,6 +19,8 @@ from openai import OpenAI
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from support import MESSAGES, Proxy, ask, llama_model, poll, running_models, write_yaml
 
+import swapctl
+
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +123,7 @@ def test_the_page_follows_loads_and_unloads_models(
 ) -> None:
     proxy = open_page()
     expect(page.locator("#status")).to_have_text("live")
+    expect(page.locator("#version")).to_have_text(f"v{swapctl.__version__}")  # from the snapshot
     expect(row(page, "a").locator("td.state")).to_have_text("stopped")
     expect(row(page, "b").locator("td.state")).to_have_text("stopped")
 
