@@ -397,9 +397,12 @@ def _ask_proxy(loaded: Config, url: str | None, method: str, path: str, timeout:
     import urllib.request
     from http.client import HTTPException
 
-    asked = urllib.request.Request(_proxy_url(loaded, url) + path, headers=_key(loaded), method=method)
+    target = _proxy_url(loaded, url) + path
+    if not target.lower().startswith(("http://", "https://")):
+        return None  # no proxy answers a file: or ftp: URL (and urllib would open it)
+    asked = urllib.request.Request(target, headers=_key(loaded), method=method)  # noqa: S310 - http(s) only
     try:
-        with urllib.request.urlopen(asked, timeout=timeout) as response:
+        with urllib.request.urlopen(asked, timeout=timeout) as response:  # noqa: S310 - http(s) only
             return json.loads(response.read())
     except urllib.error.HTTPError as error:  # an answer >= 400: the proxy's own message
         with error:

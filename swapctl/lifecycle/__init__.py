@@ -6,12 +6,36 @@ reload changes (`changes`) and when it reads the file (`reloader`). What people 
 last swaps, request rates, and events for subscribers) is recorded in `activity`; what the
 container engine shows of it while no proxy answers is read in `observed`."""
 
-from swapctl.lifecycle.activity import Activity, Event, Rates, Row, Subscription, Swap
-from swapctl.lifecycle.changes import Changes, Reload
-from swapctl.lifecycle.lease import Lease, Ticket
-from swapctl.lifecycle.reloader import Reloader
-from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
-from swapctl.lifecycle.swapper import Swapper
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from swapctl.lifecycle.activity import Activity, Event, Rates, Row, Subscription, Swap
+    from swapctl.lifecycle.changes import Changes, Reload
+    from swapctl.lifecycle.lease import Lease, Ticket
+    from swapctl.lifecycle.reloader import Reloader
+    from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
+    from swapctl.lifecycle.swapper import Swapper
+
+# Each name loads its module when first asked for: `swapctl status` reads the engine through
+# `observed` without paying for the swapper, the reloader and what they import.
+_HOMES = {
+    **dict.fromkeys(("Activity", "Event", "Rates", "Row", "Subscription", "Swap"), "activity"),
+    **dict.fromkeys(("Changes", "Reload"), "changes"),
+    **dict.fromkeys(("Lease", "Ticket"), "lease"),
+    "Reloader": "reloader",
+    **dict.fromkeys(("ModelStatus", "Progress", "Slot", "State", "Step"), "slot"),
+    "Swapper": "swapper",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __all__ = [
     "Activity",

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import httpx
-
 from swapctl.backend import Container
 from swapctl.config import Config
 from swapctl.lifecycle.slot import ModelStatus, State
@@ -69,6 +67,8 @@ def to_json(status: ModelStatus) -> dict[str, object]:
 def asleep(container: Container) -> bool:
     """Whether the container's server says it sleeps (vLLM's GET /is_sleeping); asked
     briefly: a server that does not answer is taken as awake."""
+    import httpx  # here: `status` with nothing running does not load it
+
     try:
         answer = httpx.get(container.url + "/is_sleeping", timeout=1.0).json()
     except (httpx.HTTPError, ValueError):
