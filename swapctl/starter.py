@@ -93,6 +93,9 @@ def starter_config(
         host, _ = parse_listen(listen)
     except ValueError as error:
         raise ConfigError("--listen", str(error)) from None
+    if not models:
+        names = ", ".join(sorted(known))
+        raise ConfigError("--model", f"name at least one: ID=TEMPLATE[:MODELPATH], TEMPLATE one of {names}")
     if len({m.id for m in models}) != len(models):
         raise ConfigError("--model", "each model ID may be given once")
     parts = [_HEAD, _listen_part(listen, host), _hardware_part(gpus), "models:"]
@@ -108,8 +111,6 @@ def starter_config(
         notes += [
             f"model '{choice.id}': template {choice.template} needs the variable {name}" for name in needed
         ]
-    if not models:
-        parts.append(_NO_MODELS)
     parts.append(_matrix_part([m.id for m in models]))
     text = "\n".join(parts)
     yaml.safe_load(text)  # a mistake here is swapctl's, never the user's: fail before writing
@@ -143,14 +144,6 @@ _HEAD = """\
 """
 
 _KEY_NOTE = "set SWAPCTL_API_KEY (the key clients must send) before swapctl validate and up"
-_NO_MODELS = """\
-  # No model yet: add one per engine, e.g. (see `swapctl templates`)
-  # qwen:
-  #   template: llama-cpp
-  #   command: ["--port", "8080", "-m", "/models/qwen.gguf"]
-  #   volumes: ["/srv/models:/models:ro"]
-  {}
-"""
 
 
 def _listen_part(listen: str, host: str) -> str:
@@ -292,8 +285,6 @@ def _matrix_part(ids: Sequence[str]) -> str:
         "# parentheses to group. A request for a model stops the running models its sets do not",
         "# allow beside it, picking the choice that stops the cheapest. A model in no set runs alone.",
     ]
-    if not ids:
-        return "\n".join([*lines, "# matrix:", '#   sets: {together: "a & b"}']) + "\n"
     lines += ["matrix:", "  vars:"]
     lines += [f"    {_scalar(var)}: {_scalar(model)}" for var, model in names.items()]
     vars_ = list(names)
