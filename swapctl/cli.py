@@ -471,26 +471,17 @@ def status(
         return
     from rich.table import Table
 
-    from swapctl.lifecycle.slot import State
-
     title = "from the proxy" if source == "proxy" else "from Docker (no proxy answers)"
     table = Table(title=f"swapctl {loaded.instance}: models {title}", title_justify="left")
     on_gpus = any(s.get("gpus") or s.get("gpu_memory") for s in statuses)  # a column only then
     for column in ("model", "state", "container", "port", "up", "idle", "in flight", *("GPU",) * on_gpus):
         table.add_column(column, overflow="fold")
-    colours = {
-        State.READY.value: "green",
-        "running": "green",  # a container's state as the engine words it (from Docker)
-        State.PULLING.value: "yellow",
-        State.STARTING.value: "yellow",
-        State.STOPPING.value: "yellow",
-        State.SLEEPING.value: "blue",
-    }
     for s in statuses:
         state = s["state"]
+        colour = STATE_COLOURS.get(state)
         table.add_row(
             s["model"],
-            f"[{colours[state]}]{state}[/]" if state in colours else state,
+            f"[{colour}]{state}[/]" if colour else state,
             s["container"] or (f"@{s['place']}" if s.get("place") else "-"),
             str(s["host_port"] or "-"),
             _seconds(s["ready_seconds"]),
@@ -499,6 +490,19 @@ def status(
             *(_gpu_cell(s),) * on_gpus,
         )
     _stdout().print(table)
+
+
+# A state's colour in the table, by its name in /running (the lifecycle's State values; a
+# unit test holds them to it): named here, since importing the lifecycle's slot module (and
+# asyncio with it) would take a tenth of `status` against a proxy.
+STATE_COLOURS = {
+    "ready": "green",
+    "running": "green",  # a container's state as the engine words it (from Docker)
+    "pulling": "yellow",
+    "starting": "yellow",
+    "stopping": "yellow",
+    "sleeping": "blue",
+}
 
 
 def _gpu_cell(status: dict[str, Any]) -> str:

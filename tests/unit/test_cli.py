@@ -188,3 +188,11 @@ def test_quick_commands_load_no_heavy_module(argv: list[str]) -> None:
     """They start fast only while they leave Docker, HTTP, the proxy and rich alone."""
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, check=False)
     assert done.stderr.splitlines()[-1] == "loaded:", done.stderr
+
+
+def test_status_colours_name_lifecycle_states() -> None:
+    """The table colours states by name without importing the lifecycle: the names must be its own."""
+    from swapctl.cli import STATE_COLOURS
+    from swapctl.lifecycle import State
+
+    assert set(STATE_COLOURS) - {"running"} <= {state.value for state in State}
