@@ -23,6 +23,8 @@ MODEL = "swapctl.model"
 INSTANCE = "swapctl.instance"
 SPEC_HASH = "swapctl.spec-hash"
 PLACED = "swapctl.gpus"  # the GPU device IDs swapctl chose for a count request, comma-separated
+NETWORK = "swapctl.network"  # the network swapctl reaches it on (top-level `network`), when set
+PORT = "swapctl.port"  # its server's port on that network
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class ContainerSpec:
     extra_hosts: tuple[str, ...] = field(default=(), metadata={"hash": "when set"})
     network_mode: str | None = field(default=None, metadata={"hash": "when set"})
     networks: tuple[Network, ...] = field(default=(), metadata={"hash": "when set"})
+    # the top-level `network`: joined first, reached there on `port`, nothing published
+    network: str | None = field(default=None, metadata={"hash": "when set"})
     # how to get the image, not what runs: changing it replaces no container
     pull_policy: str = field(default="missing", metadata={"hash": "never"})
 
@@ -120,11 +124,23 @@ def build_spec(config: Config, model: str) -> ContainerSpec:
         extra_hosts=m.extra_hosts,
         network_mode=m.network_mode,
         networks=m.networks,
+        network=config.network,
         pull_policy=m.pull_policy,
     )
     digest = hashlib.sha256(json.dumps(_hashed(spec), sort_keys=True, default=list).encode()).hexdigest()
     labels = {**m.labels, MANAGED: "true", MODEL: model, INSTANCE: config.instance, SPEC_HASH: digest[:16]}
+    if config.network is not None:
+        labels |= {NETWORK: config.network, PORT: str(m.port)}
     return replace(spec, labels=labels)
+
+
+def joined_networks(spec: ContainerSpec) -> tuple[Network, ...]:
+    """The networks the container joins, in order: swapctl's `network` first (with the
+    aliases the model's own `networks` give it there), then the model's others."""
+    if spec.network is None:
+        return spec.networks
+    own = next((n for n in spec.networks if n.name == spec.network), Network(spec.network))
+    return (own, *(n for n in spec.networks if n.name != spec.network))
 
 
 def _hashed(spec: ContainerSpec) -> dict[str, Any]:

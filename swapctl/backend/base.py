@@ -16,12 +16,13 @@ class Container:
     name: str
     model: str
     state: str  # the engine's word: created, running, exited, restarting, paused, dead
-    host_port: int | None
+    host_port: int | None  # where swapctl reaches it: the published port, or its own on swapctl's network
     spec_hash: str
     started_at: float | None = None  # epoch seconds
     image_id: str = ""  # the image it runs, as the engine identifies it
     placed: tuple[str, ...] = ()  # the GPU device IDs swapctl chose for it (label swapctl.gpus)
-    address: str = "127.0.0.1"  # where its engine publishes its port (the engine's `address`)
+    # where its engine publishes its port (the engine's `address`), or its own on swapctl's network
+    address: str = "127.0.0.1"
 
     @property
     def running(self) -> bool:
@@ -29,7 +30,8 @@ class Container:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.host_port}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"http://{host}:{self.host_port}"
 
 
 class LogFollow(Protocol):
@@ -50,7 +52,8 @@ class Backend(Protocol):
 
     def start(self, spec: ContainerSpec) -> Container:
         """Create and start the container, published on the engine's address (127.0.0.1 for
-        this machine's); leave nothing behind on failure."""
+        this machine's), or on swapctl's network (`spec.network`, created when missing) with
+        no port published; leave nothing behind on failure."""
         ...
 
     def get(self, container_id: str) -> Container | None:

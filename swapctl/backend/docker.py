@@ -14,8 +14,9 @@ import functools
 import math
 import re
 import ssl
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,7 +32,18 @@ from swapctl.backend.lines import split_lines
 from swapctl.backend.progress import LayerReport, PullListener
 from swapctl.config.hosts import LOCAL, Engine
 from swapctl.errors import BackendError, DaemonUnavailable, GpuUnavailable, ImageMissing, PullFailed
-from swapctl.spec import INSTANCE, MANAGED, MODEL, SPEC_HASH, ContainerSpec, device_requests, placed_ids
+from swapctl.spec import (
+    INSTANCE,
+    MANAGED,
+    MODEL,
+    NETWORK,
+    PORT,
+    SPEC_HASH,
+    ContainerSpec,
+    device_requests,
+    joined_networks,
+    placed_ids,
+)
 
 if TYPE_CHECKING:
     from swapctl.config import Network
@@ -138,8 +150,9 @@ def pull_failure(image: str, answer: str) -> PullFailed:
 
 def create_arguments(spec: ContainerSpec, address: str = LOCAL.address) -> dict[str, Any]:
     """The keywords of `containers.create` for `spec`, unset ones left out, its port published
-    on the engine's `address`. The container joins its first network (`networks:`) at
-    creation; `start` connects it to the others."""
+    on the engine's `address`, or none when it joins swapctl's `network` (reached there). The
+    container joins its first network (`joined_networks`) at creation; `start` connects it
+    to the others."""
     arguments: dict[str, Any] = {
         "image": spec.image,
         "name": spec.name,
@@ -148,7 +161,8 @@ def create_arguments(spec: ContainerSpec, address: str = LOCAL.address) -> dict[
         "environment": dict(spec.environment),
         "volumes": list(spec.volumes),
         "labels": dict(spec.labels),
-        "ports": {f"{spec.port}/tcp": (address, None)},  # swapctl's way in, whatever the network
+        # swapctl's way in, whatever its networks, unless it reaches the container on its own
+        "ports": {f"{spec.port}/tcp": (address, None)} if spec.network is None else None,
         "init": True,
         "detach": True,
         "stop_signal": spec.stop_signal,
@@ -169,7 +183,7 @@ def create_arguments(spec: ContainerSpec, address: str = LOCAL.address) -> dict[
         "nano_cpus": round(spec.cpus * 1e9) if spec.cpus is not None else None,
         "extra_hosts": list(spec.extra_hosts) or None,
         "network_mode": spec.network_mode,
-        **_first_network(spec.networks[:1]),
+        **_first_network(joined_networks(spec)[:1]),
     }
     return {key: value for key, value in arguments.items() if value is not None}
 
@@ -196,16 +210,33 @@ def _epoch(text: str | None) -> float | None:
     return moment.timestamp() + float(f"0.{fraction or 0}")
 
 
+def _reached(
+    labels: Mapping[str, str], networks: Mapping[str, Any] | None, published: int | None, address: str
+) -> tuple[int | None, str]:
+    """Where swapctl reaches a container (port, address): at its address on swapctl's network
+    and its server's port, when it joined one (labels say which); else the port it publishes
+    on the engine's address. No port while it has no address there (not running)."""
+    name = labels.get(NETWORK)
+    if name is None:
+        return published, address
+    endpoint = (networks or {}).get(name) or {}
+    found = endpoint.get("IPAddress") or endpoint.get("GlobalIPv6Address")
+    port = labels.get(PORT, "")
+    return (int(port), str(found)) if found and port.isdigit() else (None, address)
+
+
 def _from_inspect(attrs: dict[str, Any], address: str = LOCAL.address) -> Container:
     labels = attrs["Config"]["Labels"] or {}
     bindings = (attrs["NetworkSettings"].get("Ports") or {}).values()
     ports = [int(b["HostPort"]) for binding in bindings if binding for b in binding if b.get("HostPort")]
+    networks = attrs["NetworkSettings"].get("Networks")
+    port, address = _reached(labels, networks, ports[0] if ports else None, address)
     return Container(
         id=attrs["Id"],
         name=attrs["Name"].lstrip("/"),
         model=labels.get(MODEL, ""),
         state=attrs["State"]["Status"],
-        host_port=ports[0] if ports else None,
+        host_port=port,
         spec_hash=labels.get(SPEC_HASH, ""),
         started_at=_epoch(attrs["State"].get("StartedAt")),
         image_id=attrs.get("Image", ""),
@@ -217,12 +248,14 @@ def _from_inspect(attrs: dict[str, Any], address: str = LOCAL.address) -> Contai
 def _from_summary(attrs: dict[str, Any], address: str = LOCAL.address) -> Container:
     labels = attrs.get("Labels") or {}
     ports = [p["PublicPort"] for p in attrs.get("Ports") or [] if p.get("PublicPort")]
+    networks = (attrs.get("NetworkSettings") or {}).get("Networks")
+    port, address = _reached(labels, networks, ports[0] if ports else None, address)
     return Container(
         id=attrs["Id"],
         name=(attrs.get("Names") or ["/"])[0].lstrip("/"),
         model=labels.get(MODEL, ""),
         state=attrs["State"],
-        host_port=ports[0] if ports else None,
+        host_port=port,
         spec_hash=labels.get(SPEC_HASH, ""),
         started_at=float(attrs["Created"]) if attrs.get("Created") else None,
         image_id=attrs.get("ImageID", ""),
@@ -274,6 +307,7 @@ class DockerBackend:
     def __init__(self, engine: Engine = LOCAL, *, client: docker.DockerClient | None = None) -> None:
         self.engine = engine
         self._client = client
+        self._networking = threading.Lock()  # one creation of a missing network at a time
 
     @property
     def client(self) -> docker.DockerClient:
@@ -315,6 +349,8 @@ class DockerBackend:
         return _from_inspect(found, self.engine.address) if found is not None else None
 
     def start(self, spec: ContainerSpec) -> Container:
+        if spec.network is not None:
+            self._call(lambda: self._ensure_network(str(spec.network)), spec.model)
         created = self._call(lambda: self._create(spec), spec.model, spec.image)
         try:
             self._join_networks(created.id, spec)
@@ -331,9 +367,26 @@ class DockerBackend:
             raise BackendError("the container vanished as it started", spec.model)
         return found
 
+    def _ensure_network(self, name: str) -> None:
+        """swapctl's network, created when missing: a bridge network labelled as swapctl's.
+        It stays when the models go: swapctl itself may be on it (and Compose may own it)."""
+        with self._networking:
+            try:
+                self.client.api.inspect_network(name)
+                return
+            except docker.errors.NotFound:
+                pass
+            try:
+                self.client.api.create_network(
+                    name, driver="bridge", labels={MANAGED: "true"}, check_duplicate=True
+                )
+            except docker.errors.APIError as error:
+                if error.status_code != 409:  # another swapctl created it meanwhile
+                    raise
+
     def _join_networks(self, container_id: str, spec: ContainerSpec) -> None:
         """The networks past the first: Docker's API before 1.44 takes one at creation."""
-        for network in spec.networks[1:]:
+        for network in joined_networks(spec)[1:]:
             join = functools.partial(
                 self.client.api.connect_container_to_network,
                 container_id,

@@ -66,6 +66,7 @@ from swapctl.config.service import (
     parse_capabilities,
     parse_extra_hosts,
     parse_names,
+    parse_network,
     parse_network_mode,
     parse_networks,
     parse_pull_policy,
@@ -916,6 +917,12 @@ class ConfigFile(_Strict):
         default_factory=dict,
         description=f"Other machines' Docker engines, by name (`{LOCAL_NAME}` is this machine's): how to "
         "reach each. Not yet used to run models.",
+    )
+    network: Annotated[str | None, _read_by(parse_network), WithJsonSchema({"type": "string"})] = Field(
+        None,
+        description="A Docker network (a bridge one, created when missing) every model joins: swapctl "
+        "reaches each at its address there, on its port, and publishes none. For swapctl in a container "
+        "on that network. None: each model's port is published on 127.0.0.1.",
     )
 
 

@@ -169,6 +169,8 @@ class Config:
     # the Docker engines by host name, `local` (this machine's) among them: how to reach each.
     # What each runs (its matrix, hardware, models) is the lifecycle's, to come beside it.
     hosts: Mapping[str, Engine]
+    # the network every model joins and is reached on, no port published; None: published on 127.0.0.1
+    network: str | None
 
     @property
     def aliases(self) -> Mapping[str, str]:
@@ -449,7 +451,21 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         variants=variants,
         include_aliases_in_list=shape.include_aliases_in_list,
         hosts=parse_hosts(shape.hosts, base_dir),
+        network=_network(shape),
     )
+
+
+def _network(shape: ConfigFile) -> str | None:
+    """The top-level `network`; a model of its own `network_mode` conflicts with it (its
+    `networks` are joined besides)."""
+    for model_id, own in shape.models.items():
+        if shape.network is not None and isinstance(own, ModelConfig) and own.network_mode is not None:
+            raise ConfigError(
+                f"models.{model_id}.network_mode",
+                f"the top-level network '{shape.network}' is where swapctl reaches every model: "
+                "remove network_mode (list other networks under networks: to join them too)",
+            )
+    return shape.network
 
 
 def load_config(path: Path, environ: Mapping[str, str] = os.environ) -> Config:

@@ -204,6 +204,14 @@ def _network(name: object, options: object) -> Network:
     return Network(name, parse_names(options.get("aliases") or [], "aliases"))
 
 
+def parse_network(value: object) -> str:
+    """The top-level `network`: the bridge network swapctl puts every model on and reaches
+    each through (created when missing); not one of Docker's own modes."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value in ("host", "none", "default"):
+        raise ValueError(f"expected a network's name (letters, digits, '_', '.', '-'), got {value!r}")
+    return value
+
+
 def parse_pull_policy(value: object) -> str:
     """Compose's `pull_policy`: `missing` (`if_not_present`) pulls an absent image, `always`
     pulls before every start, `never` pulls nothing."""
