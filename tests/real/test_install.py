@@ -2,19 +2,24 @@
 installed by pipx (and the wheel by `uv tool install`) into an environment of its own, with
 its dependencies from the package index as a user gets them; then, from a folder outside the
 checkout, the installed `swapctl --version`, `swapctl init` and `swapctl validate` on what
-init wrote, and the shell completion script. The installs share one download cache. (About
-a minute: three environments.)"""
+init wrote, and the shell completion script; and, with Docker, `swapctl up` serving a chat
+from what init wrote. The installs share one download cache. (About a minute: four
+environments.)"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import httpx
 import pytest
+from openai import OpenAI
+from support import MESSAGES, free_port, poll
 
 import swapctl
 
@@ -113,3 +118,45 @@ def test_uv_tool_installs_the_wheel(dist: Path, cache: Path, tmp_path: Path) -> 
     uv = Path(sys.executable).parent / "uv"
     run(uv, "tool", "install", "--python", sys.executable, wheel, cwd=tmp_path, env=env)
     check_installed(tmp_path, env)
+
+
+@pytest.mark.docker
+def test_the_installed_swapctl_serves_a_chat(
+    dist: Path, cache: Path, tmp_path: Path, docker_engine: object, models_dir: Path, instance: str
+) -> None:
+    """pipx install, swapctl init with a model file, swapctl up: an OpenAI client's chat."""
+    [wheel] = dist.glob("swapctl-*.whl")
+    env = user_env(tmp_path, cache)
+    run(sys.executable, "-m", "pipx", "install", "--python", sys.executable, wheel, cwd=tmp_path, env=env)
+    work, port = tmp_path / "work", free_port()
+    work.mkdir()
+    command = tmp_path / "bin" / "swapctl"
+    model = f"chat=llama-server:{models_dir}/seed-1.gguf"
+    run(command, "init", "--model", model, "--listen", f"127.0.0.1:{port}", cwd=work, env=env)
+    config = work / "swapctl.yaml"
+    config.write_text(f"instance: {instance}\n" + config.read_text())  # removed by the fixture
+    with (work / "up.log").open("wb") as log:
+        up = subprocess.Popen(
+            [command, "up", "--stop-on-exit"], cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        health = f"http://127.0.0.1:{port}/health"
+        poll(lambda: up.poll() is not None or _answers(health), 30, "swapctl up to answer /health")
+        assert up.poll() is None, (work / "up.log").read_text()
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        answer = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=4)
+        assert answer.choices[0].message.content is not None
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
