@@ -41,6 +41,7 @@ class Names:
     aliases: Mapping[str, str] = field(default_factory=dict)  # alias -> model ID
     vars: Mapping[str, str] = field(default_factory=dict)  # matrix var -> model ID
     remotes: frozenset[str] = frozenset()  # IDs of the models served elsewhere (`proxy:`)
+    others: Mapping[str, str] = field(default_factory=dict)  # model ID -> why it is not this host's
 
     def resolve(
         self, name: object, accept: Kind, *, where: str = "", text: tuple[int, str] | None = None
@@ -65,6 +66,8 @@ class Names:
         raise ConfigError(where, self._refusal(name, accept, at))
 
     def _refusal(self, name: object, accept: Kind, at: str) -> str:
+        if isinstance(name, str) and name in self.others:
+            return f"'{name}'{at} {self.others[name]}"
         if name in self.remotes:
             return f"'{name}'{at} is a proxy: model, served elsewhere and never started: it stands outside the matrix"
         model = self.aliases.get(name) if isinstance(name, str) else None

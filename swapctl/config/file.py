@@ -529,6 +529,11 @@ class ModelConfig(_Routed):
         description="GPU memory the model holds on each GPU it uses, such as '18GiB'; `swapctl validate` "
         "checks the matrix's sets against `hardware`. Absent: unknown, not checked.",
     )
+    hosts: tuple[str, ...] | None = Field(
+        None,
+        description="The hosts (names under `hosts:`, and `local` for this machine) it may run on, in the "
+        "order preferred when nothing else decides; absent: local.",
+    )
     sleep: Literal[1, 2] | None = Field(
         None,
         description="vLLM's sleep level: evicting the model puts it to sleep (POST /sleep?level=N), freeing "
@@ -776,8 +781,8 @@ class HostTlsConfig(_Strict):
 
 
 class HostConfig(_Strict):
-    """Another machine's Docker engine: how to reach it. (Its own matrix and hardware, and
-    which models it serves, come with the lifecycle's hosts; not yet.)"""
+    """Another machine's Docker engine: how to reach it, and what may run together there (its
+    own matrix, its GPUs). The models that name it in their `hosts` run there."""
 
     docker: Annotated[str, AfterValidator(check_docker)] = Field(
         description="The engine: tcp://HOST:PORT (with `tls`), ssh://[USER@]HOST[:PORT] (the user's "
@@ -792,6 +797,10 @@ class HostConfig(_Strict):
     timeout: float = Field(
         DEFAULT_TIMEOUT, gt=0, le=3600, description="Seconds a call to the engine may wait for its answer."
     )
+    matrix: MatrixConfig | None = Field(
+        None, description="Which of its models may run together there; absent: one at a time."
+    )
+    hardware: HardwareConfig | None = Field(None, description="Its GPUs, declared, as the top-level key.")
 
 
 class Hooks(_Strict):

@@ -17,7 +17,7 @@ import functools
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +39,7 @@ from swapctl.config.file import (
 )
 from swapctl.config.filters import Filters, Settings
 from swapctl.config.hardware import fit_policy, footprint
-from swapctl.config.hosts import Engine, parse_hosts
+from swapctl.config.hosts import LOCAL_NAME, Engine, parse_hosts
 from swapctl.config.scalars import DEFAULT_GRACE
 from swapctl.config.service import DeviceRequest, Network, Ulimit
 from swapctl.config.templates import load_template, template_name
@@ -136,6 +136,7 @@ class Model(Routed):
     device_requests: tuple[DeviceRequest, ...]  # deploy.resources.reservations.devices (gpus: is apart)
     vram: int | None  # bytes on each GPU it uses; None: unknown
     sleep: int | None  # vLLM's sleep level when evicted (1 or 2); None: evicted by stopping
+    hosts: tuple[str, ...]  # where it may run, preferred first: `local` and names under hosts:
     ttl: int  # idle seconds before it stops, 0 never: its own ttl, else globalTTL
     health_check_timeout: int  # seconds: its own, else the global healthCheckTimeout
     send_loading_state: bool  # its own, else the global sendLoadingState
@@ -171,6 +172,20 @@ class Config:
     hosts: Mapping[str, Engine]
     # the network every model joins and is reached on, no port published; None: published on 127.0.0.1
     network: str | None
+    # each host's own config (its models, its matrix, its GPUs) where a model runs beyond
+    # `local`; empty when every model is local: then `on("local")` is this config itself
+    by_host: Mapping[str, Config] = field(repr=False, compare=False)
+
+    def on(self, host: str) -> Config:
+        """The config of one host's swapper: its models, its matrix, its GPUs."""
+        if not self.by_host and host == LOCAL_NAME:
+            return self
+        return self.by_host[host]
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        """The hosts some model runs on, `local` first (always)."""
+        return (LOCAL_NAME, *(name for name in self.by_host if name != LOCAL_NAME))
 
     @property
     def aliases(self) -> Mapping[str, str]:
@@ -243,6 +258,7 @@ def _model(own: ModelConfig, shape: ConfigFile) -> Model:
         "ttl",
         "health_check_timeout",
         "send_loading_state",
+        "hosts",
         *_LIMITS,
         *_Routed.model_fields,
     }
@@ -251,6 +267,7 @@ def _model(own: ModelConfig, shape: ConfigFile) -> Model:
         **keys,
         **_routed(own, shape),
         **_limits(own),
+        hosts=own.hosts or (LOCAL_NAME,),
         ttl=shape.global_ttl if own.ttl is None else own.ttl,
         health_check_timeout=(
             shape.health_check_timeout if own.health_check_timeout is None else own.health_check_timeout
@@ -425,11 +442,16 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
     gpus = tuple(gpu.memory for gpu in shape.hardware.gpus) if shape.hardware else None
     aliases = _aliases(shape.models)
     variants = _variants(shape.models, aliases)
+    hosts = parse_hosts(shape.hosts, base_dir)
+    _check_hosts(models, hosts)
     known = Names(frozenset(models), {**aliases, **variants}, remotes=frozenset(remotes))
-    policy, names = _policy(shape, known, models, gpus)
+    beyond = any(model.hosts != (LOCAL_NAME,) for model in models.values())
+    on_local = {m: model for m, model in models.items() if LOCAL_NAME in model.hosts}
+    policy, names = _policy(shape, _on_host(known, models, LOCAL_NAME) if beyond else known, on_local, gpus)
+    names = replace(names, ids=known.ids, others={}) if beyond else names
     matrix_costs = shape.matrix.evict_costs if shape.matrix else {}
     preload = tuple(_preloaded(names, name, i) for i, name in enumerate(shape.hooks.on_startup.preload))
-    return Config(
+    config = Config(
         models=models,
         remotes=remotes,
         peers={name: _peer(name, own, shape) for name, own in shape.peers.items()},
@@ -447,11 +469,66 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         allowed_hosts=shape.allowed_hosts,
         warnings=composed.warnings,
         gpu_memory=gpus,
-        evict_costs=compile_cost_rules(names, tuple(models), matrix_costs),
+        evict_costs=compile_cost_rules(names, tuple(on_local), matrix_costs),
         variants=variants,
         include_aliases_in_list=shape.include_aliases_in_list,
-        hosts=parse_hosts(shape.hosts, base_dir),
+        hosts=hosts,
         network=_network(shape),
+        by_host={},
+    )
+    if not beyond:
+        return config
+    by_host = {name: _host_config(config, shape, known, name) for name in dict.fromkeys((LOCAL_NAME, *hosts))}
+    return replace(config, by_host={name: found for name, found in by_host.items() if found is not None})
+
+
+def _check_hosts(models: Mapping[str, Model], hosts: Mapping[str, Engine]) -> None:
+    for model_id, model in models.items():
+        for i, host in enumerate(model.hosts):
+            if host not in hosts:  # `local` is always among them
+                known = ", ".join(hosts)
+                raise ConfigError(f"models.{model_id}.hosts.{i}", f"unknown host '{host}' (hosts: {known})")
+
+
+def _on_host(names: Names, models: Mapping[str, Model], host: str) -> Names:
+    """The names a host's matrix may use: its own models'; the others refused with why."""
+    others = {
+        model_id: f"runs on {', '.join(model.hosts)}, not on {host}: a host's matrix names its own models"
+        for model_id, model in models.items()
+        if host not in model.hosts
+    }
+    return replace(names, ids=names.ids - others.keys(), others=others)
+
+
+def _host_config(config: Config, shape: ConfigFile, names: Names, host: str) -> Config | None:
+    """One host's config: its models, its matrix (the top-level one for `local`), its GPUs;
+    None for a host no model runs on. Errors in its matrix name their key path under it."""
+    models = {m: model for m, model in config.models.items() if host in model.hosts}
+    if not models and host != LOCAL_NAME:
+        return None
+    if host == LOCAL_NAME:
+        own_shape, matrix, hardware = shape, shape.matrix, shape.hardware
+    else:
+        own = shape.hosts[host]
+        matrix, hardware = own.matrix, own.hardware
+        own_shape = shape.model_copy(update={"matrix": matrix, "hardware": hardware, "groups": None})
+    gpus = tuple(gpu.memory for gpu in hardware.gpus) if hardware else None
+    try:
+        policy, host_names = _policy(own_shape, _on_host(names, config.models, host), models, gpus)
+    except ConfigError as error:
+        if host == LOCAL_NAME:
+            raise
+        raise ConfigError(f"hosts.{host}.{error.path}", error.message) from None
+    return replace(
+        config,
+        models=models,
+        names=host_names,
+        policy=policy,
+        preload=tuple(m for m in config.preload if m in models),
+        gpu_memory=gpus,
+        evict_costs=compile_cost_rules(host_names, tuple(models), matrix.evict_costs if matrix else {}),
+        variants={v: m for v, m in config.variants.items() if m in models},
+        by_host={},
     )
 
 

@@ -354,7 +354,7 @@ def test_nested_compose_keys_and_typos(raw: dict[str, Any], path: str, message: 
 def test_every_compose_key_swapctl_reads_is_a_compose_key() -> None:
     own = {"template", "port", "health", "aliases", "ttl", "use_model_name", "health_check_timeout"}
     own |= {"concurrency_limit", "send_loading_state", "vram", "sleep", "filters", "timeouts"}
-    own |= {"name", "description", "metadata", "unlisted"}
+    own |= {"name", "description", "metadata", "unlisted", "hosts"}
     assert set(ModelConfig.model_fields) - own <= COMPOSE_SERVICE_KEYS
 
 

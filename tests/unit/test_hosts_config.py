@@ -103,7 +103,7 @@ def test_ssh_context_and_unix_hosts(
             "expected an IP address",
         ),
         ({"docker": "tcp://10.0.0.2:2376", "timeout": 0}, "hosts.h.timeout", "greater than 0"),
-        ({"docker": "tcp://10.0.0.2:2376", "matrix": {}}, "hosts.h.matrix", "unknown key 'matrix'"),
+        ({"docker": "tcp://10.0.0.2:2376", "matrix": {"sets": 1}}, "hosts.h.matrix.sets", "valid dictionary"),
         ({}, "hosts.h.docker", "required key is missing"),
     ],
 )
