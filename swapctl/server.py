@@ -22,8 +22,10 @@ from starlette.types import ASGIApp
 
 from swapctl.backend import Backend
 from swapctl.config import Config
+from swapctl.config.hosts import LOCAL_NAME
+from swapctl.errors import BackendError
 from swapctl.gpus import Inventory, NoGpu, Snapshot, mismatches, read_attributed
-from swapctl.lifecycle import Reloader, Swapper
+from swapctl.lifecycle import Fleet, Reloader, Swapper
 from swapctl.measures import MeasureStore
 from swapctl.metrics import Metrics
 from swapctl.proxy import build_app
@@ -95,18 +97,34 @@ async def serve(
         ) as client,
         httpx.AsyncClient(timeout=timeout, cookies=no_cookies()) as elsewhere,  # peers, proxy: models (https)
     ):
-        swapper = Swapper(loaded, backend, client, metrics=metrics, inventory=gpus, measures=measures)
-        adopted = await swapper.adopt()
+        here = loaded.on(LOCAL_NAME)
+        swapper = Swapper(here, backend, client, metrics=metrics, inventory=gpus, measures=measures)
+        fleet = Fleet(loaded, {LOCAL_NAME: swapper, **hosts_swappers(loaded, client, measures)})
+        adopted = []
+        for name, each in fleet.swappers.items():
+            try:
+                found = await each.adopt()
+            except BackendError as error:
+                if name == LOCAL_NAME:
+                    raise
+                log.warning("host '%s': %s: its models answer 503 until its engine answers", name, error)
+                fleet.down[name] = str(error)
+                continue
+            adopted += found if name == LOCAL_NAME else [f"{model}@{name}" for model in found]
+            if name != LOCAL_NAME:
+                log.info(
+                    "host '%s': %d models, %s", name, len(each.config.models), each.config.policy.summary()
+                )
         log.info(
             "swapctl %s: %d models, %s; adopted %s; listening on http://%s:%d",
             loaded.instance,
-            len(loaded.models),
-            loaded.policy.summary(),
+            len(here.models),
+            here.policy.summary(),
             ", ".join(adopted) or "nothing",
             host,
             port,
         )
-        reloader = Reloader(path, swapper)
+        reloader = Reloader(path, fleet)
         app = build_app(
             loaded,
             swapper,
@@ -116,7 +134,8 @@ async def serve(
             listen_host=host,
             reload=reloader.reload,
             elsewhere=ByScheme(upstream, HttpxUpstream(elsewhere)),
-            watch=Watch(lambda: swapper.config.peers, elsewhere),
+            watch=Watch(lambda: fleet.config.peers, elsewhere),
+            fleet=fleet,
         )
         try:
             async with reloader.serving(watch):
@@ -124,6 +143,20 @@ async def serve(
         finally:
             await upstream.aclose()
             await swapper.measures.flush()
+
+
+def hosts_swappers(
+    loaded: Config, client: httpx.AsyncClient, measures: MeasureStore | None
+) -> dict[str, Swapper]:
+    """A swapper for each other host some model runs on, over its own engine; their metrics
+    are their own (this machine's are /metrics')."""
+    from swapctl.backend.docker import DockerBackend
+
+    return {
+        name: Swapper(loaded.on(name), DockerBackend(loaded.hosts[name]), client, measures=measures)
+        for name in loaded.host_names
+        if name != LOCAL_NAME
+    }
 
 
 async def watch_gpus(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from swapctl.lifecycle.activity import Activity, Event, Rates, Row, Subscription, Swap
     from swapctl.lifecycle.changes import Changes, Reload
+    from swapctl.lifecycle.fleet import Fleet
     from swapctl.lifecycle.lease import Lease, Ticket
     from swapctl.lifecycle.reloader import Reloader
     from swapctl.lifecycle.slot import ModelStatus, Progress, Slot, State, Step
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 _HOMES = {
     **dict.fromkeys(("Activity", "Event", "Rates", "Row", "Subscription", "Swap"), "activity"),
     **dict.fromkeys(("Changes", "Reload"), "changes"),
+    "Fleet": "fleet",
     **dict.fromkeys(("Lease", "Ticket"), "lease"),
     "Reloader": "reloader",
     **dict.fromkeys(("ModelStatus", "Progress", "Slot", "State", "Step"), "slot"),
@@ -41,6 +43,7 @@ __all__ = [
     "Activity",
     "Changes",
     "Event",
+    "Fleet",
     "Lease",
     "ModelStatus",
     "Progress",

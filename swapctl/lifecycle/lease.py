@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 from swapctl.backend import Container
 
@@ -14,10 +15,11 @@ Release = Callable[[], Awaitable[None]]
 class Lease:
     """A hold on a ready model. Use it as `async with`, or call `release` (once is enough)."""
 
-    def __init__(self, model: str, container: Container, release: Release) -> None:
+    def __init__(self, model: str, container: Container, release: Release, owner: Any = None) -> None:
         self.model = model
         self.container = container
         self._release: Release | None = release
+        self.owner = owner  # the swapper that holds the model (forwarding asks it about a crash)
 
     @property
     def url(self) -> str:
@@ -49,8 +51,10 @@ class Ticket:
         ready: Container | None,
         join: Callable[[], Awaitable[Container]],
         release: Release,
+        owner: Any = None,
     ) -> None:
         self.model = model
+        self.owner = owner  # the swapper that admitted it
         self._ready = ready  # its container, if the model was ready at admission
         self._join = join
         self._release: Release | None = release
@@ -72,7 +76,7 @@ class Ticket:
                 raise
         release, self._release = self._release, None
         assert release is not None, "a ticket is turned into one lease"
-        return Lease(self.model, container, release)
+        return Lease(self.model, container, release, self.owner)
 
     async def release(self) -> None:
         release, self._release = self._release, None

@@ -22,6 +22,7 @@ from swapctl.config import TEMPLATE_DIR, Config, load_config
 from swapctl.config.envfile import DOTENV
 from swapctl.errors import SwapctlError
 from swapctl.lifecycle.changes import Changes
+from swapctl.lifecycle.fleet import Fleet
 from swapctl.lifecycle.swapper import Swapper
 
 if TYPE_CHECKING:
@@ -34,7 +35,10 @@ DEBOUNCE, STEP = 1000, 200
 
 
 class Reloader:
-    def __init__(self, path: Path, swapper: Swapper, load: Callable[[Path], Config] = load_config) -> None:
+    def __init__(
+        self, path: Path, swapper: Swapper | Fleet, load: Callable[[Path], Config] = load_config
+    ) -> None:
+        """`swapper`: the one a reload applies to, or the fleet of every host's."""
         self.path = path.resolve()
         self.templates = self.path.parent / TEMPLATE_DIR
         self.dotenv = self.path.parent / DOTENV

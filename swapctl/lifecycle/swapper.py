@@ -105,7 +105,7 @@ class Swapper:
             if slot.phase in (State.STOPPED, State.SLEEPING):
                 self.starts.claim(slot)
             ready = slot.container if slot.phase is State.READY else None
-        return Ticket(model, ready, lambda: self._join(slot), lambda: self._release(slot))
+        return Ticket(model, ready, lambda: self._join(slot), lambda: self._release(slot), self)
 
     async def _join(self, slot: Slot) -> Container:
         """The container of an admitted request's model, once ready."""

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 import swapctl
 from swapctl.errors import ConfigError, RequestError
-from swapctl.lifecycle import Event, Reload, Subscription, Swapper
+from swapctl.lifecycle import Event, Fleet, Reload, Subscription, Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy import catalog
 from swapctl.proxy.errors import error_body
@@ -80,6 +80,7 @@ class Admin:
         self.created = int(time.time())
         self.catalog = catalog.Catalog(swapper, resolve, self.created, places)
         self.places = places
+        self.fleet = places.fleet if places is not None else Fleet.alone(swapper)
         recent.tell = swapper.activity.logged
 
     def routes(self) -> list[Route]:
@@ -122,7 +123,7 @@ class Admin:
         """Stop one model or all once their requests finish, or after `?timeout=SECONDS`."""
         name = request.path_params.get("model")
         timeout = seconds(request.query_params.get("timeout"), "timeout")
-        unloaded = await self.swapper.unload(self.resolve(name) if name else None, timeout)
+        unloaded = await self.fleet.unload(self.resolve(name) if name else None, timeout)
         return JSONResponse({"unloaded": unloaded})
 
     async def reload(self, request: Request) -> Response:
@@ -147,7 +148,8 @@ class Admin:
         name = request.path_params.get("model")
         if not name:
             return PlainTextResponse("\n".join(self.recent.lines) + "\n")
-        return PlainTextResponse(await self.swapper.logs(self.resolve(name), 200))
+        model = self.resolve(name)
+        return PlainTextResponse(await self.fleet.of(model).logs(model, 200))
 
     # --- live ---------------------------------------------------------------------------
 
@@ -185,16 +187,17 @@ class Admin:
         """A model container's log as plain text, followed until the container stops; 409
         when the model has no container."""
         model = self.resolve(request.path_params["model"])
-        container = self.swapper.container(model)
+        swapper = self.fleet.of(model)
+        container = swapper.container(model)
         if container is None:
             message = f"model '{model}' is not running: it has no container log to follow"
             raise RequestError(409, message, "model_not_running")
         return StreamingResponse(
-            self._followed(container.id), media_type="text/plain; charset=utf-8", headers=STREAMING
+            self._followed(swapper, container.id), media_type="text/plain; charset=utf-8", headers=STREAMING
         )
 
-    async def _followed(self, container_id: str) -> AsyncIterator[bytes]:
-        following = self.swapper.backend.follow(container_id)
+    async def _followed(self, swapper: Swapper, container_id: str) -> AsyncIterator[bytes]:
+        following = swapper.backend.follow(container_id)
         try:
             with self.swapper.activity.until_closed(following.close):
                 async for line in following:
@@ -204,7 +207,8 @@ class Admin:
 
     async def plan(self, request: Request) -> Response:
         """What a request for the model would do now, changing nothing."""
-        decision = self.swapper.plan(self.resolve(request.path_params["model"]))
+        model = self.resolve(request.path_params["model"])
+        decision = self.fleet.of(model).plan(model)
         return JSONResponse(
             {
                 "model": decision.model,
@@ -218,9 +222,10 @@ class Admin:
     async def load(self, request: Request) -> Response:
         """Start the model as a request would; its row once it is ready."""
         model = self.resolve(request.path_params["model"])
-        async with await self.swapper.acquire(model):
+        swapper = await self.catalog.host_for(model, request)
+        async with await swapper.acquire(model):
             pass
-        return JSONResponse(self.swapper.row(model))
+        return JSONResponse(swapper.row(model))
 
 
 async def sse_frames(subscription: Subscription, keep_alive: float) -> AsyncIterator[bytes]:

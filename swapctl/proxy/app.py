@@ -13,7 +13,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from swapctl.config import Config
-from swapctl.lifecycle import Reload, Swapper
+from swapctl.lifecycle import Fleet, Reload, Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy import admin, ui
 from swapctl.proxy.forwarding import MODEL_ROUTES, Forwarder
@@ -40,6 +40,7 @@ def build_app(
     tick: float = 1.0,
     elsewhere: Upstream | None = None,
     watch: Watch | None = None,
+    fleet: Fleet | None = None,
 ) -> ASGIApp:
     """`upstream` reaches the models' servers (its owner closes it); `listen_host` (default:
     the config's `listen`) is the name the Host check accepts besides loopback names, IP
@@ -49,8 +50,9 @@ def build_app(
     probes the peers (default: one with a client of its own).
     Routes read the config through `swapper.config`, which a reload replaces."""
     recent = admin.RecentLines()
-    watch = watch or Watch(lambda: swapper.config.peers, None)
-    places = Places(swapper, watch)
+    fleet = fleet or Fleet.alone(swapper)  # `swapper` is its local one
+    watch = watch or Watch(lambda: fleet.config.peers, None)
+    places = Places(fleet, watch)
     forwarder = Forwarder(
         swapper,
         upstream,
@@ -72,7 +74,7 @@ def build_app(
         Route("/{path:path}", forwarder.by_query, methods=ANY_METHOD),
     ]
     routes += Sockets(forwarder).routes()  # WebSockets on the same paths as the two above
-    duties = Duties(swapper, recent, check_interval, watch, preload=preload, stop_on_exit=stop_on_exit)
+    duties = Duties(places, recent, check_interval, preload=preload, stop_on_exit=stop_on_exit)
     rest = Starlette(routes=routes, lifespan=duties.lifespan, exception_handlers=forwarder.handlers)
     return Guard(
         ModelRoutes(forwarder, rest),
@@ -100,37 +102,40 @@ class ModelRoutes:
 
 
 class Duties:
-    """What runs beside the routes while the app serves: the swapper's upkeep, the preload,
-    the log lines kept for /logs; and, on the way out, the models stopped if asked."""
+    """What runs beside the routes while the app serves: each host's swapper's upkeep and
+    preload, the peers' watch, the other hosts' events relayed, the log lines kept for
+    /logs; and, on the way out, the models stopped if asked."""
 
     def __init__(
         self,
-        swapper: Swapper,
+        places: Places,
         recent: admin.RecentLines,
         interval: float,
-        watch: Watch,
         *,
         preload: bool,
         stop_on_exit: bool,
     ) -> None:
-        self.swapper, self.recent, self.interval, self.watch = swapper, recent, interval, watch
+        self.places, self.recent, self.interval = places, recent, interval
+        self.swappers = list(places.fleet.swappers.values())
         self.preload, self.stop_on_exit = preload, stop_on_exit
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         log.addHandler(self.recent)
-        tasks = [
-            asyncio.create_task(self.swapper.upkeep(self.interval)),
-            asyncio.create_task(self.watch.run()),
+        tasks = [asyncio.create_task(swapper.upkeep(self.interval)) for swapper in self.swappers]
+        tasks += [
+            asyncio.create_task(self.places.watch.run()),
+            asyncio.create_task(self.places.relay()),
+            asyncio.create_task(self.places.fleet.watch_engines()),
         ]
         if self.preload:
-            tasks.append(asyncio.create_task(self.swapper.preload()))
+            tasks += [asyncio.create_task(swapper.preload()) for swapper in self.swappers]
         try:
             yield
         finally:
             for task in tasks:
                 task.cancel()
-            await self.watch.aclose()
+            await self.places.watch.aclose()
             if self.stop_on_exit:
-                await self.swapper.unload()
+                await asyncio.gather(*(swapper.unload() for swapper in self.swappers))
             log.removeHandler(self.recent)

@@ -44,9 +44,9 @@ from starlette.routing import Route
 
 from swapctl.config import Config
 from swapctl.errors import RequestError
-from swapctl.lifecycle import State, Swapper
+from swapctl.lifecycle import Fleet, State, Swapper
 from swapctl.proxy.forwarding import json_model, read_body
-from swapctl.remote import Places
+from swapctl.remote import Here, Places
 
 # swapctl's states by the names llama-server's router gives its models' states
 STATUS: Mapping[State, str] = {
@@ -121,6 +121,7 @@ class Catalog:
     ) -> None:
         self.swapper, self.created = swapper, created
         self.places = places
+        self.fleet = places.fleet if places is not None else Fleet.alone(swapper)
         self.resolve = places.resolve if places is not None else resolve
 
     def routes(self) -> list[Route]:
@@ -131,6 +132,11 @@ class Catalog:
             Route("/models/load", self.load, methods=["POST"]),
             Route("/models/unload", self.unload, methods=["POST"]),
         ]
+
+    @property
+    def config(self) -> Config:
+        """The whole config (every host's models)."""
+        return self.fleet.config
 
     def status(self, model: str) -> dict[str, Any]:
         """Its status object: STATUS, and whether its last start failed while it is unloaded;
@@ -147,7 +153,7 @@ class Catalog:
         )
 
     async def models(self, request: Request) -> Response:
-        config = self.swapper.config
+        config = self.config
         statuses = {model: self.status(model) for model in [*config.models, *config.remotes]}
         data = catalog(config, statuses, self.created)
         if self.places is not None:  # the peers' models, each once, after this config's
@@ -161,7 +167,7 @@ class Catalog:
     async def model(self, request: Request) -> Response:
         name = request.path_params["model"]
         model = self.resolve(name)
-        config = self.swapper.config
+        config = self.config
         if model in config.models or model in config.remotes or self.places is None:
             return JSONResponse(entry(config, name, model, self.status(model), self.created))
         peer = next(place.peer.name for m, place in self.places.offered() if m == model and place.peer)
@@ -175,7 +181,7 @@ class Catalog:
         status = self.status(model)["value"]
         if status in ("loaded", "loading"):
             raise RequestError(400, f"model '{model}' is already running ({status})", "model_already_running")
-        async with await self.swapper.acquire(model):
+        async with await (await self.host_for(model, request)).acquire(model):
             pass
         return JSONResponse({"success": True})
 
@@ -183,13 +189,21 @@ class Catalog:
         """Stop the model once its requests in flight finish; answer once it is stopped."""
         model = await self._named(request)
         self._here(model)
-        if not await self.swapper.unload(model):
+        if not await self.fleet.unload(model):
             raise RequestError(400, f"model '{model}' is not running", "model_not_running")
         return JSONResponse({"success": True})
 
+    async def host_for(self, model: str, request: Request) -> Swapper:
+        """The swapper of the host that would serve a request for `model` now (the one it is
+        on, else the one whose plan evicts least), as a request chooses."""
+        if self.places is None:
+            return self.swapper
+        where = await self.places.choose(model, request.scope, here_only=True)
+        return self.places.swapper_of(where) if isinstance(where, Here) else self.swapper
+
     def _here(self, model: str) -> None:
         """A model this box does not run is loaded and unloaded where it runs."""
-        if model not in self.swapper.config.models:
+        if model not in self.config.models:
             message = (
                 f"model '{model}' is served elsewhere (a peer or a proxy: model): load and unload it there"
             )

@@ -34,7 +34,7 @@ from swapctl.errors import (
     UnknownModelError,
     UpstreamTimeout,
 )
-from swapctl.lifecycle import Lease, Swapper, Ticket
+from swapctl.lifecycle import Fleet, Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
 from swapctl.proxy.errors import ClientGone, error_body, error_event, handlers, shutting_down
 from swapctl.proxy.forms import ModelField, boundary_of, replace_model
@@ -347,7 +347,7 @@ class Forwarder:
         `places` chooses where each request goes (here, a peer, a `proxy:` model's server),
         `elsewhere` reaches those servers (https included)."""
         self.swapper, self.servers, self.metrics = swapper, upstream, metrics
-        self.places = places or Places(swapper, Watch(lambda: swapper.config.peers, None))
+        self.places = places or Places(Fleet.alone(swapper), Watch(lambda: swapper.config.peers, None))
         self.elsewhere = elsewhere or upstream
         self.handlers = handlers(metrics, swapper.slots)  # live: a reload adds and drops slots
         self.known = frozenset({*MODEL_ROUTES, *known})
@@ -356,8 +356,9 @@ class Forwarder:
 
     @property
     def config(self) -> Config:
-        """The config now: a reload replaces the swapper's, so requests read it here."""
-        return self.swapper.config
+        """The whole config now (every host's models): a reload replaces it, so requests read
+        it here."""
+        return self.places.config
 
     @property
     def longest_first(self) -> tuple[str, ...]:
@@ -514,7 +515,8 @@ class Forwarder:
             return await self._elsewhere(where, call, began)
         timeouts = self.config.models[model].timeouts
         call = Call(scope["method"], target, headers, content if sized else None, timeouts)
-        ticket = await self.swapper.admit(model)  # busy, unknown, stop-failed: a plain answer
+        # busy, unknown, stop-failed: a plain answer
+        ticket = await self.places.swapper_of(where).admit(model)
         if streamed and not ticket.ready:
             return self._loading(ticket, call, path, began)
         lease, answer = await self.open(ticket, call)
@@ -564,14 +566,15 @@ class Forwarder:
                 await lease.release()
                 raise UpstreamTimeout(f"its server timed out: {error}", lease.model) from None
             except UpstreamError as error:
+                owner: Swapper = lease.owner or self.swapper
                 try:
-                    alive = await self.swapper.confirm_alive(lease)
+                    alive = await owner.confirm_alive(lease)
                 finally:
                     await lease.release()
                 if alive or attempt == 2 or not isinstance(error, Unreachable):
                     raise BackendError(f"the model's server did not answer: {error}", lease.model) from None
                 log.info("%s: its container had died; starting it again for this request", lease.model)
-                lease = await self.swapper.acquire(lease.model)
+                lease = await owner.acquire(lease.model)
             except BaseException:
                 await lease.release()
                 raise
@@ -585,7 +588,7 @@ class Forwarder:
         if isinstance(hold, Sent):
             hold.place.failed(str(error))
         elif isinstance(hold, Lease):
-            await self.swapper.confirm_alive(hold)
+            await (hold.owner or self.swapper).confirm_alive(hold)
 
     async def _answer(self, lease: Hold, answer: Answer, began: float) -> Response:
         if not _small(answer):

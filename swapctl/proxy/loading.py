@@ -215,7 +215,8 @@ class Loading(StreamingResponse):
         )
         try:
             while True:
-                yield self.voice.waiting(self.forwarder.swapper.progress(self.model), self._waited())
+                owner = self.ticket.owner or self.forwarder.swapper  # the host's swapper that starts it
+                yield self.voice.waiting(owner.progress(self.model), self._waited())
                 await asyncio.wait({opening}, timeout=self.tick)
                 if opening.done():
                     break

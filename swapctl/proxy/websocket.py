@@ -146,7 +146,7 @@ class Sockets:
             lease: Hold = (
                 Sent(where, places)
                 if isinstance(where, There)
-                else await self._lease(websocket, await self.forwarder.swapper.admit(model))
+                else await self._lease(websocket, await places.swapper_of(where).admit(model))
             )
         except ClientGone as gone:
             log.info("WebSocket %s: the client went away (%s)", websocket.url.path, gone.model)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from starlette.types import Scope
 
 from swapctl.config import Config, Remote
-from swapctl.errors import ElsewhereUnavailable, Loop, UnknownModelError
-from swapctl.lifecycle import Row, State, Swapper
+from swapctl.config.hosts import LOCAL_NAME
+from swapctl.errors import BackendError, ElsewhereUnavailable, Loop, UnknownModelError
+from swapctl.lifecycle import Fleet, Row, State, Swapper
 from swapctl.remote.elsewhere import Place, Watch, remote_place
 
 VIA = b"x-swapctl-via"
@@ -41,6 +42,7 @@ _STATE = {"loaded": State.READY, "loading": State.STARTING, "sleeping": State.SL
 @dataclass(frozen=True)
 class Here:
     model: str
+    host: str = LOCAL_NAME  # whose swapper: this machine's, or a host's under `hosts:`
 
 
 @dataclass(frozen=True)
@@ -53,19 +55,26 @@ class There:
 Target = Here | There
 
 
+Candidate = Place | str  # a place elsewhere, or one of this box's hosts by name
+
+
 class Places:
-    def __init__(self, swapper: Swapper, watch: Watch, node: str | None = None) -> None:
-        self.swapper, self.watch = swapper, watch
+    def __init__(self, fleet: Fleet, watch: Watch, node: str | None = None) -> None:
+        self.fleet, self.watch = fleet, watch
+        self.swapper = fleet.local  # this machine's: its activity is what /events streams
         self.node = node or secrets.token_hex(6)  # this process, in X-Swapctl-Via
         self.remotes: dict[str, tuple[Remote, Place]] = {}
-        self.cold: dict[str, tuple[Place | None, int]] = {}  # model -> where it was sent cold, requests
+        self.cold: dict[str, tuple[Place, int]] = {}  # model -> the peer it was sent to cold, requests
         self.locks: dict[str, asyncio.Lock] = {}
         self.flying: dict[str, int] = {}  # requests on their way elsewhere, by model
         watch.changed = self._changed
 
     @property
     def config(self) -> Config:
-        return self.swapper.config
+        return self.fleet.config
+
+    def swapper_of(self, where: Here) -> Swapper:
+        return self.fleet.swappers[where.host]
 
     def resolve(self, name: str) -> str:
         """The model ID a request's name stands for: a model, alias or variant here, a
@@ -89,17 +98,19 @@ class Places:
         if model in self.config.remotes:
             place = self._remote_place(model, self.config.remotes[model])
             return {"value": "unloaded", "failed": True} if place.circuit.open else {"value": "loaded"}
-        places: list[Place | None] = [None] if model in self.config.models else []
+        places: list[Candidate] = [host for host, _ in self.fleet.hosts_of(model)]
         places += [place for place in self.watch.offering(model) if not place.circuit.open]
         near = min((self._nearness(model, place) for place in places), default=len(_NEAR))
         return {"value": next((name for name, rank in _NEAR.items() if rank == near), "unloaded")}
 
     def rows(self) -> list[Row]:
-        """A row for each model served only elsewhere, as `/running` and `/events` show the
-        models here: its state by swapctl's names, `place` saying where (a peer's name, or
-        `proxy`), no container here."""
+        """A row for each model on another host (its swapper's, `place` naming the host), and
+        for each model served only elsewhere, as `/running` and `/events` show the models
+        here: its state by swapctl's names, `place` saying where (a peer's name, or `proxy`),
+        no container here."""
         config = self.config
-        found = [self.row(model) for model in config.remotes]
+        found = [{**row, "place": host} for host, swapper in self.fleet.remote() for row in swapper.rows()]
+        found += [self.row(model) for model in config.remotes]
         seen = {*config.models, *config.remotes}
         for model, _ in self.offered():
             if model not in seen:
@@ -131,6 +142,17 @@ class Places:
             **self.swapper.activity.rates(model).to_json(),
         }
 
+    async def relay(self) -> None:
+        """The other hosts' live events on this machine's stream (a task of the app's
+        lifespan): each `model` row with `place` naming its host, each swap as it ends."""
+        await asyncio.gather(*(self._relay(host, swapper) for host, swapper in self.fleet.remote()))
+
+    async def _relay(self, host: str, swapper: Swapper) -> None:
+        with swapper.activity.subscribe({"model", "swap"}) as subscription:
+            async for event in subscription:
+                data = {**event.data, "place": host} if isinstance(event.data, dict) else event.data
+                self.swapper.activity.publish(event.name, data)
+
     def _changed(self, place: Place) -> None:
         """A peer's models changed state (or it went away, or came back): their rows go out."""
         config = self.config
@@ -149,32 +171,36 @@ class Places:
             )
         return via
 
-    async def choose(self, model: str, scope: Scope) -> Target:
-        """Where a request for `model` (an ID from `resolve`) goes now."""
+    async def choose(self, model: str, scope: Scope, *, here_only: bool = False) -> Target:
+        """Where a request for `model` (an ID from `resolve`) goes now; among this box's hosts
+        only with `here_only` (swapctl's own load routes)."""
         via = self.passed(scope)
         config = self.config
         remote = config.remotes.get(model)
         if remote is not None:
             return self._there(model, self._remote_place(model, remote), via)
-        here = model in config.models
-        if here and via:  # it came from another swapctl: served here, never sent on again
-            return Here(model)
-        peers = self.watch.offering(model)
-        if not peers:
-            return Here(model)
-        places: list[Place | None] = [None] if here else []
-        places += [place for place in peers if not place.circuit.open]
+        all_hosts = [host for host, _ in self.fleet.hosts_of(model)]
+        hosts: list[Candidate] = [host for host in all_hosts if host not in self.fleet.down]
+        # one that came from another swapctl is served on this box, never sent on again
+        peers = [] if hosts and (via or here_only) else self.watch.offering(model)
+        if len(hosts) == 1 and not peers:
+            return Here(model, str(hosts[0]))
+        places = hosts + [place for place in peers if not place.circuit.open]
         if not places:
-            down = "; ".join(f"{p.label}: {p.circuit.last_error}" for p in peers)
-            raise ElsewhereUnavailable(f"no place that serves it answers ({down})", model)
+            down = [f"host '{h}': {self.fleet.down[h]}" for h in all_hosts if h in self.fleet.down]
+            down += [f"{p.label}: {p.circuit.last_error}" for p in peers]
+            if all_hosts and not peers:  # its hosts' engines: 503, as an engine's trouble is
+                raise BackendError(f"no host of it answers ({'; '.join(down)})", model)
+            raise ElsewhereUnavailable(f"no place that serves it answers ({'; '.join(down)})", model)
         chosen = self._near(model, places)
         if chosen is NOWHERE:
             async with self.locks.setdefault(model, asyncio.Lock()):
                 chosen = self._near(model, places)  # another request may have chosen meanwhile
                 if chosen is NOWHERE:
-                    chosen = self.cold[model] = (await self._cheapest(model, places), 0)
-        place = chosen[0]
-        return Here(model) if place is None else self._there(model, place, via)
+                    chosen = await self._cheapest(model, places)
+                    if isinstance(chosen, Place):  # a host claims its start at admission
+                        self.cold[model] = (chosen, 0)
+        return Here(model, chosen) if isinstance(chosen, str) else self._there(model, chosen, via)
 
     def _there(self, model: str, place: Place, via: bytes) -> There:
         if place.circuit.open:
@@ -186,27 +212,27 @@ class Places:
         node = self.node.encode()
         return There(model, place, via + b", " + node if via else node)
 
-    def _near(self, model: str, places: list[Place | None]) -> tuple[Place | None, int] | None:
+    def _near(self, model: str, places: list[Candidate]) -> Candidate | None:
         """The place where the model is nearest to serving (loaded, loading, asleep), or the
-        one it was sent to cold (None: here); NOWHERE where it is nowhere near."""
+        peer it was sent to cold; NOWHERE where it is nowhere near."""
         cold = self.cold.get(model)
         if cold is not None and cold[0] in places:
-            return cold
+            return cold[0]
         best, i = min((self._nearness(model, place), i) for i, place in enumerate(places))
-        return (places[i], 0) if best < len(_NEAR) else NOWHERE
+        return places[i] if best < len(_NEAR) else NOWHERE
 
-    def _nearness(self, model: str, place: Place | None) -> int:
-        if place is None:
-            slot = self.swapper.slots.get(model)
+    def _nearness(self, model: str, place: Candidate) -> int:
+        if isinstance(place, str):
+            slot = self.fleet.swappers[place].slots.get(model)
             return _HERE.get(slot.state, len(_NEAR)) if slot is not None else len(_NEAR)
         return _NEAR.get(place.statuses.get(model, ""), len(_NEAR))
 
-    async def _cheapest(self, model: str, places: list[Place | None]) -> Place | None:
+    async def _cheapest(self, model: str, places: list[Candidate]) -> Candidate:
         """The place whose own plan evicts least; unknown costs last; ties to the order."""
 
-        async def cost(place: Place | None) -> float:
-            if place is None:
-                return self.swapper.plan(model).cost
+        async def cost(place: Candidate) -> float:
+            if isinstance(place, str):
+                return self.fleet.swappers[place].plan(model).cost
             found = await self.watch.plan_cost(place, model)
             return float("inf") if found is None else found
 
@@ -216,14 +242,14 @@ class Places:
     def hold(self, target: Target) -> None:
         """A request sent to `target` is on its way: a cold choice stays while any is."""
         cold = self.cold.get(target.model)
-        if cold is not None and cold[0] is _place(target):
+        if cold is not None and isinstance(target, There) and cold[0] is target.place:
             self.cold[target.model] = (cold[0], cold[1] + 1)
 
     def done(self, target: Target) -> None:
         """A request's answer came (or it failed): once none is on its way, the cold choice
         is forgotten, and the place is taken to be loading it until its next probe says."""
         cold = self.cold.get(target.model)
-        if cold is None or cold[0] is not _place(target):
+        if cold is None or not isinstance(target, There) or cold[0] is not target.place:
             return
         if cold[1] <= 1:
             del self.cold[target.model]
@@ -239,10 +265,6 @@ class Places:
         if found is None or found[0] != remote:
             found = self.remotes[model] = (remote, remote_place(model, remote))
         return found[1]
-
-
-def _place(target: Target) -> Place | None:
-    return target.place if isinstance(target, There) else None
 
 
 class Sent:

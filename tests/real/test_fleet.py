@@ -1,0 +1,124 @@
+"""Hosts in the lifecycle on real Docker: one `swapctl up` on this machine driving its local
+engine and a second real dockerd in a network namespace (tests/engines.py) as host `gpu2`,
+over TCP with mutual TLS, each with its own matrix; real llama-server containers on both,
+the official `openai` client in front.
+
+    local (this machine's engine)   chat            one at a time
+    gpu2 (the second dockerd)       big, shared     one at a time
+    shared may run on either: local first, as its `hosts` says
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+from conftest import remove_instance_containers
+from engines import SecondEngine
+from openai import OpenAI
+from support import Proxy, llama_model, running_models, write_yaml
+
+pytestmark = pytest.mark.docker
+IMAGE = "swapctl/llama-server:sid"
+
+
+@pytest.fixture(scope="module")
+def second(docker_engine: docker.DockerClient) -> Iterator[SecondEngine]:
+    with SecondEngine.start(image=IMAGE, ssh=False) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    second: SecondEngine,
+    docker_engine: docker.DockerClient,
+    models_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Proxy]:
+    instance = f"fleet-{uuid.uuid4().hex[:6]}"
+    folder = tmp_path_factory.mktemp("fleet")
+    made = second.certificates
+    config = {
+        "instance": instance,
+        "healthCheckTimeout": 60,
+        "hosts": {
+            "gpu2": {
+                "docker": f"tcp://{second.address}:2376",
+                "tls": {"ca": str(made.ca), "cert": str(made.client_cert), "key": str(made.client_key)},
+                "address": second.address,
+                "timeout": 10,
+            }
+        },
+        "models": {
+            "chat": llama_model(models_dir, 1),
+            "big": {**llama_model(models_dir, 3), "hosts": ["gpu2"]},
+            "shared": {**llama_model(models_dir, 2), "hosts": ["local", "gpu2"]},
+        },
+    }
+    found = Proxy(write_yaml(folder / "swapctl.yaml", config), instance, folder)
+    try:
+        found.start()
+        yield found
+    finally:
+        found.close()
+        remove_instance_containers(docker_engine, instance)
+
+
+def client(proxy: Proxy) -> OpenAI:
+    return proxy.client(timeout=60)
+
+
+def streamed(proxy: Proxy, model: str) -> str:
+    stream = client(proxy).chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=8, stream=True
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert text, f"{model}: an empty stream"
+    return text
+
+
+def test_a_model_of_the_second_engine_streams_through_this_machines_up(
+    proxy: Proxy, second: SecondEngine, docker_engine: docker.DockerClient
+) -> None:
+    streamed(proxy, "big")
+    assert running_models(second.control, proxy.instance) == {"big"}
+    assert running_models(docker_engine, proxy.instance) == frozenset()
+    running = httpx.get(f"{proxy.url}/running", timeout=10).json()["models"]
+    big = next(row for row in running if row["model"] == "big")
+    assert big["place"] == "gpu2" and big["state"] == "ready"
+
+
+def test_a_model_on_both_hosts_starts_where_its_plan_costs_less(
+    proxy: Proxy, second: SecondEngine, docker_engine: docker.DockerClient
+) -> None:
+    httpx.post(f"{proxy.url}/unload", timeout=60).raise_for_status()
+    streamed(proxy, "chat")  # here, shared would stop chat: cost 1; on gpu2, nothing: 0
+    streamed(proxy, "shared")
+    assert running_models(second.control, proxy.instance) == {"shared"}
+    assert running_models(docker_engine, proxy.instance) == {"chat"}
+
+
+def test_a_killed_engine_is_noticed_its_models_answer_503_and_this_machine_serves_on(
+    proxy: Proxy, second: SecondEngine, docker_engine: docker.DockerClient
+) -> None:
+    streamed(proxy, "big")
+    os.kill(second.pid, signal.SIGKILL)  # its containers run on, unmanaged
+    began = time.monotonic()
+    while "host 'gpu2': its Docker engine does not answer" not in proxy.log():
+        assert time.monotonic() - began < 30, proxy.log()
+        time.sleep(0.1)
+    noticed = time.monotonic() - began
+    answer = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "big", "messages": []}, timeout=30)
+    assert answer.status_code == 503, answer.text
+    assert "host 'gpu2'" in answer.json()["error"]["message"]
+    streamed(proxy, "chat")  # this machine's engine serves on
+    streamed(proxy, "shared")  # its other host: here
+    assert running_models(docker_engine, proxy.instance) <= {"chat", "shared"}
+    print(f"\nthe killed engine was noticed after {noticed:.1f}s")
