@@ -1,6 +1,6 @@
 """Hosts in the lifecycle, over two fake engines: this machine's and a host's (`gpu2`), each
 driven by a swapper of its own with its own matrix; the proxy in front of both. The real
-second dockerd is in tests/real/test_fleet.py."""
+second dockerd is in tests/real/test_hosts_serving.py."""
 
 from __future__ import annotations
 
