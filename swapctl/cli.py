@@ -635,8 +635,26 @@ def down(
     for container in backend.list(loaded.instance):  # what no proxy stopped
         backend.stop(container.id, loaded.stop_grace(container.model))
         removed.add(container.model)
+    removed |= _down_on_hosts(loaded)
     count = len(removed)
     print(f"removed {count} container{'s' * (count != 1)} of instance {loaded.instance}")
+
+
+def _down_on_hosts(loaded: Config) -> set[str]:
+    """Every container of the instance on each other host some model runs on, stopped (as
+    `model@host`); a host whose engine does not answer is named and passed over."""
+    from swapctl.backend.docker import DockerBackend
+
+    removed: set[str] = set()
+    for name in loaded.host_names[1:]:
+        try:
+            there = DockerBackend(loaded.hosts[name])
+            for container in there.list(loaded.instance):
+                there.stop(container.id, loaded.stop_grace(container.model))
+                removed.add(f"{container.model}@{name}")
+        except SwapctlError as error:
+            print(f"warning: host '{name}': {error}", file=sys.stderr)
+    return removed
 
 
 @app.command()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -103,6 +105,18 @@ def test_a_model_on_both_hosts_starts_where_its_plan_costs_less(
     streamed(proxy, "shared")
     assert running_models(second.control, proxy.instance) == {"shared"}
     assert running_models(docker_engine, proxy.instance) == {"chat"}
+
+
+def test_down_without_a_proxy_removes_the_containers_on_every_host(
+    proxy: Proxy, second: SecondEngine, docker_engine: docker.DockerClient
+) -> None:
+    streamed(proxy, "big")
+    argv = [sys.executable, "-m", "swapctl", "down", "-c", str(proxy.config), "--url", "http://127.0.0.1:9"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert running_models(second.control, proxy.instance) == frozenset()
+    assert running_models(docker_engine, proxy.instance) == frozenset()
+    assert "big@gpu2" not in done.stderr and "removed" in done.stdout
 
 
 def test_a_killed_engine_is_noticed_its_models_answer_503_and_this_machine_serves_on(
