@@ -431,8 +431,28 @@ def _live_statuses(
         return "proxy", list(answer["models"])
     from swapctl.lifecycle import observed
 
-    found = observed.read_statuses(loaded, backend().list(loaded.instance), observed.asleep, time.time())
-    return "docker", [observed.to_json(status) for status in found]
+    here = loaded.on("local")
+    found = observed.read_statuses(here, backend().list(loaded.instance), observed.asleep, time.time())
+    rows = [observed.to_json(status) for status in found]
+    return "docker", rows + _statuses_on_hosts(loaded)
+
+
+def _statuses_on_hosts(loaded: Config) -> list[dict[str, Any]]:
+    """Each other host's models, from its engine's containers, `place` naming the host; a host
+    whose engine does not answer is named and passed over."""
+    from swapctl.backend.docker import DockerBackend
+    from swapctl.lifecycle import observed
+
+    rows: list[dict[str, Any]] = []
+    for name in loaded.host_names[1:]:
+        try:
+            containers = DockerBackend(loaded.hosts[name]).list(loaded.instance)
+        except SwapctlError as error:
+            print(f"warning: host '{name}': {error}", file=sys.stderr)
+            continue
+        found = observed.read_statuses(loaded.on(name), containers, observed.asleep, time.time())
+        rows += [{**observed.to_json(status), "place": name} for status in found]
+    return rows
 
 
 def _seconds(value: float | None) -> str:

@@ -40,7 +40,7 @@ PATHS = (
     "/ui",
     *catalog.PATHS,
 )
-PREFIXES = ("/unload/", "/logs/", "/plan/", "/load/", *catalog.PREFIXES)
+PREFIXES = ("/unload/", "/logs/", "/plan/", "/load/", "/metrics/", *catalog.PREFIXES)
 KEEP_ALIVE = 15.0  # seconds between the comments that keep an event stream's proxies patient
 SNAPSHOT_LINES = 100  # the proxy's log lines in a snapshot
 STREAMING = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # nginx must not hold them
@@ -90,6 +90,7 @@ class Admin:
             Route("/version", self.version, methods=["GET"]),
             Route("/running", self.running, methods=["GET"]),
             Route("/metrics", self.render_metrics, methods=["GET"]),
+            Route("/metrics/{host}", self.render_metrics, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),
             Route("/logs", self.logs, methods=["GET"]),
             Route("/logs/stream", self.log_stream, methods=["GET"]),
@@ -141,7 +142,17 @@ class Admin:
         return JSONResponse(changes.to_json())
 
     async def render_metrics(self, request: Request) -> Response:
-        return Response(await self.metrics.scrape(), media_type="text/plain; version=0.0.4")
+        """This machine's metrics; `/metrics/<host>`: another host's swapper's, the same names
+        (a scrape job per host, its `host` label set by the job)."""
+        host = request.path_params.get("host")
+        if host is None:
+            return Response(await self.metrics.scrape(), media_type="text/plain; version=0.0.4")
+        swapper = self.fleet.swappers.get(host)
+        if swapper is None:
+            raise RequestError(
+                404, f"no host '{host}' runs models here ({', '.join(self.fleet.swappers)})", "not_found"
+            )
+        return Response(await swapper.metrics.scrape(), media_type="text/plain; version=0.0.4")
 
     async def logs(self, request: Request) -> Response:
         """The proxy's recent log lines; `/logs/<model>`: the model container's last lines."""

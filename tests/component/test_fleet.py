@@ -148,3 +148,14 @@ async def test_a_reload_gives_each_host_its_part(boxes: Boxes) -> None:
     assert changes.replaced == ("big@gpu2",)
     assert boxes.fleet.swappers["gpu2"].config.models["big"].image == "img2"
     assert boxes.fleet.config.models["big"].image == "img2"
+
+
+async def test_each_hosts_metrics_have_a_route_of_their_own(boxes: Boxes) -> None:
+    await boxes.ask("big")
+    there = (await boxes.client.get("/metrics/gpu2")).text
+    here = (await boxes.client.get("/metrics")).text
+    assert 'swapctl_model_in_flight{model="big"}' in there  # its lifecycle: the host's registry
+    assert 'swapctl_model_in_flight{model="big"}' not in here
+    assert 'swapctl_requests_total{code="200",model="big"} 1.0' in here  # requests: the proxy's
+    missing = await boxes.client.get("/metrics/gpu9")
+    assert missing.status_code == 404 and "gpu2" in missing.json()["error"]["message"]

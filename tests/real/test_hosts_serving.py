@@ -10,6 +10,7 @@ the official `openai` client in front.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -117,6 +118,16 @@ def test_down_without_a_proxy_removes_the_containers_on_every_host(
     assert running_models(second.control, proxy.instance) == frozenset()
     assert running_models(docker_engine, proxy.instance) == frozenset()
     assert "big@gpu2" not in done.stderr and "removed" in done.stdout
+
+
+def test_status_with_no_proxy_reads_every_hosts_engine(proxy: Proxy, second: SecondEngine) -> None:
+    streamed(proxy, "big")
+    argv = [sys.executable, "-m", "swapctl", "status", "--json", "-c", str(proxy.config)]
+    done = subprocess.run([*argv, "--url", "http://127.0.0.1:9"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = {(row["model"], row.get("place")): row for row in json.loads(done.stdout)["models"]}
+    assert rows[("big", "gpu2")]["state"] == "ready" or rows[("big", "gpu2")]["container"]
+    assert rows[("chat", None)]["container"] is None
 
 
 def test_a_killed_engine_is_noticed_its_models_answer_503_and_this_machine_serves_on(
