@@ -130,16 +130,40 @@ def test_status_with_no_proxy_reads_every_hosts_engine(proxy: Proxy, second: Sec
     assert rows[("chat", None)]["container"] is None
 
 
+def wait_for_line(proxy: Proxy, line: str, after: int, timeout: float = 30) -> float:
+    """Seconds until `line` is in the proxy's log past its first `after` characters."""
+    began = time.monotonic()
+    while line not in proxy.log()[after:]:
+        assert time.monotonic() - began < timeout, proxy.log()
+        time.sleep(0.1)
+    return time.monotonic() - began
+
+
+def test_a_host_cut_off_answers_503_and_is_taken_back(proxy: Proxy, second: SecondEngine) -> None:
+    streamed(proxy, "chat")
+    mark = len(proxy.log())
+    second.box.link_down()
+    try:
+        noticed = wait_for_line(proxy, "host 'gpu2': its Docker engine does not answer", mark)
+        answer = httpx.post(
+            f"{proxy.url}/v1/chat/completions", json={"model": "big", "messages": []}, timeout=30
+        )
+        assert answer.status_code == 503 and "host 'gpu2'" in answer.json()["error"]["message"]
+        streamed(proxy, "chat")  # this machine's engine serves on
+    finally:
+        second.box.link_up()
+    back = wait_for_line(proxy, "host 'gpu2': its Docker engine answers again", mark)
+    streamed(proxy, "big")
+    print(f"\nlink cut: noticed after {noticed:.1f}s, taken back {back:.1f}s after the link came back")
+
+
 def test_a_killed_engine_is_noticed_its_models_answer_503_and_this_machine_serves_on(
     proxy: Proxy, second: SecondEngine, docker_engine: docker.DockerClient
 ) -> None:
     streamed(proxy, "big")
+    mark = len(proxy.log())
     os.kill(second.pid, signal.SIGKILL)  # its containers run on, unmanaged
-    began = time.monotonic()
-    while "host 'gpu2': its Docker engine does not answer" not in proxy.log():
-        assert time.monotonic() - began < 30, proxy.log()
-        time.sleep(0.1)
-    noticed = time.monotonic() - began
+    noticed = wait_for_line(proxy, "host 'gpu2': its Docker engine does not answer", mark)
     answer = httpx.post(f"{proxy.url}/v1/chat/completions", json={"model": "big", "messages": []}, timeout=30)
     assert answer.status_code == 503, answer.text
     assert "host 'gpu2'" in answer.json()["error"]["message"]
