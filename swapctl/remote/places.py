@@ -1,13 +1,16 @@
-"""Where a request for a model goes: here (the swapper's containers), a peer, or the server of
-a `proxy:` model.
+"""Where a request for a model goes: one of this box's hosts (its swapper's containers: this
+machine's engine, or another machine's under `hosts:`), a peer, or the server of a `proxy:`
+model.
 
-A model served in one place goes there. A model offered here and by peers (or by several
-peers) goes where it is loaded; else where it is loading; else where it sleeps; else to the
-place whose own plan evicts least (`swapper.plan` here, `GET /plan/<model>` on a swapctl
-peer; a peer with no plan comes after those with one), ties to the order written, here
-first. While a request waits on a place it chose cold, every request for that model goes
-there too: two requests never make two boxes load the same model. A place whose circuit is
-open is passed over; when every place of a model is, the request gets a 502 naming them.
+A model served in one place goes there. A model of several hosts, or offered here and by
+peers, goes where it is loaded; else where it is loading; else where it sleeps; else to the
+place whose own plan evicts least (a host's swapper's `plan`, `GET /plan/<model>` on a
+swapctl peer; a peer with no plan comes after those with one), ties to the order written:
+the model's `hosts`, then the peers. A host claims a start at admission, with no await
+between the choice and the claim; while a request waits on a peer it chose cold, every
+request for that model goes there too: two requests never make two boxes load the same
+model. A peer whose circuit is open, or a host whose engine does not answer, is passed
+over; when every place of a model is, the request gets a 502 (503 for hosts) naming them.
 
 A request forwarded to a peer carries `X-Swapctl-Via`, the nodes it passed through; one that
 arrives with this node in it, or past `MAX_HOPS`, is refused (508), and one that came from
