@@ -187,6 +187,8 @@ _INTEGERS = (
     ("healthCheckTimeout",),
     ("globalTTL",),
     ("maxRequestBytes",),
+    ("requestRecord",),
+    ("captureBuffer",),
     ("matrix", "evict_costs", "*"),
 )
 _BOOLEANS = (

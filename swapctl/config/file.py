@@ -863,6 +863,22 @@ class ConfigFile(_Strict):
         le=MAX_REQUEST_BYTES,
         description="Largest request body accepted (413 beyond).",
     )
+    request_record: StrictInt = Field(
+        1000,
+        alias="requestRecord",
+        ge=0,
+        le=1_000_000,
+        description="The last requests kept on record (GET /requests, the `request` events); 0 keeps none "
+        "(and no request can be cancelled).",
+    )
+    capture_buffer: StrictInt = Field(
+        0,
+        alias="captureBuffer",
+        ge=0,
+        le=65536,
+        description="MB of memory for the captured bodies of the requests on record (oldest dropped); "
+        "0 captures none.",
+    )
     send_loading_state: StrictBool = Field(
         False,
         alias="sendLoadingState",

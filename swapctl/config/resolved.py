@@ -155,6 +155,8 @@ class Config:
     instance: str
     listen: str
     max_request_bytes: int
+    request_record: int  # requests kept on record; 0: none
+    capture_buffer: int  # MB for their captured bodies; 0: none
     # the file's global values, for display: each model's own already holds what applies to it
     health_check_timeout: int
     global_ttl: int
@@ -461,6 +463,8 @@ def _parse(composed: Composed, base_dir: Path, env_file_texts: Mapping[Path, str
         instance=shape.instance,
         listen=shape.listen,
         max_request_bytes=shape.max_request_bytes,
+        request_record=shape.request_record,
+        capture_buffer=shape.capture_buffer,
         health_check_timeout=shape.health_check_timeout,
         global_ttl=shape.global_ttl,
         base_dir=base_dir,

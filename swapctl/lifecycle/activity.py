@@ -19,6 +19,7 @@ Each event goes out as `event: NAME\\ndata: JSON\\n\\n`:
     stats     {"models": {MODEL: {"requests_per_s": float, "tokens_per_s": float,
               "requests": int}}}, every second while someone subscribes, for every model
               served at least once
+    request   a request ended, as GET /requests lists it (`swapctl.proxy.record`)
 
     ROW  = {"model", "state", "container", "host_port", "in_flight", "ready_seconds",
             "idle_seconds", "gpu_memory": {GPU index: bytes} | null (as `ModelStatus`),
@@ -55,7 +56,7 @@ WINDOW = 10.0  # seconds the rates look back
 KEEP_SWAPS = 100
 BACKLOG = 1000  # events a subscriber may leave unread before it is dropped
 STATS_EVERY = 1.0  # seconds
-EVENTS = frozenset({"model", "swap", "reload", "log", "stats"})
+EVENTS = frozenset({"model", "swap", "reload", "log", "stats", "request"})
 REMOVED = "removed"  # the state of a row whose model a reload removed, once it is gone
 
 Row = dict[str, Any]

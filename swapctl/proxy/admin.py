@@ -38,9 +38,10 @@ PATHS = (
     "/logs",
     "/events",
     "/ui",
+    "/requests",
     *catalog.PATHS,
 )
-PREFIXES = ("/unload/", "/logs/", "/plan/", "/load/", "/metrics/", *catalog.PREFIXES)
+PREFIXES = ("/unload/", "/logs/", "/plan/", "/load/", "/metrics/", "/requests/", *catalog.PREFIXES)
 KEEP_ALIVE = 15.0  # seconds between the comments that keep an event stream's proxies patient
 SNAPSHOT_LINES = 100  # the proxy's log lines in a snapshot
 STREAMING = {"cache-control": "no-cache", "x-accel-buffering": "no"}  # nginx must not hold them

@@ -68,6 +68,7 @@ def build_app(
         Route(path, forwarder.model_request, methods=["POST"]) for path in MODEL_ROUTES
     ]
     routes += own.routes()
+    routes += forwarder.requests.routes()  # GET /requests, GET /requests/<id>, POST .../cancel
     routes += ui.routes()
     routes += [
         Route("/upstream/{rest:path}", forwarder.upstream, methods=ANY_METHOD),

@@ -36,9 +36,10 @@ from swapctl.errors import (
 )
 from swapctl.lifecycle import Fleet, Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
-from swapctl.proxy.errors import ClientGone, error_body, error_event, handlers, shutting_down
+from swapctl.proxy.errors import ClientGone, error_answer, error_body, error_event, handlers, shutting_down
 from swapctl.proxy.forms import ModelField, boundary_of, replace_model
 from swapctl.proxy.loading import Loading
+from swapctl.proxy.record import Requests, cancelled_error
 from swapctl.proxy.upstream import (
     Answer,
     BrokeOff,
@@ -353,6 +354,7 @@ class Forwarder:
         self.known = frozenset({*MODEL_ROUTES, *known})
         self.prefixes = prefixes  # of other routes' paths: a wrong method there is a 405
         self.tick = tick
+        self.requests = Requests(lambda: self.places.config, swapper.activity)  # every request on record
 
     @property
     def config(self) -> Config:
@@ -488,15 +490,28 @@ class Forwarder:
     async def _send(
         self, model: str, scope: Scope, receive: Receive, path: str, content: bytes, streamed: bool = False
     ) -> Response:
-        """Forward a request whose body is read; nothing more is done once its client leaves."""
+        """Forward a request whose body is read; nothing more is done once its client leaves
+        (or once it is cancelled: POST /requests/<id>/cancel)."""
+        entry = self.requests.begin(model, scope, content)
         try:
             return await unless_gone(receive, self._exchange(model, scope, path, content, streamed))
         except ClientGone:
+            self.requests.end(model, 499)
             raise ClientGone(model) from None
         except asyncio.CancelledError:
-            if (error := shutting_down(model)) is None:
+            if (cancelled := self.requests.cancelled()) is not None:
+                error: Exception = cancelled_error(model, cancelled.id)
+            elif (shutdown := shutting_down(model)) is not None:
+                error = shutdown
+            else:
                 raise
+            if entry is not None:
+                self.requests.end(model, error_answer(error)[0])
             raise error from None  # an OpenAI error, not the server's bare 500 and a traceback
+        except Exception as error:
+            if entry is not None:
+                self.requests.end(model, error_answer(error)[0])
+            raise
 
     async def _exchange(
         self, model: str, scope: Scope, path: str, content: bytes, streamed: bool
@@ -510,13 +525,16 @@ class Forwarder:
         began = time.perf_counter()
         where = await self.places.choose(model, scope)  # a loop, every place down: a plain answer
         if isinstance(where, There):
+            self.requests.went(where.place.label)
             target = peer_target(where, scope["path"], target)
             call = Call(scope["method"], target, headers, content if sized else None, where.place.timeouts)
             return await self._elsewhere(where, call, began)
         timeouts = self.config.models[model].timeouts
         call = Call(scope["method"], target, headers, content if sized else None, timeouts)
         # busy, unknown, stop-failed: a plain answer
-        ticket = await self.places.swapper_of(where).admit(model)
+        swapper = self.places.swapper_of(where)
+        ticket = await swapper.admit(model)
+        self.requests.went(where.host, None if ticket.ready else swapper.activity.swaps)
         if streamed and not ticket.ready:
             return self._loading(ticket, call, path, began)
         lease, answer = await self.open(ticket, call)
@@ -604,6 +622,7 @@ class Forwarder:
         finally:
             await answer.close()
             await lease.release()
+        self.requests.whole(answer.raw_headers, whole)
         self.record(lease.model, answer.status, began, tokens_in(whole))
         return Whole(answer.status, end_to_end(answer.raw_headers), whole)
 
@@ -618,8 +637,8 @@ class Forwarder:
         pending = b""
         try:
             async for chunk in answer.chunks():
-                if tally is not None and (b'_tokens"' in chunk or b'"predicted_n"' in chunk):
-                    tally.tokens = tokens_in(chunk) or tally.tokens
+                if tally is not None:
+                    tally.seen(chunk)
                 if not whole_events:
                     yield chunk
                     continue
@@ -649,6 +668,7 @@ class Forwarder:
         self.metrics.requests.labels(model, str(code)).inc()
         self.metrics.request_seconds.labels(model).observe(took)
         self.swapper.activity.served(model, code, took, tokens)
+        self.requests.end(model, code, tokens)
 
     async def answer_error(self, request: Request, error: Exception) -> Response:
         """The answer to an error of a model route: the app's handler for its type."""
@@ -664,7 +684,8 @@ class Forwarded(Response):
 
     def __init__(self, answer: Answer, lease: Hold, forwarder: Forwarder, began: float) -> None:
         self.answer, self.lease, self.forwarder, self.began = answer, lease, forwarder, began
-        self.status_code, self.background, self.tally = answer.status, None, Tally()
+        self.status_code, self.background = answer.status, None
+        self.tally = forwarder.requests.tally(answer.raw_headers)
         raw = end_to_end(answer.raw_headers)
         length = header(answer.raw_headers, b"content-length")
         if events(raw) and header(raw, NO_BUFFERING[0]) is None:
@@ -682,6 +703,14 @@ class Forwarded(Response):
             await unless_gone(receive, self._relay(send, scope["path"]))
         except (ClientGone, OSError):  # gone: an ASGI 2.4 server may say so at a write
             pass
+        except asyncio.CancelledError:
+            if (cancelled := self.forwarder.requests.cancelled()) is None:
+                raise
+            if events(self.raw_headers):  # the error event its clients raise on
+                status, body = error_answer(cancelled_error(self.lease.model, cancelled.id))
+                event = error_event(scope["path"], status, body)
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await self.answer.close()
             await self.lease.release()

@@ -35,7 +35,8 @@ from starlette.types import Receive, Scope, Send
 from swapctl.backend import Pulled
 from swapctl.lifecycle import Lease, Progress, Step, Ticket
 from swapctl.proxy.errors import error_answer, error_body, error_event, shutting_down
-from swapctl.proxy.upstream import Answer, Tally, UpstreamError
+from swapctl.proxy.record import cancelled_error
+from swapctl.proxy.upstream import Answer, UpstreamError
 
 if TYPE_CHECKING:
     from swapctl.proxy.forwarding import Call, Forwarder
@@ -205,7 +206,7 @@ class Loading(StreamingResponse):
         self.voice: Voice = Reasoning(self.model) if reasoning else Comments(self.model)
         self.opening: asyncio.Task[tuple[Lease, Answer]] | None = None
         self.outcome: int | None = None  # the status to count; None while it waits
-        self.tally = Tally()  # the tokens the answer reports
+        self.tally = forwarder.requests.tally(())  # the tokens the answer reports
         super().__init__(self._body())
         self.raw_headers = list(HEAD)
 
@@ -256,7 +257,11 @@ class Loading(StreamingResponse):
         except ClientDisconnect:  # an ASGI 2.4 server says so at the next write
             pass
         except asyncio.CancelledError:
-            if (error := shutting_down(self.model)) is None:
+            if (cancelled := self.forwarder.requests.cancelled()) is not None:
+                error: Exception = cancelled_error(self.model, cancelled.id)  # POST /requests/<id>/cancel
+            elif (shutdown := shutting_down(self.model)) is not None:
+                error = shutdown
+            else:
                 raise
             await self._end(send, error)
         finally:

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -190,6 +191,19 @@ def tokens_in(answer: bytes) -> int | None:
 
 @dataclass(slots=True)
 class Tally:
-    """What a stream reported as it passed: the tokens generated, once its usage came by."""
+    """What a stream reported as it passed: the tokens generated, once its usage came by; when
+    its first chunk came, the chunk that reported them; each chunk to `keep` (a capture)."""
 
     tokens: int | None = None
+    first: float | None = None  # perf_counter
+    usage: bytes | None = None
+    keep: Callable[[bytes], None] | None = None
+
+    def seen(self, chunk: bytes) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        if b'_tokens"' in chunk or b'"predicted_n"' in chunk:
+            self.tokens = tokens_in(chunk) or self.tokens
+            self.usage = chunk
+        if self.keep is not None:
+            self.keep(chunk)
