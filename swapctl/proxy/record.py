@@ -80,8 +80,14 @@ def _body(data: bytes) -> dict[str, Any]:
         return {"body_base64": base64.b64encode(data).decode()}
 
 
+def _kept_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers without those that carry keys (names lower-cased, as the server and the
+    upstream client give them)."""
+    return [(n, v) for n, v in raw if n.lower() not in SECRET]
+
+
 def _headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw if n.lower() not in SECRET]
+    return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in raw]
 
 
 class Captures:
@@ -112,8 +118,8 @@ class Capture:
 
     def __init__(self, buffer: Captures, headers: RawHeaders, body: bytes) -> None:
         self.buffer, self.cut, self.size = buffer, False, 0
-        self.request_headers = _headers(headers)
-        self.response_headers: list[tuple[str, str]] = []
+        self.request_headers = _kept_headers(headers)
+        self.response_headers: list[tuple[bytes, bytes]] = []
         self.response: list[bytes] = []
         self.request = self._kept(body)
 
@@ -133,8 +139,8 @@ class Capture:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "request": {"headers": self.request_headers, **_body(self.request)},
-            "response": {"headers": self.response_headers, **_body(b"".join(self.response))},
+            "request": {"headers": _headers(self.request_headers), **_body(self.request)},
+            "response": {"headers": _headers(self.response_headers), **_body(b"".join(self.response))},
             "bytes": self.size,
             "cut": self.cut,
         }
@@ -248,7 +254,7 @@ class Requests:
         if entry is None or entry.status is not None:
             return Tally()
         if entry.capture is not None:
-            entry.capture.response_headers = _headers(headers)
+            entry.capture.response_headers = _kept_headers(headers)
         return entry.tally
 
     def whole(self, headers: RawHeaders, body: bytes) -> None:
@@ -259,7 +265,7 @@ class Requests:
         entry.tally.first = time.perf_counter()
         entry.usage = body[-USAGE_TAIL:] if b"_tokens" in body or b'"timings"' in body else None
         if entry.capture is not None:
-            entry.capture.response_headers = _headers(headers)
+            entry.capture.response_headers = _kept_headers(headers)
             entry.capture.add(body)
 
     def end(self, model: str, status: int, tokens: int | None = None) -> Entry | None:
