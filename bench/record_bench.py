@@ -10,7 +10,9 @@ tiny model, m1, and scripts/echo_server.py, e1), alike but for two keys:
 
 - off: `requestRecord: 0`;
 - record: `requestRecord: 1000` (the default);
-- captures: `requestRecord: 1000`, `captureBuffer: 64` (MB), every body captured.
+- captures: `requestRecord: 1000`, `captureBuffer: 64` (MB), every body captured;
+- record, /events read: as record, with one raw `GET /events` reader (a thread reading the
+  stream with httpx) throughout: a `request` event for every request.
 
 In each round, the conditions' order rotating, the Go load generator runs on each: plain chat
 completions to e1 with 32 clients, and streamed chat completions to m1 (llama-server, about
@@ -24,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
+import httpx
 import yaml
 
 # bench/ is on sys.path when this file runs as a script: the shared parts come from there
@@ -49,7 +53,9 @@ CONDITIONS = {
     "off": {"requestRecord": 0},
     "record": {"requestRecord": 1000},
     "captures": {"requestRecord": 1000, "captureBuffer": 64},
+    "record, /events read": {"requestRecord": 1000},
 }
+READ = "record, /events read"  # the condition whose proxy has an /events reader throughout
 WORKLOADS = [
     Workload("echo plain x32", "echo", "/v1/chat/completions", {**CHAT, "model": "e1"}, 32, False),
     Workload(
@@ -68,6 +74,19 @@ def cpu_ms(phase: Phase) -> float | None:
     return None if phase.cpu_seconds is None or not answered else 1000 * phase.cpu_seconds / answered
 
 
+def read_events(url: str, seen: list[int], stop: threading.Event) -> None:
+    """Read `/events` until `stop`, counting the `request` events in `seen[0]`."""
+    with (
+        httpx.Client(timeout=httpx.Timeout(10, read=60)) as client,
+        client.stream("GET", url + "/events") as stream,
+    ):
+        for line in stream.iter_lines():
+            if line == "event: request":
+                seen[0] += 1
+            if stop.is_set():
+                return
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,11 +101,16 @@ def main() -> None:
     write_models(models)
     with ExitStack() as stack:
         targets: list[Target] = []
-        for name, keys in CONDITIONS.items():
-            path = work / f"{name}.yaml"
-            path.write_text(yaml.safe_dump({**config(models, f"rb-{name}-{uuid.uuid4().hex[:6]}"), **keys}))
-            up, url = stack.enter_context(swapctl_up(path, work / f"{name}.log"))
+        seen = [0]  # request events the /events reader read
+        for number, (name, keys) in enumerate(CONDITIONS.items()):
+            path = work / f"c{number}.yaml"
+            path.write_text(yaml.safe_dump({**config(models, f"rb{number}-{uuid.uuid4().hex[:6]}"), **keys}))
+            up, url = stack.enter_context(swapctl_up(path, work / f"c{number}.log"))
             targets.append(Target(name, {"echo": url, "llama": url}, up.pid))
+            if name == READ:
+                stop = threading.Event()
+                stack.callback(stop.set)
+                threading.Thread(target=read_events, args=(url, seen, stop), daemon=True).start()
         for target in targets:  # start the models, and warm up
             for workload in WORKLOADS:
                 run_phase(loader, target, workload, 0.5)
@@ -99,7 +123,8 @@ def main() -> None:
                     if phase.errors:
                         raise RuntimeError(f"{target.name}, {workload.key}: {phase.first_error}")
                     phases.setdefault((workload.key, target.name), []).append(phase)
-    print(f"{machine(go_version)}; {args.rounds} rounds of {args.seconds:g}s\n")
+    print(f"{machine(go_version)}; {args.rounds} rounds of {args.seconds:g}s")
+    print(f"the /events reader read {seen[0]} request events\n")
     print("| workload | condition | CPU ms / request | vs off | requests/s |")
     print("|---|---|---|---|---|")
     for workload in WORKLOADS:
