@@ -207,3 +207,23 @@ def test_with_api_keys_the_page_asks_for_the_key(
     row(page, "a").locator("button.unload").click()  # a POST, with the key
     expect(row(page, "a").locator("td.state")).to_have_text("stopped")
     poll(lambda: running_models(docker_engine, instance) == frozenset(), 30, "a's container to go")
+
+
+def test_the_page_shows_every_request_on_record(open_page: Callable[..., Proxy], page: Page) -> None:
+    proxy = open_page()
+    expect(page.locator("#status")).to_have_text("live")
+    ask(proxy, "a")
+    first = page.locator("#requests tbody tr").first
+    expect(first.locator("td.model")).to_have_text("a")
+    expect(first.locator("td.status")).to_have_text("200")
+    expect(first.locator("td.tokens")).to_have_text(re.compile(r"^\d+ / \d+$"))  # from usage
+    expect(first.locator("td.speed")).to_have_text(re.compile(r"^\d+\.\d$"))  # from timings
+    expect(first.locator("td.swap")).to_contain_text("its start")
+    ask(proxy, "b")
+    expect(first.locator("td.model")).to_have_text("b")  # newest first, live
+    expect(first.locator("td.swap")).to_contain_text("stopping a")
+    page.select_option("#requests-model", "a")
+    expect(page.locator("#requests tbody tr")).to_have_count(1)
+    # a new page lists the record from GET /requests
+    page.reload()
+    expect(page.locator("#requests tbody tr")).to_have_count(2)
