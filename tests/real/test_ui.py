@@ -3,10 +3,12 @@
 llama-server containers. Every wait is on a condition of the page or of Docker.
 
 Screenshots land in build/artifacts/: ui.png (the page after a morning's work, also the
-README's docs/ui.png) and one per test as it ended."""
+README's docs/ui.png), playground.png and requests.png (the README's docs/playground.png and
+docs/requests.png) and one per test as it ended."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -17,7 +19,17 @@ import docker
 import pytest
 from openai import OpenAI
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
-from support import MESSAGES, Proxy, ask, llama_model, poll, running_models, write_yaml
+from support import (
+    MESSAGES,
+    Proxy,
+    ask,
+    containers,
+    llama_model,
+    long_model,
+    poll,
+    running_models,
+    write_yaml,
+)
 
 import swapctl
 
@@ -227,3 +239,89 @@ def test_the_page_shows_every_request_on_record(open_page: Callable[..., Proxy],
     # a new page lists the record from GET /requests
     page.reload()
     expect(page.locator("#requests tbody tr")).to_have_count(2)
+
+
+def chat_in_page(page: Page, max_tokens: int) -> None:
+    """Sends MESSAGES' prompt from the playground to its only model."""
+    page.fill("#chat-prompt", MESSAGES[0]["content"])
+    page.fill("#chat-max", str(max_tokens))
+    page.click("#chat-send")
+
+
+LONG = 16000  # tokens: the longest the model's context holds, a few seconds of streaming
+SPEED = re.compile(r"^first token \d+\.\d\ds · \d+ tokens · \d+\.\d tokens/s$")
+
+
+def test_the_playground_chats_and_the_record_cancels_and_captures(
+    instance: str,
+    models_dir: Path,
+    tmp_path: Path,
+    proxies: list[Proxy],
+    docker_engine: docker.DockerClient,
+    page: Page,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = {
+        "instance": instance,
+        "healthCheckTimeout": 30,
+        "apiKeys": [KEY],
+        "captureBuffer": 4,
+        "models": {"llm": long_model(models_dir, 1)},
+    }
+    proxy = Proxy(write_yaml(tmp_path / "swapctl.yaml", config), instance, tmp_path)
+    proxies.append(proxy)
+    proxy.start()
+    page.goto(f"{proxy.url}/ui")
+    page.fill("#key", KEY)
+    page.click("#key-form button")
+    expect(page.locator("#status")).to_have_text("live")
+    expect(page.locator("#chat-model")).to_have_value("llm")
+
+    # a chat while the model is stopped: the loading note, then the answer as it streams,
+    # with its time to first token and speed
+    chat_in_page(page, 24)
+    expect(page.locator("#chat-loading")).to_contain_text("loading llm")
+    expect(page.locator("#chat-stats")).to_have_attribute("data-state", "done")
+    expect(page.locator("#chat-stats")).to_have_text(SPEED)
+    assert page.locator("#chat-answer").text_content()
+    shot(page, "playground", capsys)
+
+    # the request on record, with its tokens; its capture, without the key
+    first = page.locator("#requests tbody tr").first
+    expect(first.locator("td.model")).to_have_text("llm")
+    expect(first.locator("td.status")).to_have_text("200")
+    expect(first.locator("td.tokens")).to_have_text(re.compile(r"^\d+ / \d+$"))
+    first.locator("button.details").click()
+    detail = page.locator("#detail-text")
+    expect(detail).to_contain_text("capture:")
+    expect(detail).to_contain_text(MESSAGES[0]["content"])
+    assert KEY not in (detail.text_content() or "")
+    with page.expect_download() as download:
+        page.click("#detail-export")
+    exported = json.loads(Path(download.value.path()).read_text())
+    assert exported["id"] == first.get_attribute("data-id") and exported["capture"]["request"]["body"]
+    assert KEY not in json.dumps(exported) and "authorization" not in json.dumps(exported).lower()
+    shot(page, "requests", capsys)
+    page.click("#detail-close")
+
+    # a long stream, cancelled in the record: the playground says so, the container serves on
+    before = containers(docker_engine, instance)
+    chat_in_page(page, LONG)
+    expect(page.locator("#chat-stats")).to_have_attribute("data-state", "streaming")
+    page.locator('#requests tbody tr[data-in-flight="true"] button.cancel').click()
+    expect(page.locator("#chat-stats")).to_have_attribute("data-state", "failed")
+    expect(page.locator("#chat-stats")).to_contain_text("cancelled")
+    expect(first.locator("td.status")).to_have_text("499 cancelled")
+    expect(page.locator('#requests tbody tr[data-in-flight="true"]')).to_have_count(0)
+    chat_in_page(page, 8)
+    expect(page.locator("#chat-stats")).to_have_attribute("data-state", "done")
+    assert containers(docker_engine, instance) == before
+
+    # Stop in the playground aborts a stream: the proxy sees the client leave
+    chat_in_page(page, LONG)
+    expect(page.locator("#chat-stats")).to_have_attribute("data-state", "streaming")
+    page.click("#chat-stop")
+    expect(page.locator("#chat-stats")).to_contain_text("stopped")
+    expect(page.locator("#requests tbody tr")).to_have_count(4)
+    expect(page.locator('#requests tbody tr[data-in-flight="true"]')).to_have_count(0)
+    assert containers(docker_engine, instance) == before
