@@ -325,3 +325,42 @@ def test_the_playground_chats_and_the_record_cancels_and_captures(
     expect(page.locator("#requests tbody tr")).to_have_count(4)
     expect(page.locator('#requests tbody tr[data-in-flight="true"]')).to_have_count(0)
     assert containers(docker_engine, instance) == before
+
+
+def test_the_playground_tells_the_start_and_embeds(
+    instance: str,
+    models_dir: Path,
+    tmp_path: Path,
+    proxies: list[Proxy],
+    docker_engine: docker.DockerClient,
+    page: Page,
+) -> None:
+    model = {**llama_model(models_dir, 1, "--embeddings", "--pooling", "mean"), "sendLoadingState": True}
+    config = {"instance": instance, "healthCheckTimeout": 30, "models": {"a": model}}
+    proxy = Proxy(write_yaml(tmp_path / "swapctl.yaml", config), instance, tmp_path)
+    proxies.append(proxy)
+    proxy.start()
+    page.goto(f"{proxy.url}/ui")
+    expect(page.locator("#chat-model")).to_have_value("a")
+
+    # with sendLoadingState the start comes as swapctl's own reasoning chunks: shown as the
+    # loading note, apart from the model's thinking and its answer
+    chat_in_page(page, 8)
+    expect(page.locator("#chat-stats")).to_have_attribute("data-state", "done")
+    expect(page.locator("#chat-loading")).to_contain_text("Loading a")
+    expect(page.locator("#chat-loading")).to_contain_text("a is ready after")
+    expect(page.locator("#chat-thinking-box")).to_be_hidden()
+    expect(page.locator("#chat-answer")).not_to_contain_text("Loading a")
+
+    # embeddings: a row a text, its dimensions, and the cosine of the first to itself
+    page.click("#tab-embed")
+    expect(page.locator("#play-chat")).to_be_hidden()
+    page.fill("#embed-input", "a cat\na dog\n")
+    page.click("#embed-form button[type=submit]")
+    expect(page.locator("#embed-stats")).to_have_attribute("data-state", "done")
+    rows = page.locator("#embed-table tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.first.locator("td.text")).to_have_text("a cat")
+    expect(rows.first.locator("td.cosine")).to_have_text("1.000")
+    expect(rows.nth(1).locator("td.dims")).to_have_text(re.compile(r"^[1-9]\d*$"))
+    expect(row(page, "a").locator("td.in-flight")).to_have_text("0")  # settled: nothing asked now
