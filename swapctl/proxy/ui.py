@@ -4,8 +4,9 @@ The page holds no data: everything it shows comes from the routes it calls (`/ev
 `/plan/<model>`, `/load/<model>`, `/unload/<model>`, `/logs/<model>/stream`), with the
 user's key when the proxy has keys, so the page itself is served without one. Its
 Content-Security-Policy allows exactly its own inline script and style (by their SHA-256,
-computed once from the file) and connections to its own origin only; model names and log
-lines are untrusted, and the script writes them as text, never as markup.
+computed once from the file) and connections to its own origin only (images also from data:
+URLs, audio also from blob: URLs: what the playground got from the proxy, made in the page);
+model names and log lines are untrusted, and the script writes them as text, never as markup.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def parse_page(html: str) -> Page:
             "default-src 'self'",
             f"script-src {allowed['script']}",
             f"style-src {allowed['style']}",
-            "img-src 'self' data:",  # data: for the empty icon, so no request for /favicon.ico
+            "img-src 'self' data:",  # data: for the empty icon (no request for /favicon.ico), and images
+            "media-src 'self' blob:",  # blob: for the speech the playground plays, made in the page
             "base-uri 'none'",
             "form-action 'none'",
             "frame-ancestors 'none'",

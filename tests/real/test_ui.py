@@ -8,6 +8,7 @@ docs/requests.png) and one per test as it ended."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import signal
@@ -364,3 +365,64 @@ def test_the_playground_tells_the_start_and_embeds(
     expect(rows.first.locator("td.cosine")).to_have_text("1.000")
     expect(rows.nth(1).locator("td.dims")).to_have_text(re.compile(r"^[1-9]\d*$"))
     expect(row(page, "a").locator("td.in-flight")).to_have_text("0")  # settled: nothing asked now
+
+
+def test_the_playground_reranks_draws_speaks_and_transcribes(
+    instance: str, tmp_path: Path, proxies: list[Proxy], page: Page
+) -> None:
+    """Against scripts/echo_server.py in a container: it answers each route as its API does
+    (a real 1x1 PNG, audio bytes, the upload's size and SHA-256)."""
+    echo = {
+        "template": "llama-server",
+        "entrypoint": ["python3"],
+        "command": ["/srv/echo_server.py", "--port", "8080"],
+        "volumes": [f"{ROOT / 'scripts'}:/srv:ro"],
+        "stop_grace_period": "1s",
+    }
+    config = {"instance": instance, "healthCheckTimeout": 30, "models": {"echo": echo}}
+    proxy = Proxy(write_yaml(tmp_path / "swapctl.yaml", config), instance, tmp_path)
+    proxies.append(proxy)
+    proxy.start()
+    page.goto(f"{proxy.url}/ui")
+    expect(page.locator("#status")).to_have_text("live")
+
+    page.click("#tab-rerank")
+    expect(page.locator("#rerank-model")).to_have_value("echo")
+    page.fill("#rerank-query", "a cat")
+    page.fill("#rerank-documents", "a dog barks\na cat sleeps\n")
+    page.click("#rerank-form button[type=submit]")
+    expect(page.locator("#rerank-stats")).to_have_attribute("data-state", "done")
+    ranked = page.locator("#rerank-table tbody tr")
+    expect(ranked).to_have_count(2)
+    expect(ranked.first.locator("td.rank")).to_have_text("1")
+    expect(ranked.first.locator("td.document")).to_have_text("a cat sleeps")  # both words found
+    scores = [float(text) for text in ranked.locator("td.score").all_text_contents()]
+    assert scores == sorted(scores, reverse=True)
+
+    page.click("#tab-image")
+    page.fill("#image-prompt", "a red dot")
+    page.click("#image-form button[type=submit]")
+    expect(page.locator("#image-stats")).to_have_attribute("data-state", "done")
+    expect(page.locator("#image-out img")).to_have_attribute("alt", "echo: a red dot")
+    page.wait_for_function("() => document.querySelector('#image-out img').naturalWidth === 1")  # decoded
+
+    page.click("#tab-speech")
+    page.fill("#speech-input", "hello there")
+    page.click("#speech-form button[type=submit]")
+    expect(page.locator("#speech-stats")).to_have_attribute("data-state", "done")
+    expect(page.locator("#speech-stats")).to_contain_text("audio/mpeg")
+    expect(page.locator("#speech-audio")).to_have_attribute("src", re.compile(r"^blob:"))
+    # the audio element has read its blob (the policy refusing it would fail the test); a
+    # function, not an expression, which Playwright would eval() under the page's policy
+    page.wait_for_function(
+        "() => ((a) => a.error !== null || a.readyState > 0)(document.getElementById('speech-audio'))"
+    )
+
+    page.click("#tab-listen")
+    recording = b"RIFF" + bytes(range(256)) * 8
+    page.set_input_files("#listen-file", {"name": "note.wav", "mimeType": "audio/wav", "buffer": recording})
+    page.click("#listen-form button[type=submit]")
+    expect(page.locator("#listen-stats")).to_have_attribute("data-state", "done")
+    expect(page.locator("#listen-text")).to_have_text(
+        f"echo {len(recording)} {hashlib.sha256(recording).hexdigest()}"
+    )
