@@ -324,6 +324,13 @@ class DockerBackend:
         except (paramiko.SSHException, OSError) as error:  # ssh://: paramiko's, and its socket's
             raise _unreachable(error, self.engine, model) from None
 
+    def close(self) -> None:
+        """Close the connection to the engine (an ssh:// one holds an ssh session open)."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closed already, or never opened
+                client.close()
+
     def ping(self) -> bool:
         """Whether the engine answers now (within the engine's timeout)."""
         try:
