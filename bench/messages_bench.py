@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import timing  # noqa: E402
 from storm_bench import remove_instance, write_models  # noqa: E402
 from support import Proxy, llama_model, write_yaml  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import median_ms, print_comparison  # noqa: E402
 
 import swapctl  # noqa: E402
 
@@ -97,15 +96,7 @@ def main() -> int:
             proxy.close()
             remove_instance(engine, instance)
     engine.close()
-    print(f"{'workload':<12} {'direct ms':>10} {'swapctl ms':>11} {'added ms':>9} {'ratio':>6}")
-    for workload, by_target in rows.items():
-        direct, through = by_target["direct"], by_target["swapctl"]
-        added = statistics.median(s - d for s, d in zip(through, direct, strict=True))
-        ratio = statistics.median(s / d for s, d in zip(through, direct, strict=True))
-        print(
-            f"{workload:<12} {statistics.median(direct):>10.2f} {statistics.median(through):>11.2f} "
-            f"{added:>9.2f} {ratio:>6.2f}"
-        )
+    print_comparison(rows, "swapctl")
     return 0
 
 

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import timing  # noqa: E402
 from peers import IMAGE, Boxes, poll, two_boxes  # noqa: E402
 from storm_bench import write_models  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import median_ms, print_comparison  # noqa: E402
 
 import swapctl  # noqa: E402
 
@@ -130,15 +130,7 @@ def main() -> int:
             print(f"{args.faults} runs of the peer stopped and continued", flush=True)
             noticed, back = faults(boxes, args.faults)
     engine.close()
-    print(f"{'workload':<12} {'direct ms':>10} {'front ms':>9} {'added ms':>9} {'ratio':>6}")
-    for workload, by_target in rows.items():
-        direct, front = by_target["direct"], by_target["front"]
-        added = statistics.median(f - d for f, d in zip(front, direct, strict=True))
-        ratio = statistics.median(f / d for f, d in zip(front, direct, strict=True))
-        print(
-            f"{workload:<12} {statistics.median(direct):>10.2f} {statistics.median(front):>9.2f} "
-            f"{added:>9.2f} {ratio:>6.2f}"
-        )
+    print_comparison(rows, "front")
     print(f"peer stopped, noticed after s: {spread(noticed)}")
     print(f"peer continued, taken back after s: {spread(back)}")
     return 0

@@ -35,3 +35,17 @@ def median_ms(
 ) -> float:
     """The median of `n` measures, in milliseconds."""
     return statistics.median(measure(client, base) for _ in range(n)) * 1000
+
+
+def print_comparison(rows: dict[str, dict[str, list[float]]], through: str) -> None:
+    """A table of each workload's medians over rounds, direct against `through` (both in ms,
+    a round's median each), with the median of each round's difference and ratio."""
+    print(f"{'workload':<12} {'direct ms':>10} {through + ' ms':>11} {'added ms':>9} {'ratio':>6}")
+    for workload, by_target in rows.items():
+        direct, other = by_target["direct"], by_target[through]
+        added = statistics.median(o - d for o, d in zip(other, direct, strict=True))
+        ratio = statistics.median(o / d for o, d in zip(other, direct, strict=True))
+        print(
+            f"{workload:<12} {statistics.median(direct):>10.2f} {statistics.median(other):>11.2f} "
+            f"{added:>9.2f} {ratio:>6.2f}"
+        )
