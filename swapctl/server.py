@@ -23,13 +23,13 @@ from starlette.types import ASGIApp
 from swapctl.backend import Backend
 from swapctl.config import Config
 from swapctl.config.hosts import LOCAL_NAME
+from swapctl.config.scalars import is_loopback
 from swapctl.errors import BackendError
 from swapctl.gpus import Inventory, NoGpu, Snapshot, mismatches, read_attributed
 from swapctl.lifecycle import Fleet, Reloader, Swapper
 from swapctl.measures import MeasureStore
 from swapctl.metrics import Metrics
 from swapctl.proxy import build_app
-from swapctl.proxy.guard import is_loopback
 from swapctl.proxy.http1 import Http1Upstream
 from swapctl.proxy.transport import AiohttpTransport, no_cookies
 from swapctl.proxy.upstream import ByScheme, HttpxUpstream

@@ -18,7 +18,6 @@ Other templates (Kokoro) serve one model and take no path.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from swapctl.config.scalars import parse_listen
+from swapctl.config.scalars import is_loopback, parse_listen
 from swapctl.config.templates import TemplateInfo, list_templates, load_template
 from swapctl.errors import ConfigError
 from swapctl.gpus import NoGpu, Snapshot
@@ -65,16 +64,6 @@ def parse_model_option(text: str) -> ModelChoice:
     if not equals or not model.strip() or not template.strip() or (colon and not path.strip()):
         raise ConfigError("--model", f"expected ID=TEMPLATE[:MODELPATH], got {text!r}")
     return ModelChoice(model.strip(), template.strip(), path.strip() if colon else None)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether only this machine reaches `host` (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def starter_config(

@@ -132,6 +132,28 @@ def _host_problem(host: str) -> str | None:
     return None
 
 
+def host_of(value: str) -> str:
+    """The name or address of a Host header or a listen address: without its port, IPv6
+    brackets and trailing dot, lower-cased, so the forms a client may send compare equal."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:  # more than one: a bare IPv6 address, no port
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine reaches it: localhost, *.localhost, 127.0.0.0/8, ::1."""
+    host = host_of(host)
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     """(host, port) from HOST:PORT, as the config's `listen` and `up --listen` give it: HOST is
     an IPv4 address, a bracketed IPv6 address (returned without brackets), a host name, or

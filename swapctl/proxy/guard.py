@@ -44,6 +44,7 @@ from pydantic import SecretStr
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from swapctl.config.scalars import host_of
 from swapctl.proxy.errors import error_body, error_json
 
 ALLOW_METHODS = b"GET, POST, PUT, PATCH, DELETE, OPTIONS, HEAD"
@@ -65,34 +66,12 @@ KEY_PROTOCOL = "swapctl.key."  # a WebSocket subprotocol carrying a key, base64u
 DENIAL = "websocket.http.response"  # the ASGI extension for an HTTP answer to a handshake
 
 
-def host_of(value: str) -> str:
-    """The name or address of a Host header or a listen address: without its port, IPv6
-    brackets and trailing dot, lower-cased, so the forms a client may send compare equal."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        value = value[1:].partition("]")[0]
-    elif value.count(":") == 1:  # more than one: a bare IPv6 address, no port
-        value = value.partition(":")[0]
-    return value.rstrip(".")
-
-
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
         return False
     return True
-
-
-def is_loopback(host: str) -> bool:
-    """Only this machine reaches it: localhost, *.localhost, 127.0.0.0/8, ::1."""
-    host = host_of(host)
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> ASGIApp:

@@ -20,10 +20,11 @@ import swapctl
 from swapctl import cli
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel
 from swapctl.config import parse_config
+from swapctl.config.scalars import host_of, is_loopback
 from swapctl.errors import ConfigError, SwapctlError
 from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
-from swapctl.proxy.guard import Guard, host_of, is_loopback
+from swapctl.proxy.guard import Guard
 from swapctl.proxy.upstream import HttpxUpstream
 
 KEY = "sk-swapctl-9f3a1c"  # what must never be printed
