@@ -349,8 +349,9 @@ def _no_protected(keys: object) -> object:
 _PARAMS = Annotated[dict[str, Any], AfterValidator(_no_protected)]
 
 
-class FiltersConfig(_Strict):
-    """What is changed in a JSON request body before it is forwarded (llama-swap's filters)."""
+class PeerFiltersConfig(_Strict):
+    """What is changed in a JSON request body before it is forwarded (llama-swap's filters);
+    a peer's have these two, as its IDs are its own."""
 
     strip_params: Annotated[
         tuple[str, ...],
@@ -369,6 +370,11 @@ class FiltersConfig(_Strict):
         description="Values set in every request; a key ending in '?' only fills a value the request "
         "left out; a dotted key (a.b) reaches into an object.",
     )
+
+
+class FiltersConfig(PeerFiltersConfig):
+    """A model's filters: a peer's, and more IDs for the model, each with its own values."""
+
     set_params_by_id: dict[str, _PARAMS] = Field(
         default_factory=dict,
         alias="setParamsByID",
@@ -676,22 +682,6 @@ class PeerTimeoutsConfig(_Strict):
         alias="responseHeader",
         description=f"{_RESPONSE_HEADER}. Default: 0, no limit: the peer may start the model first "
         "(llama-swap's 60s would cut a cold start).",
-    )
-
-
-class PeerFiltersConfig(_Strict):
-    """A peer's filters: llama-swap's, without setParamsByID (a peer's IDs are its own)."""
-
-    strip_params: Annotated[
-        tuple[str, ...],
-        BeforeValidator(_comma_list),
-        AfterValidator(_no_protected),
-        WithJsonSchema({"anyOf": [{"type": "string"}, _NAMES]}),
-    ] = Field((), alias="stripParams", description="JSON keys removed from requests sent to the peer.")
-    set_params: _PARAMS = Field(
-        default_factory=dict,
-        alias="setParams",
-        description="Values set in requests sent to the peer; a key ending in '?' only where absent.",
     )
 
 
