@@ -125,6 +125,8 @@ def _why(error: BaseException, engine: Engine) -> str:
         why = f"no answer within {engine.timeout:g}s: is the machine up and reachable?"
     elif "refused" in text.lower():
         why = "connection refused: is dockerd running and listening there?"
+    elif "reset by peer" in text.lower():
+        why = "connection reset: the engine dropped it (did dockerd stop or restart?)"
     else:
         why = "no answer"
     return f"{why} ({causes[-1]})"

@@ -32,7 +32,7 @@ def lone(docker_engine: docker.DockerClient) -> Iterator[SecondEngine]:
         yield engine
 
 
-def _fails_naming_the_engine(backend: DockerBackend, why: str | None = None) -> str:
+def _fails_naming_the_engine(backend: DockerBackend, *why: str) -> str:
     began = time.monotonic()
     with pytest.raises(DaemonUnavailable) as raised:
         backend.list("t-any")
@@ -40,8 +40,8 @@ def _fails_naming_the_engine(backend: DockerBackend, why: str | None = None) -> 
     message = str(raised.value)
     assert message.startswith(f"cannot reach the Docker engine of {backend.engine.where}: ")
     assert backend.engine.docker is not None and backend.engine.docker in message
-    if why is not None:
-        assert why in message
+    if why:
+        assert any(reason in message for reason in why), message
     assert waited < 10 * TIMEOUT, f"the call took {waited:.0f}s"  # bounded, not hung
     return message
 
@@ -51,7 +51,8 @@ def test_a_killed_engine_is_noticed_and_named(lone: SecondEngine) -> None:
     assert backend.ping() and backend.list("t-any") == []
     lone.kill()  # SIGKILL, by its PID
     assert not backend.ping()
-    _fails_naming_the_engine(backend, "connection refused")
+    # a new connection is refused; one the pool still held is reset (which comes first is a race)
+    _fails_naming_the_engine(backend, "connection refused", "connection reset")
 
 
 def test_a_cut_link_fails_calls_in_bounded_time_and_heals(lone: SecondEngine) -> None:
