@@ -27,6 +27,7 @@ from swapctl.config.scalars import is_loopback
 from swapctl.errors import BackendError
 from swapctl.gpus import Inventory, NoGpu, Snapshot, mismatches, read_attributed
 from swapctl.lifecycle import Fleet, Reloader, Swapper
+from swapctl.lifecycle.history import BUCKET, History
 from swapctl.measures import MeasureStore
 from swapctl.metrics import Metrics
 from swapctl.proxy import build_app
@@ -137,10 +138,19 @@ async def serve(
             watch=Watch(lambda: fleet.config.peers, elsewhere),
             fleet=fleet,
         )
+        sampling = (
+            None
+            if gpus is None
+            else asyncio.create_task(
+                sample_gpus(swapper.activity.last_hour, attributed(gpus, backend, loaded.instance))
+            )
+        )
         try:
             async with reloader.serving(watch):
                 await build_server(app, host, port, verbose, closing=swapper.activity.close).serve()
         finally:
+            if sampling is not None:
+                sampling.cancel()
             await upstream.aclose()
             await swapper.measures.flush()
 
@@ -170,17 +180,37 @@ async def watch_gpus(
     the inventory where it does, for the swapper to measure footprints and verify evictions.
     The `declared` GPUs (`hardware.gpus`) are checked against it: a warning per mismatch."""
 
-    def read() -> Snapshot | NoGpu:
-        return read_attributed(inventory, lambda: backend.list(instance))
-
     found = await asyncio.to_thread(inventory.read)
     if isinstance(found, NoGpu):
         log.info("no GPU memory in /metrics: %s", found.reason)
         return None
     for mismatch in mismatches(declared, found) if declared is not None else ():
         log.warning("%s%s", "note: " * mismatch.note, mismatch.line)
-    metrics.watch_gpus(read)
+    metrics.watch_gpus(attributed(inventory, backend, instance))
     return inventory
+
+
+def attributed(inventory: Inventory, backend: Backend, instance: str) -> Callable[[], Snapshot | NoGpu]:
+    """A read of the GPUs whose processes name the models whose containers run them."""
+    return lambda: read_attributed(inventory, lambda: backend.list(instance))
+
+
+async def sample_gpus(history: History, read: Callable[[], Snapshot | NoGpu], every: float = BUCKET) -> None:
+    """A sample of the GPUs into `history` every `every` seconds, read in a thread, for the
+    page's charts; a read that fails is skipped (the log says why once, until one succeeds)."""
+    failing = False
+    while True:
+        try:
+            found = await asyncio.to_thread(read)
+        except Exception as error:  # the engine, or the driver, did not answer this time
+            if not failing:
+                log.warning("GPU memory for the page's charts not sampled: %s", error)
+            failing = True
+        else:
+            failing = False
+            if isinstance(found, Snapshot):
+                history.gpu(found)
+        await asyncio.sleep(every)
 
 
 class Server(uvicorn.Server):

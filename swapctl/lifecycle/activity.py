@@ -50,6 +50,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from swapctl.lifecycle.history import History
 from swapctl.lifecycle.slot import ModelStatus
 
 WINDOW = 10.0  # seconds the rates look back
@@ -173,6 +174,7 @@ class Activity:
         self.subscriptions: set[Subscription] = set()
         self.closed = False
         self._served: dict[str, _Served] = {}
+        self.last_hour = History(wall)  # the last hour, for the page's charts (GET /history)
         self._dirty: set[str] = set()  # models whose requests in flight changed since the last stats
         self._closers: set[Callable[[], None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,13 +191,17 @@ class Activity:
         counts.requests += 1
         counts.recent.append((now, tokens or 0))
         _forget_before(counts.recent, now - self.window)
+        self.last_hour.served(model, tokens)
 
     def swapped(self, swap: Swap) -> None:
         self.swaps.append(swap)
         self.publish("swap", swap.to_json())
 
-    def changed(self, model: str) -> None:
-        """The model's state (or container) changed: its row goes out now."""
+    def changed(self, model: str, state: str | None = None) -> None:
+        """The model's state (or container) changed: its row goes out now. `state`: the state
+        it is in, for the history (None: only something else changed)."""
+        if state is not None:
+            self.last_hour.state(model, state)
         if self.subscriptions:
             self._dirty.discard(model)
             found = self.row(model)
@@ -211,6 +217,7 @@ class Activity:
         """A model a reload removed is gone."""
         self._served.pop(model, None)
         self._dirty.discard(model)
+        self.last_hour.state(model, REMOVED)
         gone = ModelStatus(model, REMOVED, None, None, 0, None, None)
         self.publish("model", self.with_rates(gone, None))
 

@@ -121,7 +121,7 @@ class Board:
         whoever waits for one."""
         slot.move(phase, now=self.clock(), **changes)
         self.changed.notify_all()
-        self.activity.changed(slot.model)
+        self.activity.changed(slot.model, slot.state.value)
 
     async def set(self, slot: Slot, phase: State | None = None, **changes: Any) -> None:
         async with self.changed:

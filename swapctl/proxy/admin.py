@@ -1,6 +1,7 @@
 """swapctl's own routes: health, version, what runs, unload, reload, metrics and logs (the model list
 and llama.cpp's router API are `catalog`'s); and the live ones: events (Server-Sent Events,
-see `swapctl.lifecycle.activity`), log streams, a plan preview and load.
+see `swapctl.lifecycle.activity`), log streams, a plan preview and load; and the last hour
+for the page's charts (`swapctl.lifecycle.history`).
 
 They read the config through the swapper, whose `config` a reload replaces. The streams
 never end on their own: each ends when its client leaves or the proxy shuts down
@@ -37,6 +38,7 @@ PATHS = (
     "/metrics",
     "/logs",
     "/events",
+    "/history",
     "/ui",
     "/requests",
     *catalog.PATHS,
@@ -93,6 +95,7 @@ class Admin:
             Route("/metrics", self.render_metrics, methods=["GET"]),
             Route("/metrics/{host}", self.render_metrics, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),
+            Route("/history", self.history, methods=["GET"]),
             Route("/logs", self.logs, methods=["GET"]),
             Route("/logs/stream", self.log_stream, methods=["GET"]),
             Route("/logs/{model:path}/stream", self.model_log_stream, methods=["GET"]),
@@ -171,6 +174,16 @@ class Admin:
         rows = self.swapper.rows() + (self.places.rows() if self.places is not None else [])
         history = self.swapper.activity.history()
         return {"models": rows, "swaps": history, "logs": lines, "version": swapctl.__version__}
+
+    async def history(self, request: Request) -> Response:
+        """The last hour for the page's charts (see `swapctl.lifecycle.history`): this
+        machine's requests and GPUs, and every host's models' states."""
+        found = self.swapper.activity.last_hour.to_json()
+        for swapper in self.fleet.swappers.values():
+            if swapper is not self.swapper:
+                found["states"] += swapper.activity.last_hour.to_json()["states"]
+        found["states"].sort(key=lambda interval: interval["from"])
+        return JSONResponse(found)
 
     async def events(self, request: Request) -> Response:
         """Server-Sent Events: a snapshot, then every change (see swapctl.lifecycle.activity)."""

@@ -7,6 +7,10 @@ Content-Security-Policy allows exactly its own inline script and style (by their
 computed once from the file) and connections to its own origin only (images also from data:
 URLs, audio also from blob: URLs: what the playground got from the proxy, made in the page);
 model names and log lines are untrusted, and the script writes them as text, never as markup.
+
+The charts are drawn by uPlot (vendor/, MIT, its license beside it), put into the page as it
+is read: `<script data-vendor="FILE"></script>` (and `<style ...>`) become the file's text,
+inline, so that one response holds the page and one policy allows exactly what it runs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import base64
 import hashlib
 import importlib.resources
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -23,7 +28,9 @@ from starlette.routing import Route
 
 PATH = "/ui"
 FILE = "ui.html"
+VENDOR = "vendor"  # a folder beside this module: the libraries the page inlines
 _INLINE = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
+_VENDORED = re.compile(r'<(script|style) data-vendor="([\w.-]+)"></\1>')
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,25 @@ def parse_page(html: str) -> Page:
     return Page(html.encode(), headers)
 
 
+def inline_vendored(html: str, read: Callable[[str], str]) -> str:
+    """The page with each `data-vendor` block filled with the text `read` gives for its file."""
+
+    def fill(found: re.Match[str]) -> str:
+        tag, text = found[1], read(found[2])
+        if f"</{tag}" in text:  # it would end its block early
+            raise ValueError(f"{found[2]} cannot be inlined: it holds </{tag}")
+        return f"<{tag}>{text}</{tag}>"
+
+    return _VENDORED.sub(fill, html)
+
+
 def load_page() -> Page:
-    """The page as shipped in the package."""
-    return parse_page(importlib.resources.files("swapctl.proxy").joinpath(FILE).read_text(encoding="utf-8"))
+    """The page as shipped in the package, its libraries inlined."""
+    here = importlib.resources.files("swapctl.proxy")
+    html = here.joinpath(FILE).read_text(encoding="utf-8")
+    return parse_page(
+        inline_vendored(html, lambda name: here.joinpath(VENDOR, name).read_text(encoding="utf-8"))
+    )
 
 
 def routes() -> list[Route]:

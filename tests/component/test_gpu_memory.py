@@ -18,7 +18,7 @@ from swapctl.lifecycle import Swapper
 from swapctl.metrics import Metrics
 from swapctl.proxy import build_app
 from swapctl.proxy.upstream import HttpxUpstream
-from swapctl.server import watch_gpus
+from swapctl.server import attributed, sample_gpus, watch_gpus
 
 GIB = 2**30
 OTHERS = GIB  # held by a process outside any container
@@ -218,3 +218,30 @@ async def test_up_hands_the_swapper_an_inventory_only_where_it_finds_a_gpu() -> 
     found = FakeInventory((Device(0, "GPU-aaaa", "NVIDIA L4", 24 * GIB, 0),))
     assert await watch_gpus(Metrics(), found, backend, "test") is found
     assert await watch_gpus(Metrics(), FakeInventory(reason="no driver"), backend, "test") is None
+
+
+async def test_the_page_s_gpu_chart_gets_each_device_and_each_model_sampled(
+    swapper_for: Swappers,
+) -> None:
+    backend = HexIds()
+    gpu = OneGpu(backend, linger=0)
+    swapper = swapper_for(make_config(), backend, inventory=gpu)
+    history = swapper.activity.last_hour
+    sampling = asyncio.create_task(sample_gpus(history, attributed(gpu, backend, "test"), every=0.01))
+    try:
+        while not history.samples:
+            await asyncio.sleep(0.01)
+        await use(swapper, "chat")
+        await use(swapper, "code")
+        taken = len(history.samples)
+        while len(history.samples) < taken + 2:  # samples taken once both run
+            await asyncio.sleep(0.01)
+    finally:
+        sampling.cancel()
+    found = history.to_json()["gpu"]
+    (device,) = found["devices"]
+    assert (device["index"], device["name"], device["total"]) == (0, "NVIDIA L4", 24 * GIB)
+    assert device["used"][0] == OTHERS and device["used"][-1] == OTHERS + 10 * GIB
+    assert found["models"]["chat"][0] == 0 and found["models"]["chat"][-1] == 6 * GIB
+    assert found["models"]["code"][-1] == 4 * GIB
+    assert len(found["times"]) == len(device["used"]) == len(found["models"]["chat"])

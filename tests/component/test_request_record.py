@@ -256,3 +256,38 @@ async def test_a_stream_cancelled_while_its_model_loads_ends_in_an_error_event()
         assert (ended["status"], ended["cancelled"]) == (499, True)
     finally:
         await stack.close()
+
+
+async def test_the_last_hour_for_the_charts(stack: Stack) -> None:
+    assert (await stack.chat("a")).status_code == 200
+    assert (await stack.chat("a", stream=True)).status_code == 200
+    await stack.client.post("/unload/a")
+    found = await stack.client.get("/history")
+    assert found.status_code == 200
+    history = found.json()
+    assert (history["bucket"], history["span"]) == (10.0, 3600.0)
+    assert history["times"][-1] <= history["now"] < history["times"][-1] + 10
+    served = history["models"]["a"]
+    assert len(served["requests"]) == len(served["tokens"]) == len(history["times"])
+    assert (sum(served["requests"]), sum(served["tokens"])) == (2, 10)  # completion_tokens of each
+    assert "b" not in history["models"]  # never asked for
+    states = [(s["model"], s["state"]) for s in history["states"]]
+    assert states == [
+        ("a", "pulling"),
+        ("a", "starting"),
+        ("a", "ready"),
+        ("a", "leaving"),
+        ("a", "stopping"),
+    ]
+    assert all(s["to"] is not None for s in history["states"])  # a is stopped: nothing open
+    assert history["gpu"] is None  # no GPU seen
+
+
+async def test_the_last_hour_needs_a_key_where_the_proxy_has_keys() -> None:
+    stack = Stack(apiKeys=["sk-history-1"])
+    try:
+        assert (await stack.client.get("/history")).status_code == 401
+        keyed = await stack.client.get("/history", headers={"authorization": "Bearer sk-history-1"})
+        assert keyed.status_code == 200 and keyed.json()["models"] == {}
+    finally:
+        await stack.close()

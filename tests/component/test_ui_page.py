@@ -14,7 +14,7 @@ from swapctl.backend.fake import FakeBackend
 from swapctl.config import parse_config
 from swapctl.lifecycle import Swapper
 from swapctl.proxy import build_app
-from swapctl.proxy.ui import csp_hash, load_page, parse_page
+from swapctl.proxy.ui import csp_hash, inline_vendored, load_page, parse_page
 from swapctl.proxy.upstream import HttpxUpstream
 
 pytestmark = pytest.mark.anyio
@@ -74,10 +74,35 @@ def test_the_policy_allows_exactly_the_inline_script_and_style() -> None:
 
 
 def test_the_shipped_page_is_self_contained_and_writes_no_markup_from_data() -> None:
-    html = load_page().html.decode()
-    assert html.count("<script>") == 1 and html.count("<style>") == 1
+    page = load_page()
+    html = page.html.decode()
+    # its own script and style, and uPlot's (inlined from vendor/), each allowed by its hash
+    assert html.count("<script>") == 2 and html.count("<style>") == 2
+    assert "data-vendor" not in html
+    policy = page.headers["content-security-policy"]
+    for tag in ("script", "style"):
+        for block in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL):
+            assert csp_hash(block) in policy
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing from the network
     assert not re.search(r"<[a-z]+[^>]*\son[a-z]+=", html)  # no inline handlers (the policy forbids them)
-    script = html.split("<script>")[1].split("</script>")[0]
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
-        assert sink not in script
+    for script in re.findall(r"<script>(.*?)</script>", html, re.DOTALL):
+        for sink in (
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "new Function",
+        ):
+            assert sink not in script
+
+
+def test_a_vendored_file_is_inlined_and_one_that_would_end_its_block_is_refused() -> None:
+    files = {"lib.js": "var lib = 1;", "lib.css": ".u{}", "bad.js": "x = '</script>';"}
+    html = '<style data-vendor="lib.css"></style><script data-vendor="lib.js"></script><script>go()</script>'
+    assert (
+        inline_vendored(html, files.__getitem__)
+        == "<style>.u{}</style><script>var lib = 1;</script><script>go()</script>"
+    )
+    with pytest.raises(ValueError, match=r"bad\.js cannot be inlined"):
+        inline_vendored('<script data-vendor="bad.js"></script>', files.__getitem__)

@@ -3,8 +3,8 @@
 llama-server containers. Every wait is on a condition of the page or of Docker.
 
 Screenshots land in build/artifacts/: ui.png (the page after a morning's work, also the
-README's docs/ui.png), playground.png and requests.png (the README's docs/playground.png and
-docs/requests.png) and one per test as it ended."""
+README's docs/ui.png), playground.png, requests.png and charts.png (the README's
+docs/playground.png, docs/requests.png and docs/charts.png) and one per test as it ended."""
 
 from __future__ import annotations
 
@@ -240,6 +240,40 @@ def test_the_page_shows_every_request_on_record(open_page: Callable[..., Proxy],
     # a new page lists the record from GET /requests
     page.reload()
     expect(page.locator("#requests tbody tr")).to_have_count(2)
+
+
+# pixels of the timeline's canvas in the colour of `ready` (--ready: #1a7f37)
+READY_PIXELS = """() => {
+  const canvas = document.querySelector("#chart-timeline canvas");
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let found = 0;
+  for (let i = 0; i < data.length; i += 4) if (data[i] === 26 && data[i + 1] === 127 && data[i + 2] === 55) found++;
+  return found;
+}"""
+
+
+def test_the_charts_draw_the_last_hour(
+    open_page: Callable[..., Proxy], page: Page, capsys: pytest.CaptureFixture[str]
+) -> None:
+    proxy = open_page()
+    expect(page.locator("#status")).to_have_text("live")
+    ask(proxy, "a")
+    ask(proxy, "a")
+    ask(proxy, "b")  # a swap: a stops, b starts
+    requests = page.locator("#chart-requests .u-legend")
+    expect(requests).to_contain_text("a (2 requests)")
+    expect(requests).to_contain_text("b (1 request)")
+    expect(page.locator("#chart-tokens .u-legend")).to_contain_text(re.compile(r"a \(\d+ tokens\)"))
+    expect(page.locator("#chart-timeline")).to_have_attribute("data-models", "a,b")
+    expect(page.locator("#chart-gpu-none")).to_be_visible()  # no GPU on this machine
+    expect(page.locator("#charts-note")).to_contain_text("3 requests")
+    poll(lambda: page.evaluate(READY_PIXELS) > 0, 10, "the timeline to draw a ready interval")
+    # a new page draws the same hour from GET /history
+    page.reload()
+    expect(page.locator("#chart-requests .u-legend")).to_contain_text("a (2 requests)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#charts").screenshot(path=str(ARTIFACTS / "charts.png"))
+    shot(page, "ui-charts", capsys)
 
 
 def chat_in_page(page: Page, max_tokens: int) -> None:
