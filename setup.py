@@ -8,10 +8,11 @@ library it inlines (swapctl/proxy/vendor/: uPlot, its license beside it)."""
 from setuptools import find_namespace_packages, setup
 
 setup(
-    packages=[
-        *find_namespace_packages(include=["swapctl*"], exclude=["swapctl.proxy.vendor"]),
-        "swapctl.compose_templates",
-    ],
+    packages=[*find_namespace_packages(include=["swapctl*"]), "swapctl.compose_templates"],
     package_dir={"swapctl.compose_templates": "compose-templates"},
-    package_data={"swapctl.compose_templates": ["*.yaml"], "swapctl.proxy": ["ui.html", "vendor/*"]},
+    package_data={
+        "swapctl.compose_templates": ["*.yaml"],
+        "swapctl.proxy": ["ui.html"],
+        "swapctl.proxy.vendor": ["*.js", "*.css", "*.LICENSE"],
+    },
 )
