@@ -146,6 +146,8 @@ def test_the_installed_swapctl_serves_a_chat(
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         answer = client.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=4)
         assert answer.choices[0].message.content is not None
+        page = httpx.get(f"http://127.0.0.1:{port}/ui", timeout=5)  # with its charts' library inside
+        assert page.status_code == 200 and "var uPlot=" in page.text and "data-vendor" not in page.text
     finally:
         up.send_signal(signal.SIGINT)
         try:
