@@ -36,7 +36,15 @@ from swapctl.errors import (
 )
 from swapctl.lifecycle import Fleet, Lease, Swapper, Ticket
 from swapctl.metrics import Metrics
-from swapctl.proxy.errors import ClientGone, error_answer, error_body, error_event, handlers, shutting_down
+from swapctl.proxy.errors import (
+    ANSWERS,
+    ClientGone,
+    error_answer,
+    error_body,
+    error_event,
+    handlers,
+    shutting_down,
+)
 from swapctl.proxy.forms import ModelField, boundary_of, replace_model
 from swapctl.proxy.loading import Loading
 from swapctl.proxy.record import Requests, cancelled_error
@@ -55,6 +63,8 @@ from swapctl.proxy.upstream import (
 from swapctl.remote import VIA, Places, There, Watch
 from swapctl.remote.places import Sent
 
+# the errors whose answer tells the client why (any other is a 500, and logged)
+TOLD: tuple[type[Exception], ...] = (RequestError, *ANSWERS)
 log = logging.getLogger("swapctl")
 T = TypeVar("T")
 
@@ -396,7 +406,23 @@ class Forwarder:
         return await self.model_route(request.scope, request.receive)
 
     async def model_route(self, scope: Scope, receive: Receive) -> Response:
-        """A model route: the model named in the JSON body or the multipart form."""
+        """A model route: the model named in the JSON body or the multipart form. A request
+        refused before it is routed (no such model, a body that names none) is on record too."""
+        began = time.perf_counter()
+        try:
+            model, raw, streamed = await self._routed_body(scope, receive)
+        except ClientGone:
+            self.requests.refused(scope, None, 499, "the client left before its request was read", began)
+            raise
+        except TOLD as error:
+            named = error.name if isinstance(error, UnknownModelError) else None
+            status, body = error_answer(error)
+            self.requests.refused(scope, named, status, body["error"]["message"], began)
+            raise
+        return await self._send(model, scope, receive, scope["path"], raw, streamed)
+
+    async def _routed_body(self, scope: Scope, receive: Receive) -> tuple[str, bytes, bool]:
+        """The model a request is for, the body to send it (filtered) and whether it streams."""
         raw = await read_body(scope, receive, self.config.max_request_bytes)
         content_type = (header(scope["headers"], b"content-type") or b"").decode("latin-1")
         if content_type.startswith("multipart/form-data"):
@@ -411,16 +437,13 @@ class Forwarder:
             upstream_name = routed.use_model_name if routed is not None else None
             if upstream_name:
                 raw = replace_model(raw, boundary, name, upstream_name.encode())
-            streamed = False
-        else:
-            fallback = query_model(scope)
-            if not raw.strip() and fallback:  # llama.cpp's GET-like routes, POSTed bare
-                return await self._send(self.places.resolve(fallback), scope, receive, scope["path"], raw)
-            text, payload = json_model(raw, fallback)
-            model = self.places.resolve(text)
-            raw = self.filtered(model, text, payload) or raw
-            streamed = payload.get("stream") is True
-        return await self._send(model, scope, receive, scope["path"], raw, streamed)
+            return model, raw, False
+        fallback = query_model(scope)
+        if not raw.strip() and fallback:  # llama.cpp's GET-like routes, POSTed bare
+            return self.places.resolve(fallback), raw, False
+        text, payload = json_model(raw, fallback)
+        model = self.places.resolve(text)
+        return model, self.filtered(model, text, payload) or raw, payload.get("stream") is True
 
     def filtered(self, model: str, requested: str, payload: dict[str, Any]) -> bytes | None:
         """The body to send for a JSON request that named `requested`: the model's filters

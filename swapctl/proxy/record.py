@@ -153,7 +153,7 @@ class Entry:
     id: str
     at: float  # epoch seconds, when it began
     began: float  # perf_counter, when it began
-    model: str
+    model: str | None  # None: refused before a model was named
     method: str
     route: str
     task: asyncio.Task[Any] | None
@@ -166,6 +166,7 @@ class Entry:
     usage: bytes | None = None  # the part of a whole answer that reports its usage
     cancelled: bool = False
     capture: Capture | None = None
+    error: str | None = None  # why it was refused before it was routed
 
     def to_json(self, capture: bool = False) -> dict[str, Any]:
         tally = self.tally
@@ -194,6 +195,7 @@ class Entry:
             "swap": None if self.swap is None else self.swap.to_json(),
             "cancelled": self.cancelled,
             "captured": self.capture is not None,
+            "error": self.error,
         }
         if capture:
             found["capture"] = None if self.capture is None else self.capture.to_json()
@@ -216,21 +218,9 @@ class Requests:
     def begin(self, model: str, scope: Scope, body: bytes) -> Entry | None:
         """A request for `model` begins, in its own task (the one a cancel cancels)."""
         config = self.config()
-        keep = config.request_record
-        if keep != self.ended.maxlen:
-            self.ended = deque(self.ended, maxlen=keep)
-        if not keep:
+        if not self._keep(config.request_record):
             return None
-        self.count += 1
-        entry = Entry(
-            str(self.count),
-            time.time(),
-            time.perf_counter(),
-            model,
-            scope["method"],
-            scope["path"],
-            asyncio.current_task(),
-        )
+        entry = self._entry(model, scope, time.perf_counter(), asyncio.current_task())
         limit = config.capture_buffer * 2**20
         if limit != self.captures.limit:  # a reload changed it
             self.captures.limit = limit
@@ -241,6 +231,31 @@ class Requests:
         self.flying[entry.id] = entry
         CURRENT.set(entry)
         return entry
+
+    def refused(self, scope: Scope, model: str | None, status: int, error: str, began: float) -> None:
+        """A request refused before it was routed (begun at `began`, perf_counter): the name
+        it gave, if any, its status and why, as its client was told."""
+        if not self._keep(self.config().request_record):
+            return
+        entry = self._entry(model, scope, began, None)
+        entry.status, entry.seconds, entry.error = status, time.perf_counter() - began, error
+        self._ended(entry)
+
+    def _keep(self, keep: int) -> bool:
+        """Whether the record keeps any request (its size, `keep`, as the config says now)."""
+        if keep != self.ended.maxlen:
+            self.ended = deque(self.ended, maxlen=keep)
+        return keep > 0
+
+    def _entry(self, model: str | None, scope: Scope, began: float, task: asyncio.Task[Any] | None) -> Entry:
+        self.count += 1
+        at = time.time() - (time.perf_counter() - began)
+        return Entry(str(self.count), at, began, model, scope["method"], scope["path"], task)
+
+    def _ended(self, entry: Entry) -> None:
+        self.ended.append(entry)
+        if self.activity.subscriptions:
+            self.activity.publish("request", entry.to_json())
 
     def went(self, place: str, swaps: deque[Swap] | None = None) -> None:
         """Where the request in flight went; `swaps`: its host's, where it waits for a start."""
@@ -286,11 +301,9 @@ class Requests:
             )
             entry.swaps = None
         self.flying.pop(entry.id, None)
-        self.ended.append(entry)
         if entry.capture is not None:
             self.captures.finished.append(entry)
-        if self.activity.subscriptions:
-            self.activity.publish("request", entry.to_json())
+        self._ended(entry)
         return entry
 
     def cancelled(self) -> Entry | None:

@@ -291,3 +291,26 @@ async def test_the_last_hour_needs_a_key_where_the_proxy_has_keys() -> None:
         assert keyed.status_code == 200 and keyed.json()["models"] == {}
     finally:
         await stack.close()
+
+
+async def test_a_request_refused_before_it_is_routed_is_on_record_with_why(stack: Stack) -> None:
+    unknown = await stack.chat("gpt-4")
+    assert unknown.status_code == 404
+    broken = await stack.client.post("/v1/chat/completions", content=b"{not json")
+    assert broken.status_code == 400
+    nameless = await stack.client.post("/v1/embeddings", json={"input": "hi"})
+    assert nameless.status_code == 400
+    last, middle, first = await stack.record()
+    assert (first["model"], first["status"], first["route"], first["in_flight"]) == (
+        "gpt-4",
+        404,
+        "/v1/chat/completions",
+        False,
+    )
+    assert first["error"] == unknown.json()["error"]["message"] and "gpt-4" in first["error"]
+    assert (middle["model"], middle["status"]) == (None, 400)
+    assert middle["error"] == broken.json()["error"]["message"]
+    assert (last["model"], last["status"], last["route"]) == (None, 400, "/v1/embeddings")
+    assert all(r["seconds"] >= 0 and r["swap"] is None and not r["captured"] for r in (first, middle, last))
+    assert stack.swapper.running() == []  # nothing was started for them
+    assert [r["id"] for r in await stack.record("?model=gpt-4")] == [first["id"]]

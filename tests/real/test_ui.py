@@ -18,7 +18,7 @@ from pathlib import Path
 
 import docker
 import pytest
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 from support import (
     MESSAGES,
@@ -237,9 +237,16 @@ def test_the_page_shows_every_request_on_record(open_page: Callable[..., Proxy],
     expect(first.locator("td.swap")).to_contain_text("stopping a")
     page.select_option("#requests-model", "a")
     expect(page.locator("#requests tbody tr")).to_have_count(1)
+    page.select_option("#requests-model", "")
+    # a client's mistake is on record too, with why
+    with pytest.raises(NotFoundError):
+        proxy.client().chat.completions.create(model="nope", messages=MESSAGES, max_tokens=4)
+    expect(first.locator("td.model")).to_have_text("nope")
+    expect(first.locator("td.status")).to_have_text("404")
+    expect(first.locator("td.swap")).to_contain_text("refused: unknown model 'nope'")
     # a new page lists the record from GET /requests
     page.reload()
-    expect(page.locator("#requests tbody tr")).to_have_count(2)
+    expect(page.locator("#requests tbody tr")).to_have_count(3)
 
 
 # pixels of the timeline's canvas in the colour of `ready` (--ready: #1a7f37)
