@@ -1,3 +1,3 @@
-from swapctl.cli import main
+from swapctl.cli import run
 
-main()
+run()

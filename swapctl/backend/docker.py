@@ -12,19 +12,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import re
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import docker
-import docker.context
-import docker.errors
-import docker.tls
-import paramiko
 import requests.exceptions
 
 from swapctl.backend.base import Container
@@ -45,6 +42,31 @@ from swapctl.spec import (
     placed_ids,
 )
 
+
+@contextlib.contextmanager
+def _hidden(name: str) -> Iterator[None]:
+    """`import name` fails inside the block, unless the module is loaded already."""
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = None  # type: ignore[assignment]  # Python's mark of a module not to import
+    try:
+        yield
+    finally:
+        del sys.modules[name]
+
+
+# The SDK loads paramiko (and invoke with it: most of the SDK's import time) for ssh://
+# engines, used or not, and goes on without it where it is missing. Hidden while the SDK
+# loads, it loads when an engine's URL is ssh:// (`_ssh_transport`), and only then.
+with _hidden("paramiko"):
+    import docker
+    import docker.api.client
+    import docker.context
+    import docker.errors
+    import docker.tls
+    import docker.transport
+
 if TYPE_CHECKING:
     from swapctl.config import Network
 
@@ -55,6 +77,31 @@ MIN_API = "1.24"  # the oldest API version engines still answer: enough to ask f
 
 class Gone(BackendError):
     """The container asked about does not exist (any more): callers take it as an answer."""
+
+
+def _ssh_transport() -> None:
+    """Load the SDK's ssh:// transport, and paramiko with it (the SDK's import went without)."""
+    from docker.transport.sshconn import SSHHTTPAdapter
+
+    for module in (docker.transport, docker.api.client):  # where the SDK looks it up
+        module.SSHHTTPAdapter = SSHHTTPAdapter
+
+
+def _ssh_errors() -> tuple[type[Exception], ...]:
+    """paramiko's errors, once an ssh:// engine has loaded it (nothing else raises them)."""
+    paramiko = sys.modules.get("paramiko")
+    return (paramiko.SSHException,) if paramiko is not None else ()
+
+
+def _socket_errors() -> tuple[type[Exception], ...]:
+    """What a connection raises below the SDK: its socket's errors, and paramiko's over ssh://."""
+    return (OSError, *_ssh_errors())
+
+
+def _ssh_error(error: BaseException, kind: str) -> bool:
+    """Whether `error` is paramiko's `kind` of error (never, while paramiko is not loaded)."""
+    paramiko = sys.modules.get("paramiko")
+    return paramiko is not None and isinstance(error, getattr(paramiko, kind))
 
 
 def _translate(
@@ -83,7 +130,11 @@ def _translate(
                 model,
             )
         return BackendError(f"Docker refused: {text}", model)
-    unreachable = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, paramiko.SSHException)
+    unreachable: tuple[type[Exception], ...] = (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        *_ssh_errors(),
+    )
     if isinstance(error, (*unreachable, docker.errors.DockerException, OSError)):
         return _unreachable(error, engine, model)
     return BackendError(f"{type(error).__name__}: {error}", model)
@@ -105,15 +156,15 @@ def _why(error: BaseException, engine: Engine) -> str:
     while (cause := causes[-1].__cause__ or causes[-1].__context__) is not None and len(causes) < 10:
         causes.append(cause)  # the SDK wraps what failed (fetching the API version, say)
     text = " ".join(str(c) for c in causes)
-    if any(isinstance(c, paramiko.AuthenticationException) for c in causes):
+    if any(_ssh_error(c, "AuthenticationException") for c in causes):
         why = "ssh authentication failed: is this user's key (~/.ssh/config IdentityFile) authorised there?"
     elif "not found in known_hosts" in text:
         why = "ssh refused its host key, unknown here: ssh to it once to add it to ~/.ssh/known_hosts"
-    elif any(isinstance(c, paramiko.ChannelException) for c in causes):
+    elif any(_ssh_error(c, "ChannelException") for c in causes):
         why = (
             "ssh would not open another session (sshd's MaxSessions, 10 by default, bounds the calls at once)"
         )
-    elif any(isinstance(c, paramiko.SSHException) for c in causes):
+    elif any(_ssh_error(c, "SSHException") for c in causes):
         why = "ssh failed"
     elif any(isinstance(c, (ssl.SSLError, requests.exceptions.SSLError)) for c in causes) or "SSL" in text:
         why = "TLS failed: check tls.ca, tls.cert and tls.key against the engine's --tlscacert, --tlscert, --tlskey"
@@ -269,6 +320,8 @@ def _from_summary(attrs: dict[str, Any], address: str = LOCAL.address) -> Contai
 def connect(engine: Engine) -> docker.DockerClient:
     """A client of `engine` (SDK errors raised as they come: callers translate them)."""
     if engine.docker is None:
+        if os.environ.get("DOCKER_HOST", "").startswith("ssh://"):
+            _ssh_transport()
         return docker.from_env(version="auto", timeout=engine.timeout)
     base_url, tls = engine.docker, _tls(engine)
     if engine.context is not None:
@@ -278,6 +331,8 @@ def connect(engine: Engine) -> docker.DockerClient:
                 f"no Docker context named '{engine.context}' (docker context ls)"
             )
         base_url, tls = found.Host, found.TLSConfig or False
+    if base_url.startswith("ssh://"):
+        _ssh_transport()
 
     def client(version: str) -> docker.DockerClient:
         made = docker.DockerClient(
@@ -323,7 +378,7 @@ class DockerBackend:
             return action()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
             raise _translate(error, model, image, self.engine) from None
-        except (paramiko.SSHException, OSError) as error:  # ssh://: paramiko's, and its socket's
+        except _socket_errors() as error:
             raise _unreachable(error, self.engine, model) from None
 
     def close(self) -> None:
