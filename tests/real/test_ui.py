@@ -8,23 +8,28 @@ docs/playground.png, docs/requests.png and docs/charts.png) and one per test as 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
+import httpx
 import pytest
 from openai import NotFoundError, OpenAI
 from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from starlette.types import ASGIApp
 from support import (
     MESSAGES,
     Proxy,
     ask,
     containers,
+    free_port,
     llama_model,
     long_model,
     poll,
@@ -33,6 +38,13 @@ from support import (
 )
 
 import swapctl
+from swapctl.backend.fake import FakeBackend
+from swapctl.config import parse_config
+from swapctl.gpus import Device, GpuProcess, Snapshot
+from swapctl.lifecycle import Swapper
+from swapctl.proxy import build_app
+from swapctl.proxy.upstream import HttpxUpstream
+from swapctl.server import build_server
 
 pytestmark = pytest.mark.docker
 
@@ -281,6 +293,53 @@ def test_the_charts_draw_the_last_hour(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.locator("#charts").screenshot(path=str(ARTIFACTS / "charts.png"))
     shot(page, "ui-charts", capsys)
+
+
+GIB = 2**30
+
+
+@contextlib.contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """`app` on a free 127.0.0.1 port, by swapctl's own uvicorn server, in a thread."""
+    port = free_port()
+    server = build_server(app, "127.0.0.1", port, verbose=False)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        poll(lambda: server.started or not thread.is_alive(), 10, "the app to listen")
+        assert server.started
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def test_the_gpu_chart_draws_each_device_and_each_model(
+    page: Page, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where a GPU is seen, as `up` samples it from NVML every 10 s (here the samples are given:
+    no GPU on this machine), the chart draws each device's used memory and each model's."""
+    backend = FakeBackend()
+    upstream = httpx.AsyncClient(transport=backend.transport)
+    models = {"chat": {"image": "img"}, "code": {"image": "img"}}
+    swapper = Swapper(parse_config({"instance": "gpu-chart", "models": models}), backend, upstream)
+    history = swapper.activity.last_hour
+    for chat, code in ((0, 0), (6, 0), (6, 4), (0, 4)):  # chat starts, code beside it, chat stops
+        processes = (GpuProcess(1, chat * GIB, "chat"), GpuProcess(2, code * GIB, "code"))
+        history.gpu(
+            Snapshot((Device(0, "GPU-aaaa", "NVIDIA L4", 24 * GIB, (1 + chat + code) * GIB, processes),))
+        )
+    app = build_app(swapper.config, swapper, HttpxUpstream(upstream), swapper.metrics, preload=False)
+    with serving(app) as url:
+        page.goto(f"{url}/ui")
+        legend = page.locator("#chart-gpu .u-legend")
+        expect(legend).to_contain_text("GPU 0 NVIDIA L4 (of 24 GiB)")
+        expect(legend).to_contain_text("chat (0.0 GiB now)")
+        expect(legend).to_contain_text("code (4.0 GiB now)")
+        expect(page.locator("#chart-gpu-none")).to_be_hidden()
+        expect(page.locator("#chart-requests-none")).to_be_visible()  # nothing served yet
+        expect(page.locator("#chart-timeline-none")).to_have_text("No model ran in the last hour.")
+        page.locator("#charts").screenshot(path=str(ARTIFACTS / "charts-gpu.png"))
 
 
 def chat_in_page(page: Page, max_tokens: int) -> None:
