@@ -250,7 +250,8 @@ class Requests:
     def _entry(self, model: str | None, scope: Scope, began: float, task: asyncio.Task[Any] | None) -> Entry:
         self.count += 1
         at = time.time() - (time.perf_counter() - began)
-        return Entry(str(self.count), at, began, model, scope["method"], scope["path"], task)
+        method = scope.get("method", "GET")  # a WebSocket's scope has none: its handshake is a GET
+        return Entry(str(self.count), at, began, model, method, scope["path"], task)
 
     def _ended(self, entry: Entry) -> None:
         self.ended.append(entry)

@@ -131,7 +131,7 @@ class Sockets:
             message = (
                 f"no WebSocket route {websocket.url.path}: name a model (?model=, or /upstream/<model>/)"
             )
-            await self._deny(websocket, RequestError(404, message, "not_found"), time.perf_counter())
+            await self._deny(websocket, RequestError(404, message, "not_found"), time.perf_counter(), None)
             return
         await self.relay(websocket, name, websocket.url.path)
 
@@ -139,21 +139,29 @@ class Sockets:
         """The whole life of one socket; the lease it holds is released on every way out."""
         began = time.perf_counter()
         await websocket.receive()  # the handshake's start: what comes next can only be its end
-        places = self.forwarder.places
+        places, requests = self.forwarder.places, self.forwarder.requests
         try:
             model = places.resolve(name)
+        except Exception as error:
+            await self._deny(websocket, error, began, None, name)
+            return
+        requests.begin(model, websocket.scope, b"")  # on record as its handshake, until it is open
+        try:
             where = await places.choose(model, websocket.scope)
-            lease: Hold = (
-                Sent(where, places)
-                if isinstance(where, There)
-                else await self._lease(websocket, await places.swapper_of(where).admit(model))
-            )
+            if isinstance(where, There):
+                requests.went(where.place.label)
+                lease: Hold = Sent(where, places)
+            else:
+                swapper = places.swapper_of(where)
+                ticket = await swapper.admit(model)
+                requests.went(where.host, None if ticket.ready else swapper.activity.swaps)
+                lease = await self._lease(websocket, ticket)
         except ClientGone as gone:
             log.info("WebSocket %s: the client went away (%s)", websocket.url.path, gone.model)
             self.forwarder.record(str(gone.model), 499, began)
             return
         except Exception as error:
-            await self._deny(websocket, error, began)
+            await self._deny(websocket, error, began, model)
             return
         try:
             headers = server_headers(websocket)
@@ -169,12 +177,19 @@ class Sockets:
         finally:
             await lease.release()
 
-    async def _deny(self, websocket: WebSocket, error: Exception, began: float) -> None:
-        """The handshake denied with the answer an HTTP request would get."""
+    async def _deny(
+        self, websocket: WebSocket, error: Exception, began: float, model: str | None, name: str | None = None
+    ) -> None:
+        """The handshake denied with the answer an HTTP request would get. Its entry on record
+        ends: `model`'s, once resolved (this machine's models counted in the metrics too); else
+        a refusal of `name`, what the client asked for."""
         answer = error_response(error)
-        model = getattr(error, "model", None)
-        if isinstance(model, str) and model in self.forwarder.config.models:
+        if model is None:
+            self.forwarder.requests.refused(websocket.scope, name, answer.status_code, str(error), began)
+        elif model in self.forwarder.config.models:
             self.forwarder.record(model, answer.status_code, began)
+        else:
+            self.forwarder.requests.end(model, answer.status_code)
         await deny(websocket.scope, websocket.receive, websocket.send, answer)
 
     async def _lease(self, websocket: WebSocket, ticket: Ticket) -> Lease:

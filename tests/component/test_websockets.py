@@ -493,3 +493,27 @@ async def test_upstream_model_without_its_slash_redirects_without_starting_it(
         assert (await client.request(method, "/upstream/nosuch")).status_code == 404
         posted = await client.post("/upstream/echo", content=b"x")  # other methods: the model's root
     assert posted.status_code == 200 and posted.json()["path"] == "/"
+
+
+# --- on record ----------------------------------------------------------------------------
+
+
+async def test_each_websocket_is_on_record_as_its_handshake(served: Served) -> None:
+    async with opened(f"{served.ws}/upstream/echo/ws/socket") as ws:
+        await ws.send("hi")
+        assert await ws.recv() == "hi"
+    await denial(f"{served.ws}/ws?model=ghost")
+    async with httpx.AsyncClient(base_url=served.http) as client:
+        record = (await client.get("/requests")).json()["requests"]
+    refused, opened_one = record
+    assert (opened_one["model"], opened_one["method"], opened_one["route"]) == (
+        "echo",
+        "GET",
+        "/upstream/echo/ws/socket",
+    )
+    assert (opened_one["status"], opened_one["in_flight"], opened_one["place"]) == (101, False, "local")
+    assert (
+        opened_one["swap"] is not None and opened_one["swap"]["model"] == "echo"
+    )  # it waited for echo's start
+    assert (refused["model"], refused["status"], refused["route"]) == ("ghost", 404, "/ws")
+    assert "'ghost'" in refused["error"] and not refused["in_flight"]
