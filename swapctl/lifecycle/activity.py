@@ -134,6 +134,12 @@ class Subscription:
         self.arrived.set()
         self.activity.unsubscribe(self)
 
+    def take_queued(self) -> list[Event]:
+        """The events that came and are not read yet, all at once (none: an empty list)."""
+        taken = list(self.queue)
+        self.queue.clear()
+        return taken
+
     def __aiter__(self) -> Subscription:
         return self
 

@@ -268,6 +268,21 @@ async def test_event_frames_and_keep_alive_comments() -> None:
     assert frames[-1] == b'event: log\ndata: {"line": "hello"}\n\n'
 
 
+async def test_events_that_came_together_go_out_in_one_chunk_in_order() -> None:
+    activity = Activity(lambda model: None, stats_every=3600)
+    with activity.subscribe({"log"}) as subscription:
+        stream = sse_frames(subscription, keep_alive=60)
+        for line in ("one", "two", "three"):
+            activity.logged(line)
+        chunk = await anext(stream)
+        activity.logged("four")
+        later = await anext(stream)
+    assert chunk == b"".join(
+        f'event: log\ndata: {{"line": "{line}"}}\n\n'.encode() for line in ("one", "two", "three")
+    )
+    assert later == b'event: log\ndata: {"line": "four"}\n\n'
+
+
 # --- the routes -------------------------------------------------------------------------------
 
 
