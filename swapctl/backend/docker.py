@@ -79,12 +79,30 @@ class Gone(BackendError):
     """The container asked about does not exist (any more): callers take it as an answer."""
 
 
+@functools.cache
 def _ssh_transport() -> None:
-    """Load the SDK's ssh:// transport, and paramiko with it (the SDK's import went without)."""
+    """Load the SDK's ssh:// transport, and paramiko with it (the SDK's import went without),
+    its connect bounded by the engine's timeout."""
     from docker.transport.sshconn import SSHHTTPAdapter
 
+    class BoundedSSHAdapter(SSHHTTPAdapter):  # type: ignore[misc]
+        """The SDK's adapter, whose connect (TCP, then ssh's banner and authentication) and
+        each session it opens (one per pooled connection) wait no longer than the engine's
+        timeout: the SDK passes none, so a connect waits as long as the kernel does (two
+        minutes where packets are dropped) and a session an hour (paramiko's default)."""
+
+        def __init__(self, base_url: str, timeout: float = 60, **options: Any) -> None:
+            self.bound = timeout  # the SDK connects before it keeps its timeout
+            super().__init__(base_url, timeout, **options)
+
+        def _connect(self) -> None:
+            if self.ssh_client:
+                bound = {"timeout": self.bound, "banner_timeout": self.bound, "auth_timeout": self.bound}
+                self.ssh_client.connect(**{**self.ssh_params, **bound})
+                self.ssh_client.get_transport().channel_timeout = self.bound
+
     for module in (docker.transport, docker.api.client):  # where the SDK looks it up
-        module.SSHHTTPAdapter = SSHHTTPAdapter
+        module.SSHHTTPAdapter = BoundedSSHAdapter
 
 
 def _ssh_errors() -> tuple[type[Exception], ...]:
@@ -164,16 +182,17 @@ def _why(error: BaseException, engine: Engine) -> str:
         why = (
             "ssh would not open another session (sshd's MaxSessions, 10 by default, bounds the calls at once)"
         )
+    elif any(isinstance(c, (requests.exceptions.Timeout, TimeoutError)) for c in causes) or any(
+        words in text
+        for words in ("timed out", "Timeout opening channel")  # the socket's; ssh's session
+    ):
+        why = f"no answer within {engine.timeout:g}s: is the machine up and reachable?"
     elif any(_ssh_error(c, "SSHException") for c in causes):
         why = "ssh failed"
     elif any(isinstance(c, (ssl.SSLError, requests.exceptions.SSLError)) for c in causes) or "SSL" in text:
         why = "TLS failed: check tls.ca, tls.cert and tls.key against the engine's --tlscacert, --tlscert, --tlskey"
         if engine.tls is not None and engine.tls.cert is None:
             why = "TLS failed: the engine wants a client certificate its CA signed (tls.cert and tls.key)"
-    elif (
-        any(isinstance(c, (requests.exceptions.Timeout, TimeoutError)) for c in causes) or "timed out" in text
-    ):
-        why = f"no answer within {engine.timeout:g}s: is the machine up and reachable?"
     elif "refused" in text.lower():
         why = "connection refused: is dockerd running and listening there?"
     elif "reset by peer" in text.lower():

@@ -70,6 +70,27 @@ def test_a_cut_link_fails_calls_in_bounded_time_and_heals(lone: SecondEngine) ->
     assert backend.list("t-any") == []
 
 
+@pytest.mark.parametrize("connected", [False, True], ids=["before-connecting", "once-connected"])
+def test_an_ssh_engine_behind_dropped_packets_is_a_timeout_not_a_hang(
+    docker_engine: docker.DockerClient, connected: bool
+) -> None:
+    """Before the first call, the ssh connection itself must not hang; once connected, each
+    call opens an ssh session (or reuses a pooled one), which must not hang either."""
+    with SecondEngine.start(ssh=True) as engine, engine.ssh_user():
+        backend = DockerBackend(engine.ssh_engine(timeout=TIMEOUT))
+        assert not connected or backend.ping()
+        engine.box.drop()
+        try:
+            began = time.monotonic()
+            assert not backend.ping()
+            assert time.monotonic() - began < 10 * TIMEOUT, "ping hung"
+            _fails_naming_the_engine(backend, f"no answer within {TIMEOUT:g}s")  # a session of its own
+        finally:
+            engine.box.undrop()
+        assert backend.ping() and backend.list("t-any") == []
+        backend.close()
+
+
 def test_dropped_packets_are_a_timeout_not_a_hang(lone: SecondEngine) -> None:
     backend = DockerBackend(lone.tls_engine(timeout=TIMEOUT))
     lone.box.drop()

@@ -28,6 +28,7 @@ def _wrapped(cause: BaseException) -> requests.exceptions.ConnectionError:
         (ConnectionRefusedError(111, "Connection refused"), "connection refused: is dockerd running"),
         (ConnectionResetError(104, "Connection reset by peer"), "connection reset: the engine dropped it"),
         (TimeoutError("timed out"), "no answer within 3s"),
+        (EOFError("Timeout opening channel."), "no answer within 3s"),  # paramiko's, for an ssh session
         (OSError(113, "No route to host"), "no answer ("),
     ],
 )
