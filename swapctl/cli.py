@@ -689,21 +689,38 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
     tail: Annotated[int, typer.Option(help="Lines from the end.")] = 100,
 ) -> None:
-    """Print the logs of a model's container."""
+    """Print the logs of a model's container (on this machine, or on a host it runs on)."""
     loaded = _load(config)
     target = loaded.resolve_any(model)
-    backend = _engine(ctx)()
-    found = [c for c in backend.list(loaded.instance) if c.model == target]
-    if not found:
-        raise SwapctlError(f"model '{target}' has no container (it is not running)")
+    backend, container = _container_of(ctx, loaded, target)
     if not follow:
-        sys.stdout.write(backend.logs(found[0].id, tail))
+        sys.stdout.write(backend.logs(container.id, tail))
         return
     try:
-        for line in backend.follow(found[0].id):
+        for line in backend.follow(container.id):
             print(line, flush=True)
     except KeyboardInterrupt:
         pass
+
+
+def _container_of(ctx: typer.Context, loaded: Config, model: str) -> tuple[Backend, Container]:
+    """The model's container and its engine: looked for on each host the model may run on,
+    in the order its `hosts` names them (this machine's engine is `local`)."""
+    from swapctl.config.hosts import LOCAL_NAME
+
+    for host in loaded.models[model].hosts:
+        if host == LOCAL_NAME:
+            backend = _engine(ctx)()
+        else:
+            from swapctl.backend.docker import DockerBackend
+
+            backend = DockerBackend(loaded.hosts[host])
+        found = [c for c in backend.list(loaded.instance) if c.model == model]
+        if found:
+            return backend, found[0]
+    hosts = loaded.models[model].hosts
+    where = f" on {', '.join(hosts)}" if hosts != (LOCAL_NAME,) else ""
+    raise SwapctlError(f"model '{model}' has no container{where} (it is not running)")
 
 
 @app.command()

@@ -130,6 +130,16 @@ def test_status_with_no_proxy_reads_every_hosts_engine(proxy: Proxy, second: Sec
     assert rows[("chat", None)]["container"] is None
 
 
+def test_logs_of_a_model_on_another_host_are_read_from_its_engine(proxy: Proxy, second: SecondEngine) -> None:
+    streamed(proxy, "big")
+    argv = [sys.executable, "-m", "swapctl", "logs", "big", "--tail", "1000", "-c", str(proxy.config)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    (container,) = [c for c in second.control.containers.list() if c.labels.get("swapctl.model") == "big"]
+    assert done.stdout.strip() and done.stdout.strip().splitlines()[0] in container.logs().decode()
+    assert "listening" in done.stdout  # llama-server's own line
+
+
 def wait_for_line(proxy: Proxy, line: str, after: int, timeout: float = 30) -> float:
     """Seconds until `line` is in the proxy's log past its first `after` characters."""
     began = time.monotonic()
