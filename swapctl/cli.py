@@ -705,22 +705,26 @@ def logs(
 
 def _container_of(ctx: typer.Context, loaded: Config, model: str) -> tuple[Backend, Container]:
     """The model's container and its engine: looked for on each host the model may run on,
-    in the order its `hosts` names them (this machine's engine is `local`)."""
-    from swapctl.config.hosts import LOCAL_NAME
-
-    for host in loaded.models[model].hosts:
-        if host == LOCAL_NAME:
-            backend = _engine(ctx)()
-        else:
-            from swapctl.backend.docker import DockerBackend
-
-            backend = DockerBackend(loaded.hosts[host])
+    in the order its `hosts` names them."""
+    hosts = loaded.models[model].hosts
+    for host in hosts:
+        backend = _backend_on(ctx, loaded, host)
         found = [c for c in backend.list(loaded.instance) if c.model == model]
         if found:
             return backend, found[0]
-    hosts = loaded.models[model].hosts
-    where = f" on {', '.join(hosts)}" if hosts != (LOCAL_NAME,) else ""
+    where = f" on {', '.join(hosts)}" if len(loaded.host_names) > 1 else ""
     raise SwapctlError(f"model '{model}' has no container{where} (it is not running)")
+
+
+def _backend_on(ctx: typer.Context, loaded: Config, host: str) -> Backend:
+    """The engine of `host`: this machine's (`local`: the one `main` was given) or one under `hosts:`."""
+    from swapctl.config.hosts import LOCAL_NAME
+
+    if host == LOCAL_NAME:
+        return _engine(ctx)()
+    from swapctl.backend.docker import DockerBackend
+
+    return DockerBackend(loaded.hosts[host])
 
 
 @app.command()
@@ -735,19 +739,26 @@ def pull(
     ] = None,
     config: ConfigOption = DEFAULT_CONFIG,
 ) -> None:
-    """Pull the images of MODELs ahead of time, with a progress bar per layer, using the
-    credentials of your Docker config; exit 1 naming each model whose image failed."""
+    """Pull the images of MODELs ahead of time, on each host they run on, with a progress bar
+    per layer, using the credentials of your Docker config; exit 1 naming each model whose
+    image failed."""
     from swapctl.pulls import pull_images
 
     loaded = _load(config)
     named = list(dict.fromkeys(loaded.resolve_any(model) for model in models or ()))
     targets = named or [m for m, found in loaded.models.items() if found.pull_policy != "never"]
-    images: dict[str, list[str]] = {}
+    by_host: dict[str, dict[str, list[str]]] = {}  # host -> image -> the models that use it there
     for model in targets:
-        images.setdefault(loaded.models[model].image, []).append(model)
-    failed = pull_images(_engine(ctx)(), images, _stdout())
-    for model, error in failed:
-        print(f"error: model '{model}': {error}", file=sys.stderr)
+        for host in loaded.models[model].hosts:
+            by_host.setdefault(host, {}).setdefault(loaded.models[model].image, []).append(model)
+    console, failed = _stdout(), False
+    for host, images in by_host.items():
+        there = f" on host '{host}'" if len(loaded.host_names) > 1 else ""
+        if there:
+            console.print(f"host [bold]{host}[/]:")
+        for model, error in pull_images(_backend_on(ctx, loaded, host), images, console):
+            print(f"error: model '{model}'{there}: {error}", file=sys.stderr)
+            failed = True
     if failed:
         raise typer.Exit(1)
 

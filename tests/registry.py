@@ -31,6 +31,7 @@ import docker
 import docker.errors
 import httpx
 import pytest
+from netns import Namespace, stop_pid
 from support import free_port
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "registry.sh"
@@ -159,6 +160,35 @@ def serve_registry(engine: docker.DockerClient, storage: Path) -> Iterator[Regis
             yield found
         finally:
             found.absent()
+
+
+@contextlib.contextmanager
+def serve_in(box: Namespace, registry: Registry, engine: docker.DockerClient) -> Iterator[Registry]:
+    """`registry`'s storage served inside `box` on the box's own 127.0.0.1 (a port of its
+    own), for `engine`, the box's Docker engine, to pull from (over plain HTTP, as Docker does
+    for 127.0.0.0/8); stopped by its PID at the end."""
+    port = free_port()
+    config = registry.storage / f"registry-box-{port}.yml"
+    config.write_text(
+        f"version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {registry.storage / 'data'}}}}}\n"
+        f"http: {{addr: '127.0.0.1:{port}', secret: {secrets.token_hex(16)}}}\n"
+    )
+    log_path = registry.storage / f"registry-box-{port}.log"
+    pid = box.spawn(["/usr/bin/docker-registry", "serve", str(config)], log_path)
+    try:
+        deadline = time.monotonic() + 15
+        probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/v2/', timeout=1)"
+        while box.execute("python3", "-c", probe, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"docker-registry did not answer in the box:\n{log_path.read_text()}", pytrace=False
+                )
+            time.sleep(0.1)
+        found = Registry(f"127.0.0.1:{port}", engine, registry.storage)
+        yield found
+        found.absent()
+    finally:
+        stop_pid(pid)
 
 
 @dataclass(frozen=True)

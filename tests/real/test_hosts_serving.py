@@ -19,13 +19,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import docker
+import docker.errors
 import httpx
 import pytest
 from conftest import remove_instance_containers
 from engines import SecondEngine
 from openai import OpenAI
+from registry import Registry, serve_in
 from support import Proxy, llama_model, running_models, write_yaml
 
 pytestmark = pytest.mark.docker
@@ -47,18 +50,10 @@ def proxy(
 ) -> Iterator[Proxy]:
     instance = f"fleet-{uuid.uuid4().hex[:6]}"
     folder = tmp_path_factory.mktemp("fleet")
-    made = second.certificates
     config = {
         "instance": instance,
         "healthCheckTimeout": 60,
-        "hosts": {
-            "gpu2": {
-                "docker": f"tcp://{second.address}:2376",
-                "tls": {"ca": str(made.ca), "cert": str(made.client_cert), "key": str(made.client_key)},
-                "address": second.address,
-                "timeout": 10,
-            }
-        },
+        "hosts": hosts(second),
         "models": {
             "chat": llama_model(models_dir, 1),
             "big": {**llama_model(models_dir, 3), "hosts": ["gpu2"]},
@@ -72,6 +67,19 @@ def proxy(
     finally:
         found.close()
         remove_instance_containers(docker_engine, instance)
+
+
+def hosts(second: SecondEngine) -> dict[str, Any]:
+    """`hosts:` naming the second engine `gpu2`, over mutual TLS."""
+    made = second.certificates
+    return {
+        "gpu2": {
+            "docker": f"tcp://{second.address}:2376",
+            "tls": {"ca": str(made.ca), "cert": str(made.client_cert), "key": str(made.client_key)},
+            "address": second.address,
+            "timeout": 10,
+        }
+    }
 
 
 def client(proxy: Proxy) -> OpenAI:
@@ -138,6 +146,40 @@ def test_logs_of_a_model_on_another_host_are_read_from_its_engine(proxy: Proxy, 
     (container,) = [c for c in second.control.containers.list() if c.labels.get("swapctl.model") == "big"]
     assert done.stdout.strip() and done.stdout.strip().splitlines()[0] in container.logs().decode()
     assert "listening" in done.stdout  # llama-server's own line
+
+
+def test_a_model_of_another_host_is_pulled_there_by_swapctl_pull_and_by_its_start(
+    second: SecondEngine,
+    docker_engine: docker.DockerClient,
+    registry: Registry,
+    models_dir: Path,
+    instance: str,
+    tmp_path: Path,
+) -> None:
+    with serve_in(second.box, registry, second.control) as there:  # gpu2's own 127.0.0.1
+        config = {
+            "instance": instance,
+            "healthCheckTimeout": 60,
+            "hosts": hosts(second),
+            "models": {"fresh": {**llama_model(models_dir, 3), "image": there.image, "hosts": ["gpu2"]}},
+        }
+        path = write_yaml(tmp_path / "swapctl.yaml", config)
+        argv = [sys.executable, "-m", "swapctl", "pull", "fresh", "-c", str(path)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "host gpu2" in done.stdout and f"pulled image {there.image}" in done.stdout
+        assert there.present()  # on gpu2's engine, and not here
+        with pytest.raises(docker.errors.ImageNotFound):
+            docker_engine.images.get(there.image)
+        there.absent()
+        proxy = Proxy(path, instance, tmp_path)
+        try:
+            proxy.start()
+            streamed(proxy, "fresh")  # its start pulls it there first
+            assert there.present() and running_models(second.control, instance) == {"fresh"}
+        finally:
+            proxy.close()
+            remove_instance_containers(second.control, instance)
 
 
 def wait_for_line(proxy: Proxy, line: str, after: int, timeout: float = 30) -> float:
