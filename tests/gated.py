@@ -15,7 +15,8 @@ from typing import Any
 
 import httpx
 
-from swapctl.backend import AsyncBackend, Container
+from swapctl.backend import Container
+from swapctl.backend.aio import AsyncBackend
 from swapctl.backend.fake import FakeBackend, FakeContainer, FakeModel, echo
 from swapctl.backend.progress import PullListener
 from swapctl.config import Config

@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 
-from swapctl.backend import AsyncBackend, Backend, Container
+from swapctl.backend import Backend, Container
+from swapctl.backend.aio import AsyncBackend
 from swapctl.config import Config
 from swapctl.errors import Overdue, UnknownModelError
 from swapctl.gpus import Inventory

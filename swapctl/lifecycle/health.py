@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from swapctl.backend import AsyncBackend, Container
+from swapctl.backend import Container
+from swapctl.backend.aio import AsyncBackend
 from swapctl.errors import StartError
 
 log = logging.getLogger("swapctl")

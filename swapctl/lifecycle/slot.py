@@ -42,14 +42,17 @@ sleeping -> stopping -> stopped.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import statistics
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from swapctl.backend import Container, Pulled
+
+if TYPE_CHECKING:
+    import asyncio  # its futures and tasks are only named here: `status` reads a slot without asyncio
 
 
 class State(enum.Enum):

@@ -23,7 +23,8 @@ from dataclasses import replace
 
 import httpx
 
-from swapctl.backend import AsyncBackend, Backend, Container
+from swapctl.backend import Backend, Container
+from swapctl.backend.aio import AsyncBackend
 from swapctl.config import Config
 from swapctl.errors import BackendError, Busy, StopFailed, SwapctlError
 from swapctl.gpus import Inventory

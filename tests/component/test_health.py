@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from swapctl.backend import AsyncBackend
+from swapctl.backend.aio import AsyncBackend
 from swapctl.backend.fake import FakeBackend, FakeModel
 from swapctl.config import parse_config
 from swapctl.errors import StartError

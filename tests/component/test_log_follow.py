@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from swapctl.backend import AsyncBackend, AsyncLogFollow, Container
+from swapctl.backend import Container
+from swapctl.backend.aio import AsyncBackend, AsyncLogFollow
 from swapctl.backend.fake import FakeBackend
 from swapctl.config import parse_config
 from swapctl.spec import build_spec
