@@ -131,16 +131,21 @@ class History:
                     series = models[model] = {"requests": [0] * len(times), "tokens": [0] * len(times)}
                 series["requests"][number - first] = count.requests
                 series["tokens"][number - first] = count.tokens
-        states = sorted([*self.ended, *self.current.values()], key=lambda i: (i.start, i.model))
         return {
             "bucket": self.bucket,
             "span": self.span,
             "now": now,
             "times": times,
             "models": models,
-            "states": [interval.to_json() for interval in states],
+            "states": self.states_json(),
             "gpu": self._gpu_json() if self.samples else None,
         }
+
+    def states_json(self) -> list[dict[str, Any]]:
+        """The intervals kept, oldest first (as `to_json` gives them under "states")."""
+        self._forget()
+        states = sorted([*self.ended, *self.current.values()], key=lambda i: (i.start, i.model))
+        return [interval.to_json() for interval in states]
 
     def _gpu_json(self) -> dict[str, Any]:
         samples = list(self.samples)

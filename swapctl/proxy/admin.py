@@ -181,7 +181,7 @@ class Admin:
         found = self.swapper.activity.last_hour.to_json()
         for swapper in self.fleet.swappers.values():
             if swapper is not self.swapper:
-                found["states"] += swapper.activity.last_hour.to_json()["states"]
+                found["states"] += swapper.activity.last_hour.states_json()
         found["states"].sort(key=lambda interval: interval["from"])
         return JSONResponse(found)
 

@@ -101,6 +101,17 @@ async def test_a_model_of_another_host_starts_there(boxes: Boxes) -> None:
     assert listed == {"chat": "unloaded", "big": "loaded", "both": "unloaded"}
 
 
+async def test_the_last_hour_shows_another_hosts_models_ran_and_this_machines_requests(boxes: Boxes) -> None:
+    assert (await boxes.ask("large")).status_code == 200
+    history = (await boxes.client.get("/history")).json()
+    assert [(s["model"], s["state"]) for s in history["states"]] == [
+        ("big", "pulling"),
+        ("big", "starting"),
+        ("big", "ready"),
+    ]
+    assert sum(history["models"]["big"]["requests"]) == 1  # counted by this machine's proxy
+
+
 async def test_a_model_on_two_hosts_goes_where_it_evicts_least(boxes: Boxes) -> None:
     await boxes.ask("chat")  # here, `both` would now evict chat: cost 1; on gpu2: 0
     await boxes.ask("both")
